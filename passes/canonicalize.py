@@ -1,0 +1,204 @@
+"""Shape canonicalisation: re-express view/reshape/expand sizes from live tensor sizes.
+
+torch.export records `view(x, [s0, s1, 4, 8])` with sizes read off the model inputs or
+baked in as constants. After a rewrite changes a width (pruned heads, channels) or a
+length (pruned tokens), those sizes are stale. This pass rewrites each size list so that it
+follows the tensor being reshaped:
+
+- view/reshape: input and output dims are grouped into runs of equal product (symbolic).
+  A 1:1 run becomes `sym_size(x, i)`; a merge (k dims -> 1) becomes -1 or the product of
+  live sizes; a split (1 -> k dims, e.g. hidden -> heads x head_dim) keeps its trailing
+  constants and derives the leading one (-1 or a floor division of the live size).
+- expand: every size that is not a broadcast from 1 becomes -1 ("keep this dim").
+
+It also drops `_assert_tensor_metadata` checks, which would pin dead code and stale dtypes.
+The pipeline runs it after every capture, so passes can assume canonical shapes.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from rewrite.program import Program
+
+aten = torch.ops.aten
+VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+EXPAND_OPS = (aten.expand.default,)
+ASSERT_OPS = (aten._assert_tensor_metadata.default,)
+
+
+def canonicalize(program: Program) -> int:
+    """Rewrite every size list in place; returns how many nodes changed."""
+    graph = program.graph
+    changed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in ASSERT_OPS:
+            graph.erase_node(node)
+            changed += 1
+        elif node.target in VIEW_OPS and _has_tensor_meta(node):
+            changed += _canonical_view(graph, node)
+        elif node.target in EXPAND_OPS and _has_tensor_meta(node):
+            changed += _canonical_expand(node)
+    if changed:
+        graph.eliminate_dead_code()
+        program.module.recompile()
+    return changed
+
+
+def _has_tensor_meta(node: fx.Node) -> bool:
+    x = node.args[0]
+    return isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) and isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _expr(size: Any) -> sympy.Expr:
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return sympy.Integer(int(size))
+
+
+def _hint(size: Any) -> int:
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint) if size.node.hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
+    return int(size)
+
+
+def group_dims(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Runs of input dims and output dims with equal products, in order (None if not aligned)."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    n_in, n_out = len(in_shape), len(out_shape)
+    while i < n_in and j < n_out:
+        gi, gj = [i], [j]
+        pi, pj = _expr(in_shape[i]), _expr(out_shape[j])
+        hi, hj = _hint(in_shape[i]), _hint(out_shape[j])
+        i += 1
+        j += 1
+        while sympy.simplify(pi - pj) != 0:
+            if hi <= hj and i < n_in:
+                pi, hi = pi * _expr(in_shape[i]), hi * _hint(in_shape[i])
+                gi.append(i)
+                i += 1
+            elif j < n_out:
+                pj, hj = pj * _expr(out_shape[j]), hj * _hint(out_shape[j])
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    # trailing size-1 dims join the last run
+    if groups:
+        groups[-1][0].extend(range(i, n_in))
+        groups[-1][1].extend(range(j, n_out))
+    elif n_in or n_out:
+        return None
+    return groups
+
+
+def _canonical_view(graph: fx.Graph, node: fx.Node) -> int:
+    x = node.args[0]
+    sizes = list(node.args[1])
+    in_shape = tuple(x.meta["val"].shape)
+    out_shape = tuple(node.meta["val"].shape)
+    if len(sizes) != len(out_shape):
+        return 0
+    groups = group_dims(in_shape, out_shape)
+    if groups is None:
+        return 0
+    new: list[Any] = [None] * len(out_shape)
+    minus_one_used = False
+    # splits first: they are where a width change must be derived (heads = hidden / head_dim)
+    order = sorted(range(len(groups)), key=lambda g: 0 if len(groups[g][1]) > 1 else 1)
+    with graph.inserting_before(node):
+        for g in order:
+            gi, gj = groups[g]
+            if len(gi) == 1 and len(gj) == 1:
+                new[gj[0]] = _size_of(graph, x, gi[0])
+                continue
+            if len(gj) == 1:  # merge: k input dims -> one output dim
+                if not minus_one_used:
+                    new[gj[0]] = -1
+                    minus_one_used = True
+                else:
+                    new[gj[0]] = _product(graph, [_size_of(graph, x, i) for i in gi])
+                continue
+            if any(not isinstance(out_shape[j], int) for j in gj):
+                # a split into symbolic dims ([B*S, D] -> [B, S, D]) cannot be read off x alone:
+                # keep the sizes the model computed (sym_size nodes of its inputs)
+                for j in gj:
+                    new[j] = sizes[j]
+                continue
+            # split of a static dim (hidden -> heads x head_dim): keep the trailing sizes,
+            # derive the one that was -1 (or the first) from the live size
+            derived = next((j for j in gj if sizes[j] == -1), gj[0])
+            for j in gj:
+                if j != derived:
+                    new[j] = sizes[j] if isinstance(sizes[j], int) else _hint(out_shape[j])
+            if not minus_one_used:
+                new[derived] = -1
+                minus_one_used = True
+            else:
+                live = _product(graph, [_size_of(graph, x, i) for i in gi])
+                rest = 1
+                for j in gj:
+                    if j != derived:
+                        rest *= int(new[j])
+                new[derived] = graph.call_function(operator.floordiv, (live, rest))
+    if any(v is None for v in new):
+        return 0
+    _inherit_meta(node, new)
+    if _same(new, sizes):
+        return 0
+    node.args = (x, new) + tuple(node.args[2:])
+    return 1
+
+
+def _canonical_expand(node: fx.Node) -> int:
+    x = node.args[0]
+    sizes = list(node.args[1])
+    in_shape = tuple(x.meta["val"].shape)
+    offset = len(sizes) - len(in_shape)
+    new = list(sizes)
+    for j in range(len(sizes)):
+        i = j - offset
+        if i >= 0 and _hint(in_shape[i]) != 1 and sizes[j] != -1:
+            new[j] = -1
+    if _same(new, sizes):
+        return 0
+    node.args = (x, new) + tuple(node.args[2:])
+    return 1
+
+
+def _inherit_meta(node: fx.Node, sizes: list[Any]) -> None:
+    """Size nodes we created belong to the same module as the view that uses them."""
+    stack = node.meta.get("nn_module_stack")
+    todo = [s for s in sizes if isinstance(s, fx.Node)]
+    while todo:
+        n = todo.pop()
+        if "nn_module_stack" not in n.meta and stack is not None:
+            n.meta["nn_module_stack"] = stack
+            todo.extend(a for a in n.all_input_nodes if a.op == "call_function")
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all((x is y) or (isinstance(x, int) and isinstance(y, int) and x == y) for x, y in zip(a, b))
+
+
+def _size_of(graph: fx.Graph, x: fx.Node, dim: int) -> Any:
+    """A live size of x along dim: a sym_size node (static dims stay live too, for pruning)."""
+    n = graph.call_function(aten.sym_size.int, (x, dim))
+    val = x.meta["val"].shape[dim]
+    n.meta["val"] = val
+    return n
+
+
+def _product(graph: fx.Graph, sizes: list[Any]) -> Any:
+    out = sizes[0]
+    for s in sizes[1:]:
+        out = graph.call_function(operator.mul, (out, s))
+    return out

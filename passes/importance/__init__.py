@@ -1,0 +1,1 @@
+"""Importance analysis passes: scores for weights, channels, neurons, heads, layers and tokens."""

@@ -1,0 +1,28 @@
+"""rewrite: a declarative graph-rewrite compiler for PyTorch models.
+
+    import rewrite
+    out = rewrite.compile(model, "spec.yaml", example_inputs=(ids, mask), calibration=batches)
+    out.module          # rewritten torch.fx.GraphModule, called like the original
+    out.report          # what each pass did and what it cost
+    out.export("model.onnx")   # ONNX, verified in onnxruntime
+"""
+from .compiler import Compiled, compile
+from .errors import (
+    CalibrationError,
+    CaptureError,
+    ExportError,
+    PassError,
+    RewriteError,
+    SpecError,
+    VerificationError,
+)
+from .inputs import Inputs
+from .program import Block, Program
+from .report import Report
+from .spec import Spec
+
+__all__ = [
+    "compile", "Compiled", "Spec", "Program", "Block", "Inputs", "Report",
+    "RewriteError", "SpecError", "CaptureError", "CalibrationError", "PassError", "ExportError", "VerificationError",
+]
+__version__ = "0.1.0"

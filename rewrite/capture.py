@@ -1,0 +1,165 @@
+"""Capture: torch.export (non-strict, dynamic batch/sequence dims) -> an unlifted GraphModule.
+
+When capture fails we say which module was running and which source line of the model
+raised, and suggest a fix, instead of surfacing torch.export's traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import traceback
+from typing import Any, Iterator
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from .errors import CaptureError
+from .inputs import Inputs
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def dynamic_shapes_for(inputs: Inputs, dynamic: bool = True) -> Any:
+    """Dynamic dims per input: batch (dim 0) always, sequence (dim 1) for token-like inputs.
+
+    Token-like: integer tensors of rank >= 2 (ids, masks) and float tensors of rank 3
+    (B, S, H embeddings). Images (B, C, H, W) keep only the batch dimension dynamic.
+    """
+
+    def spec_for(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or not dynamic or x.dim() == 0:
+            return None
+        dims = {0: Dim.AUTO}
+        if x.dim() >= 2 and (not x.is_floating_point() or x.dim() == 3):
+            dims[1] = Dim.AUTO
+        return dims
+
+    args = tuple(pytree.tree_map(spec_for, a) if not isinstance(a, torch.Tensor) else spec_for(a) for a in inputs.args)
+    kwargs = {k: (spec_for(v) if isinstance(v, torch.Tensor) else pytree.tree_map(spec_for, v)) for k, v in inputs.kwargs.items()}
+    if inputs.kwargs and not inputs.args:
+        return kwargs
+    if inputs.args and not inputs.kwargs:
+        return args
+    return tuple(args) + tuple(kwargs.values())  # mixed: in the order of the inputs
+
+
+def widen_for_capture(inputs: Inputs, dynamic: bool = True) -> Inputs:
+    """Size-1 batch or sequence dims would be specialised by export: repeat them to 2."""
+    if not dynamic:
+        return inputs
+
+    def widen(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 1 and x.shape[0] == 1:
+            x = torch.cat([x, x], dim=0)
+        if x.dim() >= 2 and (not x.is_floating_point() or x.dim() == 3) and x.shape[1] == 1:
+            x = torch.cat([x, x], dim=1)
+        return x
+
+    return inputs.map(widen)
+
+
+def export_program(module: torch.nn.Module, inputs: Inputs, dynamic: bool = True) -> torch.export.ExportedProgram:
+    """torch.export the module non-strictly with dynamic dims; errors become CaptureError."""
+    example = widen_for_capture(inputs, dynamic)
+    shapes = dynamic_shapes_for(example, dynamic) if dynamic else None
+    with _module_tracker(module) as stack:
+        try:
+            return torch.export.export(module, example.args, example.kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one explained error
+            raise CaptureError(_explain_failure(module, exc, list(stack))) from exc
+
+
+def capture(module: torch.nn.Module, inputs: Inputs, dynamic: bool = True) -> torch.fx.GraphModule:
+    """The unlifted GraphModule of ATen ops, called exactly like `module`."""
+    was_training = module.training
+    _set_training(module, False)
+    try:
+        with torch.no_grad():
+            ep = export_program(module, inputs, dynamic)
+    finally:
+        _set_training(module, was_training)
+    return ep.module()
+
+
+def _set_training(module: torch.nn.Module, mode: bool) -> None:
+    """eval()/train(); modules from ep.module() refuse the call but are already in eval form."""
+    try:
+        module.train(mode)
+    except NotImplementedError:
+        pass
+
+
+@contextlib.contextmanager
+def _module_tracker(root: torch.nn.Module) -> Iterator[list[str]]:
+    """Keep a stack of the module paths currently executing (left intact on an exception)."""
+    stack: list[str] = []
+    handles = []
+    names = {id(m): n for n, m in root.named_modules()}
+
+    def pre(mod, _args):
+        stack.append(names.get(id(mod), type(mod).__name__))
+
+    def post(mod, _args, _out):
+        if stack:
+            stack.pop()
+
+    for mod in root.modules():
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _user_frame(exc: BaseException) -> tuple[str, int, str] | None:
+    """The innermost traceback frame outside torch itself: the model's own code."""
+    found = None
+    for e in _chain(exc):
+        for frame in traceback.extract_tb(e.__traceback__):
+            if frame.filename.startswith(_TORCH_DIR) or "/rewrite/" in frame.filename:
+                continue
+            found = (frame.filename, frame.lineno or 0, (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip())
+    return found
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, cur = [], exc
+    while cur is not None and cur not in out:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return list(reversed(out))
+
+
+def _explain_failure(root: torch.nn.Module, exc: Exception, stack: list[str]) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    where_module = stack[-1] if stack else ""
+    mod_type = ""
+    if where_module:
+        with contextlib.suppress(AttributeError):
+            mod_type = type(root.get_submodule(where_module)).__name__
+    frame = _user_frame(exc)
+    where = f"module '{where_module or '<root>'}'" + (f" ({mod_type})" if mod_type else "")
+    if frame:
+        where += f", {frame[0]}:{frame[1]}: {frame[2]}"
+    lowered = text.lower()
+    if "data-dependent" in lowered or "guardondatadependent" in lowered or "could not guard on data-dependent" in lowered:
+        hint = ("control flow or a shape depends on tensor values. Rewrite it with torch.where / "
+                "torch.cond, or move the branch out of forward (decide it from the config), "
+                "or pass example inputs for which the branch is fixed.")
+    elif "not a known type" in lowered or "register a pytree" in lowered:
+        hint = ("the model returns or takes an object torch.export cannot flatten. Return tensors, "
+                "tuples, dicts or dataclasses; for transformers models set use_cache=False "
+                "(a DynamicCache output cannot be captured).")
+    elif "constraint" in lowered or "specializ" in lowered:
+        hint = ("a dynamic dimension was forced to a constant. Pass dynamic=False to compile "
+                "(static shapes), or remove the code that fixes the size.")
+    elif "unsupported" in lowered or "not implemented" in lowered:
+        hint = "an operator cannot be traced. Replace it with a torch operator or wrap it in a torch.library custom op."
+    else:
+        hint = "check that the model runs on the example inputs in eval mode; make the failing module a plain torch computation."
+    first_line = text.strip().splitlines()[0][:400] if text.strip() else type(exc).__name__
+    return f"cannot capture the model with torch.export: {first_line}\n  where: {where}\n  fix: {hint}"

@@ -1,0 +1,163 @@
+"""The `rewrite` command line: compile, inspect, schema, bench.
+
+    rewrite compile [SPEC] [--model MODULE:FACTORY] [--out DIR] [--backend onnx|tvm]
+    rewrite inspect [SPEC] [--importance KIND] [--model MODULE:FACTORY] [--out DIR]
+    rewrite schema
+
+`--model MODULE:FACTORY` names a function returning a model, `(model, example_inputs)` or
+`(model, example_inputs, calibration)`. Without it, the built-in all-MiniLM-L6-v2 with
+STS-B calibration sentences is used. Errors the user can fix print one message, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import RewriteError
+
+# The example specs live in the repo's specs/ folder (an editable install finds them).
+SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
+DEFAULT_SPEC = SPECS_DIR / "default.yaml"
+
+
+def _load_factory(ref: str) -> tuple[Any, Any, Any]:
+    if ":" not in ref:
+        raise RewriteError(f"--model must look like MODULE:FACTORY (e.g. mypkg.models:build), got {ref!r}")
+    mod_name, fn_name = ref.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise RewriteError(f"cannot import {mod_name!r} for --model: {exc}") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise RewriteError(f"{mod_name!r} has no attribute {fn_name!r} (from --model {ref})")
+    got = fn()
+    if isinstance(got, tuple):
+        if len(got) == 2:
+            return got[0], got[1], None
+        if len(got) == 3:
+            return got
+        raise RewriteError(f"{ref} returned a tuple of {len(got)}; expected model, (model, inputs) or (model, inputs, calibration)")
+    raise RewriteError(f"{ref} returned only a model: return (model, example_inputs[, calibration]) so it can be captured")
+
+
+def _default_model(samples: int, batch_size: int, seed: int) -> tuple[Any, Any, Any, Any]:
+    from . import demo
+
+    model, tok = demo.load_minilm()
+    calib = demo.calibration_batches(tok, samples=samples, batch_size=batch_size, seed=seed)
+    return model, demo.example_inputs(tok), calib, tok
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from .compiler import compile as rewrite_compile
+    from .spec import Spec
+
+    spec = Spec.load(args.spec or (DEFAULT_SPEC if DEFAULT_SPEC.exists() else None))
+    out_dir = Path(args.out)
+    tokenizer = None
+    if args.model:
+        model, example, calib = _load_factory(args.model)
+    else:
+        model, example, calib, tokenizer = _default_model(spec.calibration.samples, spec.calibration.batch_size, spec.calibration.seed)
+    print(f"compiling {type(model).__name__} with {len(spec.passes)} pass(es): {', '.join(p.kind for p in spec.passes)}", file=sys.stderr)
+    start = time.perf_counter()
+    compiled = rewrite_compile(model, spec, example_inputs=example, calibration=calib, progress=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.backend in ("onnx", "all"):
+        rec = compiled.export(out_dir / "model.onnx", verify_inputs=compiled.verification_batches())
+        print(f"wrote {rec.path} ({rec.bytes / 1e6:.2f} MB), onnxruntime max abs error {rec.max_abs_error:.2e}", file=sys.stderr)
+    if args.backend in ("tvm", "all"):
+        built = compiled.build("tvm", target=args.target)
+        if hasattr(built, "save"):
+            built.save(out_dir / "model.tvm.so")
+        if args.emit_source and hasattr(built, "source"):
+            (out_dir / "kernels.cu").write_text(built.source())
+    if tokenizer is not None and not args.no_eval:
+        from . import demo
+
+        if demo.stsb_dir() is not None:
+            score_before = demo.sts_score(compiled.original.module, tokenizer, limit=args.eval_pairs)
+            score_after = demo.sts_score(compiled.module, tokenizer, limit=args.eval_pairs)
+            compiled.report.metrics["stsb_dev_spearman_original"] = round(score_before, 3)
+            compiled.report.metrics["stsb_dev_spearman_rewritten"] = round(score_after, 3)
+    (out_dir / "report.md").write_text(compiled.report.to_markdown(), encoding="utf-8")
+    (out_dir / "report.json").write_text(compiled.report.to_json(), encoding="utf-8")
+    print(compiled.report.to_table())
+    print(f"done in {time.perf_counter() - start:.1f}s; report: {out_dir / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .spec import Spec
+
+    print(json.dumps(Spec.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        from passes.importance.inspect import run_inspect
+    except ImportError:
+        raise RewriteError("rewrite inspect is not available in this build (passes.importance.inspect missing)") from None
+    return run_inspect(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rewrite", description="A declarative graph-rewrite compiler for PyTorch models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    sub = p.add_subparsers(dest="command")
+
+    c = sub.add_parser("compile", help="compile a model with a spec and export it")
+    c.add_argument("spec", nargs="?", help="spec file (YAML or JSON); default: the built-in deploy spec")
+    c.add_argument("--model", help="MODULE:FACTORY returning (model, example_inputs[, calibration]); default: all-MiniLM-L6-v2")
+    c.add_argument("--out", default="out", help="output folder (default: out)")
+    c.add_argument("--backend", choices=["onnx", "tvm", "all"], default="onnx")
+    c.add_argument("--target", default="llvm", help="TVM target for --backend tvm (llvm, cuda)")
+    c.add_argument("--emit-source", action="store_true", help="write generated kernel source (TVM)")
+    c.add_argument("--no-eval", action="store_true", help="skip the STS-B accuracy check of the built-in model")
+    c.add_argument("--eval-pairs", type=int, default=None, help="limit STS-B pairs for the accuracy check")
+    c.set_defaults(func=cmd_compile)
+
+    i = sub.add_parser("inspect", help="importance tables and plots, without rewriting")
+    i.add_argument("spec", nargs="?", help="spec whose importance kinds to show")
+    i.add_argument("--importance", action="append", help="importance kind to compute (repeatable)")
+    i.add_argument("--model", help="MODULE:FACTORY; default: all-MiniLM-L6-v2")
+    i.add_argument("--out", default="out/inspect")
+    i.add_argument("--groups", action="store_true", help="print the coupled dimension groups")
+    i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("schema", help="print the spec's JSON schema")
+    s.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RewriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""`rewrite.compile` and the `Compiled` result it returns."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .calibration import CalibrationData
+from .inputs import Inputs
+from .measure import cost, fidelity
+from .passmanager import PassContext, pass_for, run_passes
+from .program import Program
+from .report import ExportRecord, PassRecord, Report
+from .spec import Spec
+
+log = logging.getLogger("rewrite")
+
+
+@dataclass
+class Compiled:
+    """The result of `compile`: the rewritten module, its report, and its lowerings."""
+
+    program: Program
+    original: Program
+    report: Report
+    spec: Spec
+    calibration: CalibrationData | None = None
+
+    def verification_batches(self) -> list[Inputs]:
+        """Held-back calibration batches (or the example inputs) for checking backends."""
+        if self.calibration is None or not self.calibration.holdout:
+            return [self.program.example]
+        return list(self.calibration.holdout)
+
+    @property
+    def module(self) -> torch.fx.GraphModule:
+        """A GraphModule called exactly like the original model, with the same output structure."""
+        return self.program.module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.program.module(*args, **kwargs)
+
+    def export(self, path: str | os.PathLike, *, verify: bool = True, opset: int | None = None,
+               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None) -> ExportRecord:
+        """Write an ONNX model, verified in onnxruntime against `module` (atomic on failure)."""
+        from backends.onnx import export_onnx
+
+        onnx_spec = self.spec.export.onnx
+        batches = [Inputs.of(b) for b in verify_inputs] if verify_inputs is not None else [self.program.example]
+        record = export_onnx(
+            self.program, Path(path),
+            opset=opset or onnx_spec.opset,
+            dynamic=onnx_spec.dynamic if dynamic is None else dynamic,
+            external_data=onnx_spec.external_data,
+            verify=verify, verify_inputs=batches, rtol=self.spec.verify.backend_rtol,
+        )
+        self.report.exports.append(record)
+        return record
+
+    def build(self, backend: str = "tvm", target: Any = "llvm", **options: Any) -> Any:
+        """Build the rewritten graph with another backend (TVM Relax); returns a callable."""
+        if backend != "tvm":
+            raise ValueError(f"unknown backend {backend!r}: build supports 'tvm' (use export() for ONNX)")
+        from backends.tvm import build_tvm
+
+        return build_tvm(self.program, target=target, **options)
+
+
+def compile(
+    model: torch.nn.Module,
+    spec: Spec | dict | str | os.PathLike | None = None,
+    *,
+    example_inputs: Any,
+    calibration: Iterable[Any] | None = None,
+    dynamic: bool = True,
+    task_loss: Any = None,
+    progress: bool | None = None,
+) -> Compiled:
+    """Capture `model`, apply the spec's passes, verify, and return a `Compiled`.
+
+    `example_inputs` is a tuple of positional args, a dict of keyword args, or one tensor.
+    `calibration` is any iterable of batches shaped like `example_inputs` (a DataLoader works);
+    passes that need data refuse to run without it.
+    """
+    spec = Spec.load(spec)
+    example = Inputs.of(example_inputs)
+    passes = [pass_for(s) for s in spec.passes]
+    from .passmanager import check_order
+
+    check_order(passes)  # before any work
+    calib = CalibrationData.from_user(calibration, example, samples=spec.calibration.samples, holdout=spec.calibration.holdout)
+    for p in passes:
+        if "calibration" in p.needs:
+            calib.require(f"the {p.kind} pass")
+
+    from passes.canonicalize import canonicalize
+
+    original = Program.capture(model, example, dynamic=dynamic)
+    canonicalize(original)
+    program = original.clone()
+    before = cost(original)
+    ctx = PassContext(spec=spec, calibration=calib, original=original, task_loss=task_loss, progress=progress)
+    records: list[PassRecord] = []
+    warnings: list[str] = []
+    program = run_passes(program, ctx, passes, records, warnings)
+    n_cal = sum(b.batch_size() for b in calib.batches)
+    n_hold = sum(b.batch_size() for b in calib.holdout)
+    report = Report(
+        model=program.name, before=before, after=cost(program), passes=records,
+        fidelity=fidelity(original, program, calib.holdout),
+        calibration=("none given: example inputs used for verification" if calib.from_example
+                     else f"{n_cal} samples in {len(calib.batches)} batches; {n_hold} held back for verification"),
+        warnings=warnings,
+    )
+    return Compiled(program=program, original=original, report=report, spec=spec, calibration=calib)

@@ -1,0 +1,112 @@
+"""What a program costs (params, FLOPs, weight bytes) and how close it is to another one.
+
+FLOPs are counted by running the program once on its example inputs under
+torch's FlopCounterMode (matmul, linear, conv, attention), so they follow the shapes the
+rewrite really produced. Custom ops register their own FLOP formulas in `kernels`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.utils._pytree as pytree
+from pydantic import BaseModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .inputs import Inputs
+from .program import Program
+
+
+class Cost(BaseModel):
+    params: int
+    """Number of weight values the model computes with (a packed int4 weight counts its logical size)."""
+    weight_bytes: int
+    """Bytes of every tensor the graph reads (packed weights count their packed size)."""
+    flops: int
+    """FLOPs (multiply-add = 2) of one forward pass on the example inputs."""
+
+    @property
+    def weight_mb(self) -> float:
+        return self.weight_bytes / 1e6
+
+
+class Fidelity(BaseModel):
+    """Agreement of a rewritten program with the original on held-back batches."""
+
+    cosine: float
+    rel_error: float
+    max_abs_error: float
+    batches: int
+    compared: str = "all outputs"
+
+    @property
+    def cosine_drop(self) -> float:
+        return 1.0 - self.cosine
+
+
+def cost(program: Program) -> Cost:
+    params = program.params()
+    n_params = 0
+    n_bytes = 0
+    for name, t in params.items():
+        n_bytes += t.numel() * t.element_size()
+        logical = program.notes.get("logical_numel", {}).get(name)
+        if t.is_floating_point() or logical is not None:
+            n_params += int(logical if logical is not None else t.numel())
+    return Cost(params=n_params, weight_bytes=n_bytes, flops=count_flops(program))
+
+
+def count_flops(program: Program, inputs: Inputs | None = None) -> int:
+    inputs = inputs or program.example
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        inputs.call(program.module)
+    return int(counter.get_total_flops())
+
+
+def flat_float_outputs(out: Any) -> list[torch.Tensor]:
+    return [t.detach().float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def compare_outputs(ref: Any, got: Any) -> tuple[float, float, float, str] | None:
+    """(cosine, relative L2 error, max abs error, what was compared) over float leaves.
+
+    Leaves are paired by position; pairs whose shapes differ (a token-pruned sequence
+    output without restoration) are skipped and named in the description.
+    """
+    a, b = flat_float_outputs(ref), flat_float_outputs(got)
+    pairs = [(x, y) for x, y in zip(a, b) if x.shape == y.shape]
+    if not pairs:
+        return None
+    x = torch.cat([p[0].reshape(-1) for p in pairs])
+    y = torch.cat([p[1].reshape(-1) for p in pairs])
+    cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0).item()
+    rel = ((x - y).norm() / x.norm().clamp_min(1e-12)).item()
+    mx = (x - y).abs().max().item() if x.numel() else 0.0
+    what = "all outputs" if len(pairs) == len(a) == len(b) else f"{len(pairs)} of {max(len(a), len(b))} outputs (others changed shape)"
+    return cos, rel, mx, what
+
+
+def fidelity(original: Program, rewritten: Program, batches: Iterable[Inputs]) -> Fidelity | None:
+    cos_sum = rel_sum = 0.0
+    mx = 0.0
+    n = 0
+    what = "all outputs"
+    with torch.no_grad():
+        for batch in batches:
+            res = compare_outputs(original.run(batch), rewritten.run(batch))
+            if res is None:
+                continue
+            c, r, m, what = res
+            cos_sum += c
+            rel_sum += r
+            mx = max(mx, m)
+            n += 1
+    if n == 0:
+        return None
+    return Fidelity(cosine=cos_sum / n, rel_error=rel_sum / n, max_abs_error=mx, batches=n, compared=what)
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan

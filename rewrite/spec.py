@@ -1,0 +1,328 @@
+"""The compression spec: what the user asks for, validated before any work is done.
+
+A spec is a list of passes applied in order, plus calibration, verification and export
+settings. Every model forbids unknown fields; pass specs form a discriminated union on
+`kind`. Errors are turned into one short `SpecError` naming the field path, the value
+and what would be valid (see `_explain`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import SpecError
+
+# Importance kinds, by the granularity they score. Names are the spec's vocabulary.
+WEIGHT_IMPORTANCE = ("magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation")
+NEURON_IMPORTANCE = ("wina",)
+LAYER_IMPORTANCE = ("block_influence", "outlier_fraction", "fidelity_drop")
+TOKEN_IMPORTANCE = ("cls_attention", "attention_rank", "norm")
+
+WeightImportance = Literal["magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation", "wina"]
+LayerImportance = Literal["block_influence", "outlier_fraction", "fidelity_drop"]
+TokenImportance = Literal["cls_attention", "attention_rank", "norm"]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+OpenFraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- settings
+class CalibrationSpec(StrictModel):
+    """How many calibration samples to use, in which batches, and how many to hold back."""
+
+    samples: Annotated[int, Field(ge=1)] = 128
+    batch_size: Annotated[int, Field(ge=1)] = 16
+    seed: int = 0
+    holdout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.125
+    """Fraction of calibration batches kept back to measure fidelity (at least one batch)."""
+
+
+class VerifySpec(StrictModel):
+    """Tolerances for the numeric checks after each pass and after export."""
+
+    max_cosine_drop: Annotated[float, Field(ge=0.0, le=2.0)] = 0.05
+    """Largest allowed 1 - cosine(original, rewritten) on held-back batches before a warning."""
+    fail_on_fidelity: bool = False
+    """Raise instead of warn when a pass exceeds max_cosine_drop."""
+    backend_rtol: Annotated[float, Field(gt=0.0)] = 1e-4
+    """Largest allowed relative error between a backend (onnxruntime, TVM) and the torch module."""
+
+
+class OnnxExportSpec(StrictModel):
+    opset: Annotated[int, Field(ge=18, le=23)] = 21
+    dynamic: bool = True
+    """Keep batch and sequence dimensions dynamic in the exported model."""
+    external_data: Literal["auto", True, False] = "auto"
+    """Store weights next to the model file; 'auto' does so above 1 GiB of weights."""
+
+
+class ExportSpec(StrictModel):
+    onnx: OnnxExportSpec = OnnxExportSpec()
+
+
+class BudgetSpec(StrictModel):
+    """A whole-model target the allocator meets by choosing the rewrites jointly."""
+
+    latency: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    """Latency as a ratio of the original, measured on the target runtime."""
+    size_mb: Annotated[float | None, Field(gt=0.0)] = None
+    flops: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    """FLOPs as a ratio of the original."""
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "BudgetSpec":
+        if self.latency is None and self.size_mb is None and self.flops is None:
+            raise ValueError("give at least one of latency, size_mb, flops")
+        return self
+
+
+# --------------------------------------------------------------------------- passes
+class CleanupSpec(StrictModel):
+    """Dropout removal, constant folding, batch-norm folding and dead-code elimination."""
+
+    kind: Literal["cleanup"] = "cleanup"
+    dropout: bool = True
+    fold_constants: bool = True
+    fold_batchnorm: bool = True
+
+
+class PruneBudget(StrictModel):
+    """Fraction of the whole model's params or FLOPs to keep."""
+
+    params: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    flops: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "PruneBudget":
+        if (self.params is None) == (self.flops is None):
+            raise ValueError("give exactly one of params, flops")
+        return self
+
+
+class PruneSpec(StrictModel):
+    """Remove coupled groups (structured) or mask weights (unstructured, N:M)."""
+
+    kind: Literal["prune"] = "prune"
+    granularity: Literal["channel", "neuron", "head", "unstructured", "n:m"]
+    amount: Annotated[float | None, Field(ge=0.0, lt=1.0)] = None
+    """Fraction removed within scope."""
+    budget: PruneBudget | None = None
+    importance: WeightImportance | None = None
+    """Defaults per granularity: wanda for neuron/head/unstructured/n:m, magnitude for channel."""
+    scope: list[str] | None = None
+    """Module globs; default: everything prunable except embeddings, output head and residual width."""
+    exclude: list[str] = []
+    allocation: Literal["uniform", "global"] = "uniform"
+    max_per_layer: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    """Cap on the fraction removed from one layer under global allocation."""
+    round_to: Annotated[int, Field(ge=1)] = 1
+    reduce: Literal["sum", "mean", "max"] = "sum"
+    normalize: bool = True
+    """Normalise group scores per layer before a global ranking."""
+    compensate: Literal[False, True, "bias", "lstsq"] = False
+    n: Annotated[int | None, Field(ge=1)] = None
+    m: Annotated[int | None, Field(ge=2)] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneSpec":
+        if self.granularity == "n:m":
+            if self.n is None or self.m is None:
+                raise ValueError("granularity 'n:m' needs n and m (e.g. n: 2, m: 4)")
+            if self.n >= self.m:
+                raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
+        elif (self.amount is None) == (self.budget is None):
+            raise ValueError("give exactly one of amount (a fraction) or budget (params or flops)")
+        return self
+
+
+class QuantWeightsSpec(StrictModel):
+    bits: Union[Literal[2, 3, 4, 8], list[Literal[2, 3, 4, 8]]] = 4
+    average: Annotated[float | None, Field(ge=2.0, le=8.0)] = None
+    """Target average bits over quantized weights (fractional allowed); needs a list of bits."""
+    group_size: Annotated[int, Field(ge=-1)] = 128
+    """Weights per scale along the input dimension; -1 for one scale per output channel."""
+    symmetric: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantWeightsSpec":
+        if self.group_size == 0:
+            raise ValueError("group_size must be positive, or -1 for per-channel")
+        if self.average is not None:
+            if not isinstance(self.bits, list) or len(self.bits) < 2:
+                raise ValueError("average needs bits to be a list of at least two widths, e.g. [2, 4, 8]")
+            if not min(self.bits) <= self.average <= max(self.bits):
+                raise ValueError(f"average {self.average} is outside the allowed widths {self.bits}")
+        return self
+
+
+class ActivationQuantSpec(StrictModel):
+    mode: Literal["static", "dynamic"] = "dynamic"
+    bits: Literal[8] = 8
+    smoothquant: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    """Migration strength alpha of SmoothQuant; None disables it."""
+
+
+class QuantizeSpec(StrictModel):
+    """Weight-only group-wise quantization (mixed precision optional), embeddings, activations."""
+
+    kind: Literal["quantize"] = "quantize"
+    weights: QuantWeightsSpec | None = QuantWeightsSpec()
+    method: Literal["rtn", "awq", "gptq"] = "rtn"
+    allocate: Literal["uniform", "layerwise"] = "uniform"
+    importance: LayerImportance = "outlier_fraction"
+    order: Literal["importance", "random", "reverse"] = "importance"
+    seed: int = 0
+    scope: list[str] | None = None
+    exclude: list[str] = []
+    embeddings: Literal[None, 4, 8] = None
+    activations: ActivationQuantSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "QuantizeSpec":
+        if self.weights is None and self.embeddings is None and self.activations is None:
+            raise ValueError("nothing to quantize: give weights, embeddings or activations")
+        if self.allocate == "layerwise" and (self.weights is None or not isinstance(self.weights.bits, list)):
+            raise ValueError("allocate 'layerwise' needs weights.bits to be a list, e.g. [2, 4, 8]")
+        return self
+
+
+class SkipSpec(StrictModel):
+    """Remove whole blocks, or one residual branch of them, by importance."""
+
+    kind: Literal["skip"] = "skip"
+    layers: Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0.0, lt=1.0)], list[str]] = 1
+    granularity: Literal["block", "attention", "mlp"] = "block"
+    importance: LayerImportance = "fidelity_drop"
+    search: Literal["oneshot", "greedy"] = "greedy"
+    protect: list[str] = []
+
+
+class TokenSpec(StrictModel):
+    """Drop (or merge) low-importance tokens after chosen layers, inside the graph."""
+
+    kind: Literal["token"] = "token"
+    keep: Union[OpenFraction, Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(min_length=1)]] = 0.7
+    after: list[Union[int, str]] | None = None
+    importance: TokenImportance = "cls_attention"
+    keep_special: bool = True
+    merge: bool = False
+    restore: bool = False
+
+
+PassSpec = Annotated[
+    Union[CleanupSpec, PruneSpec, QuantizeSpec, SkipSpec, TokenSpec],
+    Field(discriminator="kind"),
+]
+PASS_KINDS = ("cleanup", "prune", "quantize", "skip", "token")
+
+
+class Spec(StrictModel):
+    """A compression spec: passes applied in order, plus calibration, verify and export."""
+
+    calibration: CalibrationSpec = CalibrationSpec()
+    passes: list[PassSpec] = [CleanupSpec()]
+    verify: VerifySpec = VerifySpec()
+    export: ExportSpec = ExportSpec()
+    budget: BudgetSpec | None = None
+
+    # -- loading ---------------------------------------------------------------
+    @classmethod
+    def parse(cls, data: Any) -> "Spec":
+        """Validate a dict (or a Spec) and raise a short SpecError on failure."""
+        if isinstance(data, Spec):
+            return data
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise SpecError(f"spec: expected a mapping of settings, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise SpecError(_explain(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "Spec":
+        """Load from a YAML file path or a YAML string."""
+        text = _read_text(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"spec is not valid YAML: {exc}") from None
+        return cls.parse(data)
+
+    @classmethod
+    def from_json(cls, source: str | Path) -> "Spec":
+        text = _read_text(source)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec is not valid JSON: {exc}") from None
+        return cls.parse(data)
+
+    @classmethod
+    def load(cls, source: "Spec | dict | str | Path | None") -> "Spec":
+        """Accept a Spec, a dict, or a path to a YAML/JSON file."""
+        if source is None or isinstance(source, (Spec, dict)):
+            return cls.parse(source)
+        path = Path(source)
+        if not path.exists():
+            raise SpecError(f"spec file not found: {path}")
+        return cls.from_json(path) if path.suffix.lower() == ".json" else cls.from_yaml(path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def _read_text(source: str | Path) -> str:
+    if isinstance(source, Path) or ("\n" not in str(source) and Path(str(source)).suffix in {".yaml", ".yml", ".json"}):
+        path = Path(source)
+        if not path.exists():
+            raise SpecError(f"spec file not found: {path}")
+        return path.read_text(encoding="utf-8")
+    return str(source)
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line per problem: field path, the bad value, and what is valid."""
+    lines = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        # drop pydantic's union-member tags ("prune", "list[...]", "int") from the path
+        path = ".".join(p for p in loc if not _is_union_tag(p)) or "spec"
+        kind = err["type"]
+        value = err.get("input")
+        if kind == "union_tag_invalid":
+            msg = f"unknown pass kind {value.get('kind')!r}; valid kinds: {', '.join(PASS_KINDS)}" if isinstance(value, dict) else err["msg"]
+        elif kind == "union_tag_not_found":
+            msg = f"missing 'kind'; valid kinds: {', '.join(PASS_KINDS)}"
+        elif kind == "extra_forbidden":
+            msg = f"unknown field {loc[-1]!r} (value {value!r}); remove it or check its spelling"
+            path = ".".join(p for p in loc[:-1] if not _is_union_tag(p)) or "spec"
+        elif kind == "missing":
+            msg = "required field is missing"
+        else:
+            msg = f"{err['msg']} (got {value!r})" if not isinstance(value, dict) else err["msg"]
+            msg = msg.replace("Value error, ", "")
+        line = f"{path}: {msg}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    head = "invalid spec: " if len(lines) == 1 else "invalid spec:\n  "
+    return head + "\n  ".join(lines[:8])
+
+
+def _is_union_tag(part: str) -> bool:
+    return part in PASS_KINDS or part.startswith(("list[", "literal[", "function-", "union[")) or part in {
+        "int", "float", "str", "bool", "constrained-int", "constrained-float"
+    }
