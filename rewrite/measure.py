@@ -81,8 +81,11 @@ def compare_outputs(ref: Any, got: Any) -> tuple[float, float, float, str] | Non
         return None
     x = torch.cat([p[0].reshape(-1) for p in pairs])
     y = torch.cat([p[1].reshape(-1) for p in pairs])
-    cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0).item()
-    rel = ((x - y).norm() / x.norm().clamp_min(1e-12)).item()
+    diff = (x - y).double().norm().item()
+    scale = max(x.double().norm().item(), y.double().norm().item())
+    # identical (or both ~zero) outputs: cosine is 1 by definition, not numerically
+    cos = 1.0 if diff <= 1e-7 * max(scale, 1e-30) or scale < 1e-20 else torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0).item()
+    rel = diff / max(scale, 1e-12) if scale >= 1e-20 else 0.0
     mx = (x - y).abs().max().item() if x.numel() else 0.0
     what = "all outputs" if len(pairs) == len(a) == len(b) else f"{len(pairs)} of {max(len(a), len(b))} outputs (others changed shape)"
     return cos, rel, mx, what
