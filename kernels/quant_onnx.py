@@ -1,0 +1,331 @@
+"""ONNX lowering of the quantized ops in `kernels/quant.py`.
+
+Two steps, because the best lowering (onnxruntime's MatMulNBits) has no onnx schema and
+needs its weights re-laid out:
+
+1. The exporter's custom translation table turns each `rewrite::*` op into one placeholder
+   node in the private domain `rewrite.quant` (schemas registered here), carrying the packed
+   initializers and `bits` / `group_size` attributes.
+2. `expand_placeholders` (an ONNX_POSTPROCESS step) replaces every placeholder by real ops:
+
+   - linear_q, 4 or 8 bits, block size a power of two >= 16: `com.microsoft::MatMulNBits`
+     (the packed rows are its B input as they are: our bit stream is its nibble order);
+   - otherwise the weight is dequantized in the graph and fed to MatMul: 4 and 8 bits by a
+     standard DequantizeLinear (opset 21, uint4 / uint8 with `block_size`); 2 and 3 bits from
+     the packed bytes by Gather + BitShift + BitwiseAnd (+ BitwiseOr for values that straddle
+     two bytes), then (q - zero) * scale. All of it depends only on initializers, so
+     onnxruntime folds it once at session start and the file keeps the packed bytes.
+   - embedding_q: the same dequantization of the table, then Gather.
+   - linear_a8_dynamic: DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add), the
+     pattern onnxruntime fuses into its int8 kernels (as `quantize_dynamic` emits it);
+     linear_a8_static: QuantizeLinear with the calibrated scale instead.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import quant  # noqa: F401  (registers the torch ops)
+from .registry import ONNX_POSTPROCESS, ONNX_TRANSLATIONS
+
+DOMAIN = "rewrite.quant"
+MS_DOMAIN = "com.microsoft"
+USE_MATMULNBITS = {4, 8}
+"""Bit widths lowered to MatMulNBits (module-level switch: tests and benchmarks compare paths)."""
+
+
+# -------------------------------------------------------------------- 1. placeholders
+def _register_schemas() -> None:
+    from onnx import defs
+
+    P = defs.OpSchema.FormalParameter
+    opt = defs.OpSchema.FormalParameterOption.Optional
+    INT = defs.OpSchema.AttrType.INT
+
+    def schema(name: str, inputs: list[tuple[str, str, bool]], attrs: list[str]) -> None:
+        try:
+            defs.get_schema(name, 1, DOMAIN)
+            return  # already registered (module re-imported)
+        except Exception:  # noqa: BLE001
+            pass
+        params = [P(n, t, param_option=opt) if o else P(n, t) for n, t, o in inputs]
+        s = defs.OpSchema(name, DOMAIN, 1, inputs=params, outputs=[P("y", "tensor(float)")],
+                          attributes=[defs.OpSchema.Attribute(a, INT, "") for a in attrs])
+        defs.register_schema(s)
+
+    f, u8, i8, i64 = "tensor(float)", "tensor(uint8)", "tensor(int8)", "tensor(int64)"
+    schema("LinearQ", [("x", f, False), ("qweight", u8, False), ("scales", f, False), ("zeros", u8, False),
+                       ("bias", f, True)], ["bits", "group_size"])
+    schema("EmbeddingQ", [("ids", i64, False), ("qweight", u8, False), ("scales", f, False), ("zeros", u8, False)],
+           ["bits", "group_size"])
+    schema("DequantizeQ", [("qweight", u8, False), ("scales", f, False), ("zeros", u8, False)], ["bits", "group_size"])
+    schema("LinearA8Dynamic", [("x", f, False), ("qweight", i8, False), ("w_scale", f, False), ("bias", f, True)], [])
+    schema("LinearA8Static", [("x", f, False), ("qweight", i8, False), ("w_scale", f, False), ("x_scale", f, False),
+                              ("x_zero", u8, False), ("bias", f, True)], [])
+
+
+def _register_translations() -> None:
+    from onnxscript.values import Opset
+
+    rq = Opset(DOMAIN, 1)
+
+    def linear_q(x, qweight, scales, zeros, bias=None, bits: int = 4, group_size: int = 128):
+        return rq.LinearQ(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size)
+
+    def embedding_q(ids, qweight, scales, zeros, bits: int = 4, group_size: int = 128):
+        return rq.EmbeddingQ(ids, qweight, scales, zeros, bits=bits, group_size=group_size)
+
+    def dequantize_q(qweight, scales, zeros, bits: int = 4, group_size: int = 128):
+        return rq.DequantizeQ(qweight, scales, zeros, bits=bits, group_size=group_size)
+
+    def linear_a8_dynamic(x, qweight, w_scale, bias=None):
+        return rq.LinearA8Dynamic(x, qweight, w_scale, bias)
+
+    def linear_a8_static(x, qweight, w_scale, x_scale, x_zero, bias=None):
+        return rq.LinearA8Static(x, qweight, w_scale, x_scale, x_zero, bias)
+
+    ops = torch.ops.rewrite
+    ONNX_TRANSLATIONS[ops.linear_q.default] = linear_q
+    ONNX_TRANSLATIONS[ops.embedding_q.default] = embedding_q
+    ONNX_TRANSLATIONS[ops.dequantize_q.default] = dequantize_q
+    ONNX_TRANSLATIONS[ops.linear_a8_dynamic.default] = linear_a8_dynamic
+    ONNX_TRANSLATIONS[ops.linear_a8_static.default] = linear_a8_static
+
+
+# ------------------------------------------------------------------------ 2. expansion
+class _Builder:
+    """Collects the nodes and initializers that replace one placeholder."""
+
+    def __init__(self, model: Any, prefix: str):
+        self.model = model
+        self.prefix = prefix
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.n = 0
+        self.uses_ms = False
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{self.prefix}/{hint}_{self.n}"
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def raw(self, hint: str, data_type: int, dims: list[int], raw: bytes) -> str:
+        from onnx import helper
+
+        name = self.name(hint)
+        self.inits.append(helper.make_tensor(name, data_type, dims, raw, raw=True))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int | list[str] = 1, domain: str = "", **attrs: Any) -> Any:
+        from onnx import helper
+
+        outs = outputs if isinstance(outputs, list) else [self.name(op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), domain=domain, **attrs))
+        if domain == MS_DOMAIN:
+            self.uses_ms = True
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _constants(model: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    out = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    out[node.output[0]] = a.t
+    return {k: numpy_helper.to_array(v) for k, v in out.items()}
+
+
+def _need(consts: dict[str, np.ndarray], node: Any, i: int) -> np.ndarray:
+    name = node.input[i]
+    if name not in consts:
+        raise ValueError(f"{node.op_type} placeholder {node.name!r}: input {i} ({name!r}) is not a constant; "
+                         "quantized weights must be stored as initializers")
+    return consts[name]
+
+
+def _attr(node: Any, name: str) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(a.i)
+    raise ValueError(f"{node.op_type} node {node.name!r} lacks attribute {name!r}")
+
+
+def _pack_nibbles(values: np.ndarray) -> bytes:
+    """uint4 values [..., n] (flattened row-major) -> bytes, low nibble first (ONNX INT4 layout)."""
+    flat = values.astype(np.uint8).reshape(-1)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, g: int) -> str:
+    """Graph value f32[N, K] equal to kernels.quant.dequantize (exact same arithmetic)."""
+    from onnx import TensorProto
+
+    n, ngroups = scales.shape
+    k = ngroups * g
+    s_name = b.const("scales", scales.astype(np.float32))
+    if bits in (4, 8):  # standard blocked DequantizeLinear
+        if bits == 4:
+            q_name = b.raw("q_u4", TensorProto.UINT4, [n, k], qweight.tobytes())
+            z_name = b.raw("zeros_u4", TensorProto.UINT4, [n, ngroups], _pack_nibbles(zeros))
+        else:
+            q_name = b.const("q_u8", qweight.astype(np.uint8))
+            z_name = b.const("zeros_u8", zeros.astype(np.uint8))
+        return b.op("DequantizeLinear", [q_name, s_name, z_name], axis=1, block_size=g)
+    # 2 / 3 bits: decode the bit stream with integer ops
+    offsets = np.arange(k, dtype=np.int64) * bits
+    lo_idx = offsets // 8
+    shift = (offsets % 8).astype(np.uint32)
+    packed = b.const("packed", qweight.astype(np.uint8))
+    lo = b.op("Cast", [b.op("Gather", [packed, b.const("lo_idx", lo_idx)], axis=1)], to=TensorProto.UINT32)
+    if 8 % bits:  # values may straddle two bytes
+        hi_idx = np.minimum(lo_idx + 1, qweight.shape[1] - 1)
+        hi = b.op("Cast", [b.op("Gather", [packed, b.const("hi_idx", hi_idx)], axis=1)], to=TensorProto.UINT32)
+        hi = b.op("BitShift", [hi, b.const("eight", np.array(8, np.uint32))], direction="LEFT")
+        lo = b.op("BitwiseOr", [lo, hi])
+    v = b.op("BitShift", [lo, b.const("shift", shift)], direction="RIGHT")
+    v = b.op("BitwiseAnd", [v, b.const("mask", np.array((1 << bits) - 1, np.uint32))])
+    q = b.op("Cast", [v], to=TensorProto.FLOAT)
+    q = b.op("Reshape", [q, b.const("grouped", np.array([n, ngroups, g], np.int64))])
+    z = b.const("zeros_f", zeros.astype(np.float32).reshape(n, ngroups, 1))
+    w = b.op("Mul", [b.op("Sub", [q, z]), b.const("scales3", scales.astype(np.float32).reshape(n, ngroups, 1))])
+    return b.op("Reshape", [w, b.const("flat", np.array([n, k], np.int64))])
+
+
+def _expand_linear_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
+    bits, g = _attr(node, "bits"), _attr(node, "group_size")
+    qweight, scales, zeros = (_need(consts, node, i) for i in (1, 2, 3))
+    n, ngroups = scales.shape
+    k = ngroups * g
+    bias = node.input[4] if len(node.input) > 4 and node.input[4] else ""
+    if bits in USE_MATMULNBITS and g >= 16 and (g & (g - 1)) == 0:
+        blob = g * bits // 8
+        q_name = b.const("B", qweight.reshape(n, ngroups, blob).astype(np.uint8))
+        s_name = b.const("scales", scales.astype(np.float32).reshape(-1))
+        if bits == 4:
+            zp = np.concatenate([zeros.astype(np.uint8), np.zeros((n, ngroups % 2), np.uint8)], axis=1)
+            zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+        else:
+            zp = zeros.astype(np.uint8)
+        z_name = b.const("zero_points", zp.reshape(-1))
+        y = b.op("MatMulNBits", [node.input[0], q_name, s_name, z_name], domain=MS_DOMAIN,
+                 K=k, N=n, bits=bits, block_size=g, accuracy_level=0)
+    else:
+        w = _dequantized_weight(b, qweight, scales, zeros, bits, g)
+        y = b.op("MatMul", [node.input[0], b.op("Transpose", [w], perm=[1, 0])])
+    if bias:
+        b.op("Add", [y, bias], outputs=[node.output[0]])
+    else:
+        b.op("Identity", [y], outputs=[node.output[0]])
+
+
+def _expand_embedding_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
+    bits, g = _attr(node, "bits"), _attr(node, "group_size")
+    qweight, scales, zeros = (_need(consts, node, i) for i in (1, 2, 3))
+    table = _dequantized_weight(b, qweight, scales, zeros, bits, g)
+    b.op("Gather", [table, node.input[0]], outputs=[node.output[0]], axis=0)
+
+
+def _expand_dequantize_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
+    bits, g = _attr(node, "bits"), _attr(node, "group_size")
+    qweight, scales, zeros = (_need(consts, node, i) for i in (0, 1, 2))
+    w = _dequantized_weight(b, qweight, scales, zeros, bits, g)
+    b.op("Identity", [w], outputs=[node.output[0]])
+
+
+def _expand_a8(b: _Builder, node: Any, consts: dict[str, np.ndarray], dynamic: bool) -> None:
+    from onnx import TensorProto
+
+    qweight = _need(consts, node, 1)
+    w_scale = _need(consts, node, 2).astype(np.float32)
+    w_t = b.const("w_t", np.ascontiguousarray(qweight.astype(np.int8).T))
+    if dynamic:
+        xq, xs, xz = b.op("DynamicQuantizeLinear", [node.input[0]], outputs=3)
+        scale = b.op("Mul", [xs, b.const("w_scale", w_scale)])
+        bias_at = 3
+    else:
+        x_scale = _need(consts, node, 3).astype(np.float32)
+        xs, xz = node.input[3], node.input[4]
+        xq = b.op("QuantizeLinear", [node.input[0], xs, xz])
+        scale = b.const("scale", (x_scale * w_scale).astype(np.float32))
+        bias_at = 5
+    acc = b.op("MatMulInteger", [xq, w_t, xz])
+    y = b.op("Mul", [b.op("Cast", [acc], to=TensorProto.FLOAT), scale])
+    bias = node.input[bias_at] if len(node.input) > bias_at and node.input[bias_at] else ""
+    if bias:
+        b.op("Add", [y, bias], outputs=[node.output[0]])
+    else:
+        b.op("Identity", [y], outputs=[node.output[0]])
+
+
+_EXPANDERS = {
+    "LinearQ": _expand_linear_q,
+    "EmbeddingQ": _expand_embedding_q,
+    "DequantizeQ": _expand_dequantize_q,
+    "LinearA8Dynamic": lambda b, n, c: _expand_a8(b, n, c, True),
+    "LinearA8Static": lambda b, n, c: _expand_a8(b, n, c, False),
+}
+
+
+def expand_placeholders(model: Any) -> None:
+    """ONNX_POSTPROCESS step: replace `rewrite.quant` placeholders by runnable ops, in place."""
+    from onnx import helper
+
+    graph = model.graph
+    if not any(n.domain == DOMAIN for n in graph.node):
+        return
+    consts = _constants(model)
+    new_nodes: list[Any] = []
+    uses_ms = False
+    for i, node in enumerate(graph.node):
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        if node.op_type not in _EXPANDERS:
+            raise ValueError(f"no ONNX expansion for {DOMAIN}::{node.op_type}")
+        b = _Builder(model, f"{node.name or node.op_type}_{i}")
+        _EXPANDERS[node.op_type](b, node, consts)
+        new_nodes.extend(b.nodes)
+        graph.initializer.extend(b.inits)
+        uses_ms |= b.uses_ms
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(model)
+    imports = [o for o in model.opset_import if o.domain != DOMAIN]
+    if uses_ms and not any(o.domain == MS_DOMAIN for o in imports):
+        imports.append(helper.make_opsetid(MS_DOMAIN, 1))
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    for f in list(model.functions):  # functions can't reference the placeholder domain any more
+        if f.domain == DOMAIN:
+            model.functions.remove(f)
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    graph = model.graph
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    constant_nodes = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
+    for n in constant_nodes:
+        graph.node.remove(n)
+
+
+_register_schemas()
+_register_translations()
+if expand_placeholders not in ONNX_POSTPROCESS:
+    ONNX_POSTPROCESS.append(expand_placeholders)
