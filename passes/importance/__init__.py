@@ -1,1 +1,43 @@
-"""Importance analysis passes: scores for weights, channels, neurons, heads, layers and tokens."""
+"""Importance analysis: scores for weights, channels, neurons, heads, layers and tokens.
+
+Pure functions, higher score = more important. Weight-level kinds (`weight.py`):
+magnitude_l1, magnitude_l2 (= magnitude), wanda, hessian, activation, taylor, wina.
+Statistics come from one streaming calibration run shared through `PassContext.cache`
+(`stats.py`); gradients only for taylor (`gradients.py`). Group scores (heads, neurons,
+channels) reduce member scores over the dimension groups of `rewrite.dims`
+(`groups.py`). Layer metrics live in `layer.py`, token metrics in `token.py`.
+
+Typical use inside a pass:
+
+    scores = weight_scores(program, ctx.calibration.batches, "wanda", cache=ctx.cache)
+    gs = group_scores(find_groups(program), scores, reduce="sum", normalize=True)
+
+Annotation keys (DESIGN §4, one place):
+
+- Per node, `node.meta["rewrite"]["importance"]` on each linear/conv/matmul node:
+  `{kind: {"param": weight target, "score": tensor shaped like the weight}}`
+  (written by `annotate_weight_scores`; lives until the next recapture).
+- Durable, `program.notes["importance"]`:
+  - `"modules"`: `{module path: {kind: {"param", "total", "mean", "per_output" [out],
+    "per_input" [in]}}}` (`annotate_weight_scores`)
+  - `"neurons"`: `{module path: {"param", "wina": [in]}}` (`annotate_neuron_scores`)
+  - `"groups"`: `{kind: {group id: {"kind", "layer", "scores": [size]}}}` (`annotate_group_scores`)
+  - `"layers"`: `{kind: {block path: float}}` (written by `rewrite inspect` and layer passes)
+
+Report rows for the compile report: `group_rows(groups, gscores, removed=...)` gives, per
+group, the score range and the largest removed / smallest kept score of a decision.
+"""
+from .gradients import distillation_loss, taylor_scores
+from .groups import annotate_group_scores, group_rows, group_scores, head_matrix, member_unit_scores
+from .neuron import annotate_neuron_scores, column_norms, neuron_scores
+from .stats import CACHE_KEY, FeatureStats, Statistics, WeightOp, statistics, weight_ops
+from .weight import (KINDS, Scores, all_weight_scores, annotate_weight_scores, canonical_kind, module_summary,
+                     scores_from_stats, weight_scores)
+
+__all__ = [
+    "CACHE_KEY", "FeatureStats", "KINDS", "Scores", "Statistics", "WeightOp", "all_weight_scores",
+    "annotate_group_scores", "annotate_neuron_scores", "annotate_weight_scores", "canonical_kind", "column_norms",
+    "distillation_loss", "group_rows", "group_scores", "head_matrix", "member_unit_scores", "module_summary",
+    "neuron_scores", "scores_from_stats", "statistics", "taylor_scores", "weight_ops", "weight_scores",
+]
+

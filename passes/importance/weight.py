@@ -1,0 +1,148 @@
+"""Weight and channel importance: a score per weight element, shaped like the weight.
+
+Higher is more important. For a weight W with input features j (linear W[i, j]; x @ W
+layouts and convs are mapped to the same meaning, see `stats.input_view`) and calibration
+tokens X (rows = tokens, padding excluded):
+
+- `magnitude_l1`: |W[i, j]|.
+- `magnitude_l2` (alias `magnitude`): W[i, j]^2, so a group reduced with `sum` gets its
+  squared L2 norm (the same ranking as the L2 norm).
+- `wanda`: |W[i, j]| * ||X[:, j]||_2, the L2 norm over every calibration token (Wanda).
+- `hessian`: W[i, j]^2 * H[j, j] with H = X^T X summed over every calibration token: the
+  OBS saliency w^2 / [H^-1]_jj with H replaced by its diagonal (constant factor 1/2
+  dropped), as OBS/GPTQ-style methods use the layer-input second moment.
+- `activation`: mean over tokens of |x_j|, the same for every output row (AWQ's salient
+  input channels).
+- `taylor`: |W * dL/dW| (see `gradients.py` for L).
+- `wina`: mean |h_j| * ||W[:, j]||_2 for the hidden state h this weight consumes, the same
+  for every output row (see `neuron.py`); only the consumer side of a group is meaningful,
+  which the returned `Scores.roles` tells `group_scores`.
+
+Convolutions: the input feature j is the input channel (statistics over every pixel), so
+the score of W[o, c, kh, kw] uses channel c's statistic.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rewrite.errors import PassError
+from rewrite.inputs import Inputs
+from rewrite.program import Program
+
+from .stats import Statistics, WeightOp, input_view, statistics, weight_ops
+
+KINDS = ("magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation", "wina")
+NEEDS_STATS = {"wanda", "hessian", "activation", "wina"}
+NEEDS_GRADIENTS = {"taylor"}
+ALIASES = {"magnitude": "magnitude_l2"}
+
+
+class Scores(dict):
+    """param target -> score tensor shaped like the weight, plus how to reduce it.
+
+    `kind`: the importance kind; `roles`: which group member roles carry the score
+    (None = all; WINA scores only consumers).
+    """
+
+    def __init__(self, data: dict[str, torch.Tensor] | None = None, *, kind: str = "", roles: tuple[str, ...] | None = None):
+        super().__init__(data or {})
+        self.kind = kind
+        self.roles = roles
+
+
+def canonical_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise PassError(f"unknown weight importance {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return ALIASES.get(kind, kind)
+
+
+def weight_scores(program: Program, batches: Sequence[Any] | None, kind: str, *, params: Sequence[str] | str | None = None,
+                  task_loss: Callable[[Any, Inputs], torch.Tensor] | None = None, cache: dict[str, Any] | None = None,
+                  original: Program | None = None, progress: bool | None = None) -> Scores:
+    """Score every linear/conv weight in scope (`params`: targets, module paths or globs).
+
+    `batches` are calibration batches (needed by every kind but magnitude); `cache` is
+    `PassContext.cache` so all metrics share one calibration run; `task_loss(output, batch)`
+    and `original` (the uncompressed Program) are used by `taylor` only.
+    """
+    kind = canonical_kind(kind)
+    ops = weight_ops(program, params)
+    if kind in ("magnitude_l1", "magnitude_l2"):
+        out = Scores(kind=kind)
+        for op in ops:
+            w = program.param(op.param).detach().float()
+            out[op.param] = w.abs() if kind == "magnitude_l1" else w * w
+        return out
+    if not batches:
+        raise PassError(f"importance {kind!r} needs calibration batches: pass calibration= to rewrite.compile")
+    batches = [Inputs.of(b) for b in batches]
+    if kind == "taylor":
+        from .gradients import taylor_scores
+
+        return Scores(taylor_scores(program, batches, params=[op.param for op in ops], task_loss=task_loss,
+                                    original=original), kind=kind)
+    stats = statistics(program, batches, cache=cache, progress=progress)
+    return scores_from_stats(program, stats, kind, ops)
+
+
+def scores_from_stats(program: Program, stats: Statistics, kind: str, ops: list[WeightOp] | None = None) -> Scores:
+    """The statistics-based kinds (wanda, hessian, activation, wina) from collected stats."""
+    kind = canonical_kind(kind)
+    ops = ops if ops is not None else [s.op for s in stats.ops.values()]
+    out = Scores(kind=kind, roles=("consumer",) if kind == "wina" else None)
+    for op in ops:
+        if op.param not in stats:
+            continue
+        w = program.param(op.param).detach().float()
+        st = stats[op.param].input
+        if kind == "wanda":
+            out[op.param] = w.abs() * input_view(op, w, st.l2)
+        elif kind == "hessian":
+            out[op.param] = w * w * input_view(op, w, st.sum_sq.float())
+        elif kind == "activation":
+            out[op.param] = input_view(op, w, st.mean_abs).clone()
+        elif kind == "wina":
+            from .neuron import wina_vector
+
+            out[op.param] = input_view(op, w, wina_vector(op, w, st)).clone()
+        else:
+            raise PassError(f"importance {kind!r} is not computed from statistics")
+    return out
+
+
+def all_weight_scores(program: Program, batches: Sequence[Any] | None, kinds: Sequence[str], **kw: Any) -> dict[str, Scores]:
+    """Several kinds at once: statistics are collected once and shared."""
+    return {k: weight_scores(program, batches, k, **kw) for k in kinds}
+
+
+def module_summary(program: Program, scores: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Per module: total score, and score per output row / per input feature."""
+    by_param = {op.param: op for op in weight_ops(program)}
+    out: dict[str, dict[str, Any]] = {}
+    for param, s in scores.items():
+        op = by_param.get(param)
+        if op is None:
+            continue
+        rows_dim = 1 if op.kind == "matmul" else 0
+        per_out = s.transpose(0, rows_dim).reshape(s.shape[rows_dim], -1).sum(1)
+        per_in = s.transpose(0, op.in_dim).reshape(s.shape[op.in_dim], -1).sum(1)
+        out[op.module] = {"param": param, "total": float(s.sum()), "mean": float(s.mean()),
+                          "per_output": per_out, "per_input": per_in}
+    return out
+
+
+def annotate_weight_scores(program: Program, scores: Scores | dict[str, torch.Tensor], kind: str | None = None) -> None:
+    """Write scores on the graph (see `passes.importance` for the keys)."""
+    kind = kind or getattr(scores, "kind", "") or "weights"
+    for op in weight_ops(program):
+        if op.param in scores:
+            prev = Program.annotation(op.node, "importance") or {}
+            prev = dict(prev)
+            prev[kind] = {"param": op.param, "score": scores[op.param]}
+            Program.annotate(op.node, "importance", prev)
+    notes = program.notes.setdefault("importance", {})
+    modules = notes.setdefault("modules", {})
+    for module, summary in module_summary(program, scores).items():
+        modules.setdefault(module, {})[kind] = summary
