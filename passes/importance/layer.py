@@ -1,0 +1,180 @@
+"""Layer importance: one score per block (or per residual branch); higher = more important.
+
+Kinds:
+- `block_influence` (ShortGPT's BI): 1 - cos(hidden in, hidden out) of the region, per
+  token (per spatial position for NCHW feature maps), averaged over real tokens (padding
+  excluded when the batch has an `attention_mask`). A region that barely changes the
+  residual stream scores low.
+- `outlier_fraction`: fraction of the region's linear/conv weights with |z| > 1, z taken
+  over the region's pooled weight distribution. `module_outlier_fraction` gives the same
+  per linear module (z over that module's weight), for mixed-precision allocation.
+- `fidelity_drop`: 1 - cos(final output with the region skipped, `original`'s final
+  output), per token, averaged over real tokens of all batches. The skip is done on a
+  copy of the graph (parameters shared), exactly as the skip pass would do it.
+
+Regions are found on the graph (`passes.skip_blocks.find_regions`): granularity "block"
+keys are block paths (`encoder.layer.3`), "attention"/"mlp" keys are
+`<block path>.attention` / `<block path>.mlp`.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from rewrite.calibration import observe
+from rewrite.errors import PassError
+from rewrite.inputs import Inputs
+from rewrite.program import Program
+
+from ..skip_blocks import CONV_OPS, Region, weight_of, bypassed, find_regions, no_region_message, resolve
+
+LAYER_KINDS = ("block_influence", "outlier_fraction", "fidelity_drop")
+
+
+def layer_scores(program: Program, batches: list[Inputs], kind: str, *, granularity: str = "block",
+                 blocks: Iterable[str] | None = None, original: Program | None = None) -> dict[str, float]:
+    """Score every skippable region of `program` (or those whose key/block matches `blocks`).
+
+    `batches` are calibration batches (unused by `outlier_fraction`); `original` is the
+    reference for `fidelity_drop` (default: `program` itself).
+    """
+    cands = find_regions(program, granularity)
+    regions = cands.regions
+    if blocks is not None:
+        pats = list(blocks)
+        regions = [r for r in regions if any(fnmatch.fnmatchcase(r.key, p) or fnmatch.fnmatchcase(r.block, p) for p in pats)]
+    if not cands.regions:
+        raise PassError(no_region_message(program, cands))
+    return score_regions(program, regions, batches, kind, original=original)
+
+
+def score_regions(program: Program, regions: list[Region], batches: list[Inputs], kind: str, *,
+                  original: Program | None = None) -> dict[str, float]:
+    """Scores of regions found on `program` or on a program it was derived from by skips."""
+    if kind == "block_influence":
+        return _block_influence(program, regions, batches)
+    if kind == "outlier_fraction":
+        return {r.key: outlier_fraction([program.param(w) for w in r.weights]) for r in regions}
+    if kind == "fidelity_drop":
+        return _fidelity_drop(program, regions, batches, original or program)
+    raise PassError(f"unknown layer importance {kind!r}; valid: {', '.join(LAYER_KINDS)}")
+
+
+# ------------------------------------------------------------------------ outliers
+def outlier_fraction(weights: list[torch.Tensor]) -> float:
+    """Fraction of the pooled weights whose |z| exceeds 1 (z over the pooled distribution)."""
+    if not weights:
+        return 0.0
+    w = torch.cat([t.detach().float().reshape(-1) for t in weights])
+    if w.numel() < 2:
+        return 0.0
+    z = (w - w.mean()) / w.std().clamp_min(1e-12)
+    return float((z.abs() > 1).float().mean())
+
+
+def module_outlier_fraction(program: Program, modules: Iterable[str] | None = None) -> dict[str, float]:
+    """Per linear module (path -> fraction of its weights with |z| > 1 of its own distribution).
+
+    Linear modules are aten.linear (and GPT-2's Conv1D, an addmm) reading a weight parameter.
+
+    `modules` are globs on module paths; default: every linear module.
+    """
+    pats = list(modules) if modules is not None else None
+    out: dict[str, float] = {}
+    for n in program.nodes("call_function"):
+        w = weight_of(n)
+        if w is None or n.target in CONV_OPS:
+            continue
+        path = program.module_path(n)
+        if pats is not None and not any(fnmatch.fnmatchcase(path, p) for p in pats):
+            continue
+        out[path] = outlier_fraction([program.param(w)])
+    return out
+
+
+# ------------------------------------------------------------------------ cosines
+def feature_dim(t: torch.Tensor) -> int:
+    """The dimension a token's (position's) feature vector runs along: 1 for NCHW maps."""
+    return 1 if t.dim() == 4 else -1
+
+
+def _mask_for(batch: Inputs, t: torch.Tensor) -> torch.Tensor | None:
+    m = batch.kwargs.get("attention_mask")
+    if isinstance(m, torch.Tensor) and m.dim() == 2 and t.dim() == 3 and tuple(t.shape[:2]) == tuple(m.shape):
+        return m.to(torch.float64)
+    return None
+
+
+def token_cosines(a: torch.Tensor, b: torch.Tensor, batch: Inputs) -> tuple[float, float]:
+    """(sum of per-token cosines, number of tokens) with padding weighted out."""
+    d = feature_dim(a)
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=d, eps=1e-12)
+    m = _mask_for(batch, a)
+    if m is None:
+        return float(cos.sum()), float(cos.numel())
+    return float((cos * m).sum()), float(m.sum())
+
+
+class _InOut:
+    """Subscriber: per-token cosine between each region's residual input and output."""
+
+    def __init__(self, program: Program, regions: list[Region]):
+        by_name = {n.name: n for n in program.graph.nodes}
+        self.pairs = {r.key: (by_name[resolve(program, r.stream_in)], by_name[resolve(program, r.stream_out)]) for r in regions}
+        self.sums = {k: [0.0, 0.0] for k in self.pairs}
+        self.stash: dict[fx.Node, torch.Tensor] = {}
+
+    def nodes(self, program: Program) -> list[fx.Node]:
+        return list(dict.fromkeys(n for pair in self.pairs.values() for n in pair))
+
+    def update(self, node: fx.Node, value: Any, batch: Inputs) -> None:
+        self.stash[node] = value
+        for k, (i, o) in self.pairs.items():
+            if node is o and i in self.stash:
+                s, n = token_cosines(self.stash[i], value, batch)
+                self.sums[k][0] += s
+                self.sums[k][1] += n
+
+
+def _block_influence(program: Program, regions: list[Region], batches: list[Inputs]) -> dict[str, float]:
+    sub = _InOut(program, regions)
+    observe(program, batches, [sub], desc="block influence")
+    return {k: 1.0 - s / max(n, 1.0) for k, (s, n) in sub.sums.items()}
+
+
+def output_cosine(ref: Any, got: Any, batch: Inputs) -> tuple[float, float]:
+    """Per-token cosine over every float output leaf of matching shape: (sum, count)."""
+    a = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    b = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    s = n = 0.0
+    for x, y in zip(a, b):
+        if x.shape == y.shape and x.dim() >= 1:
+            ds, dn = token_cosines(x.reshape(1, -1) if x.dim() == 1 else x, y.reshape(1, -1) if y.dim() == 1 else y, batch)
+            s, n = s + ds, n + dn
+    return s, n
+
+
+def _fidelity_drop(program: Program, regions: list[Region], batches: list[Inputs], original: Program) -> dict[str, float]:
+    refs = [original.run(b) for b in batches]
+    out: dict[str, float] = {}
+    for r in regions:
+        trial = bypassed(program, [r])
+        s = n = 0.0
+        for b, ref in zip(batches, refs):
+            ds, dn = output_cosine(ref, trial.run(b), b)
+            s, n = s + ds, n + dn
+        out[r.key] = 1.0 - s / max(n, 1.0)
+    return out
+
+
+def mean_output_cosine(original: Program, program: Program, batches: list[Inputs]) -> float:
+    """Per-token output cosine of `program` against `original`, averaged over real tokens."""
+    s = n = 0.0
+    for b in batches:
+        ds, dn = output_cosine(original.run(b), program.run(b), b)
+        s, n = s + ds, n + dn
+    return s / max(n, 1.0)
