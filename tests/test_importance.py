@@ -290,3 +290,34 @@ def test_every_kind_runs_on_zoo_models(name):
         s = imp.weight_scores(prog, z.calibration, kind, cache=cache)
         assert s and all(v.shape == prog.param(p).shape and torch.isfinite(v).all() for p, v in s.items()), kind
         assert all(float(v.sum()) > 0 for v in s.values()), kind
+
+
+def test_inspect_kinds_from_spec_and_flags():
+    from passes.importance.inspect import kinds_from
+    from rewrite.errors import RewriteError
+    from rewrite.spec import Spec
+
+    spec = Spec.parse({"passes": [{"kind": "prune", "granularity": "head", "amount": 0.2},
+                                  {"kind": "skip", "importance": "block_influence"}]})
+    assert kinds_from(spec, None) == {"weight": ["wanda"], "layer": ["block_influence"], "token": []}
+    assert kinds_from(None, ["hessian", "norm"]) == {"weight": ["hessian"], "layer": [], "token": ["norm"]}
+    with pytest.raises(RewriteError, match="valid kinds"):
+        kinds_from(None, ["nonsense"])
+
+
+def test_rewrite_inspect_writes_tables_and_plots(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from rewrite.cli import main
+
+    rc = main(["inspect", "--model", "rewrite.zoo_factories:bert", "--importance", "wanda", "--importance", "wina",
+               "--out", str(tmp_path), "--groups"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "## heads" in out and "## neurons" in out and "## groups" in out and "## layers" in out
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+    assert (tmp_path / "heads_wanda.png").stat().st_size > 1000
+    import json
+
+    tables = json.loads((tmp_path / "importance.json").read_text())
+    assert len(tables["heads"]) == 3 * 4  # 3 layers x 4 heads
+    assert abs(sum(r["wanda share"] for r in tables["layers"]) - 1.0) < 0.2  # blocks hold most weights
