@@ -107,6 +107,8 @@ def compile(
     records: list[PassRecord] = []
     warnings: list[str] = []
     program = run_passes(program, ctx, passes, records, warnings)
+    if spec.budget is not None:
+        program = _apply_budget(program, ctx, records)
     n_cal = sum(b.batch_size() for b in calib.batches)
     n_hold = sum(b.batch_size() for b in calib.holdout)
     report = Report(
@@ -117,3 +119,25 @@ def compile(
         warnings=warnings,
     )
     return Compiled(program=program, original=original, report=report, spec=spec, calibration=calib)
+
+
+def _apply_budget(program: Program, ctx: PassContext, records: list[PassRecord]) -> Program:
+    """Let the allocator choose the rewrites that meet `spec.budget`; record its decision."""
+    import time
+
+    from .allocate import allocate
+
+    start = time.perf_counter()
+    alloc = allocate(program, ctx, ctx.spec.budget)
+    chosen = next(r for r in alloc.tried if r.verdict == "chosen")
+    records.append(PassRecord(
+        name=f"{len(records)}:budget", kind="budget", seconds=time.perf_counter() - start,
+        cost=cost(alloc.program), fidelity=fidelity(ctx.original, alloc.program, ctx.calibration.holdout),
+        summary=f"chose {' + '.join(chosen.knobs)} for budget {ctx.spec.budget.model_dump(exclude_none=True)}",
+        details={"cost table (each setting alone)": [k.model_dump(exclude={"passes"}) for k in alloc.table],
+                 "plans (chosen and rejected)": [r.model_dump() for r in alloc.tried],
+                 "passes": alloc.passes},
+        notes=[f"predicted latency ratio {chosen.predicted_latency:.3f}, measured {chosen.measured_latency}"
+               if chosen.measured_latency is not None else f"predicted FLOPs ratio {chosen.predicted_flops:.3f}"],
+    ))
+    return alloc.program

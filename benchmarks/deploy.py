@@ -1,0 +1,194 @@
+"""One spec, all rewrites: the deploy spec and the budget allocator on all-MiniLM-L6-v2.
+
+Measures, side by side in one run against the fp32 export: STS-B dev Spearman, exported
+ONNX size and onnxruntime CPU throughput at batch 32 x 128 tokens, for each single
+technique, the peers, the composed deploy spec and `budget: {latency: 0.5}`. With
+`--readme` it rewrites the results table in README.md (between the RESULTS markers).
+
+    python benchmarks/deploy.py [--readme] [--pairs N] [--rows fp32,deploy,...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import rewrite
+from rewrite import demo
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parent.parent
+BATCH, SEQ = 32, 128
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # ours | peer | reference
+    spearman: float
+    mb: float
+    onnx_path: Path | None
+    seconds: float = float("nan")
+
+
+def ort_session(path: Path):
+    from backends.onnx import session
+
+    return session(path)
+
+
+def throughput_table(paths: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 7) -> dict[str, float]:
+    """Median seconds per batch for each model, measured interleaved (A, B, C, A, B, C, ...)."""
+    sessions = {}
+    for name, p in paths.items():
+        s = ort_session(p)
+        names = {i.name for i in s.get_inputs()}
+        sessions[name] = (s, {k: v for k, v in feeds.items() if k in names})
+        s.run(None, sessions[name][1])
+    times: dict[str, list[float]] = {n: [] for n in sessions}
+    for _ in range(rounds):
+        for name, (s, f) in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, f)
+            times[name].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def ort_callable(path: Path) -> Callable[..., Any]:
+    sess = ort_session(path)
+    names = {i.name for i in sess.get_inputs()}
+
+    def run(**kwargs: torch.Tensor) -> torch.Tensor:
+        feeds = {k: v.numpy() for k, v in kwargs.items() if k in names}
+        return torch.from_numpy(sess.run(None, feeds)[0])
+
+    return run
+
+
+def compile_row(name: str, spec: dict, model, tok, calib, out: Path, pairs: int | None) -> Row:
+    t0 = time.perf_counter()
+    compiled = rewrite.compile(copy.deepcopy(model), spec, example_inputs=demo.example_inputs(tok), calibration=calib)
+    path = out / f"{name.replace(' ', '_').replace('/', '_')}.onnx"
+    rec = compiled.export(path, verify_inputs=compiled.verification_batches())
+    score = demo.sts_score(compiled.module, tok, limit=pairs)
+    return Row(name, "ours", score, rec.bytes / 1e6, path, time.perf_counter() - t0)
+
+
+def peer_rows(fp32_path: Path, out: Path, tok, pairs: int | None) -> list[Row]:
+    rows = []
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        p = out / "ort_dynamic_int8.onnx"
+        quantize_dynamic(str(fp32_path), str(p), weight_type=QuantType.QInt8)
+        rows.append(Row("onnxruntime quantize_dynamic (int8)", "peer", demo.sts_score(ort_callable(p), tok, limit=pairs), p.stat().st_size / 1e6, p))
+    except Exception as exc:  # noqa: BLE001
+        print(f"(peer quantize_dynamic failed: {exc})", file=sys.stderr)
+    try:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), block_size=32, is_symmetric=True)
+        q.process()
+        p = out / "ort_matmulnbits_int4.onnx"
+        q.model.save_model_to_file(str(p), False)
+        rows.append(Row("onnxruntime MatMulNBits (int4)", "peer", demo.sts_score(ort_callable(p), tok, limit=pairs), p.stat().st_size / 1e6, p))
+    except Exception as exc:  # noqa: BLE001
+        print(f"(peer MatMulNBits failed: {exc})", file=sys.stderr)
+    return rows
+
+
+SINGLE = {
+    "skip 2 blocks (greedy fidelity)": {"passes": [{"kind": "skip", "layers": 2, "search": "greedy", "importance": "fidelity_drop"}]},
+    "block influence skip 2 (ShortGPT, peer)": {"passes": [{"kind": "skip", "layers": 2, "search": "oneshot", "importance": "block_influence"}]},
+    "prune heads+FFN 25%": {"passes": [{"kind": "prune", "granularity": "head", "amount": 0.25, "compensate": "lstsq"},
+                                        {"kind": "prune", "granularity": "neuron", "amount": 0.25, "compensate": "lstsq"}]},
+    "tokens keep 0.7 after layer 2": {"passes": [{"kind": "token", "keep": 0.7, "after": [2]}]},
+    "W4 + 4-bit embeddings (AWQ)": {"passes": [{"kind": "quantize", "method": "awq", "weights": {"bits": 4, "group_size": 32}, "embeddings": 4}]},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=None, help="limit STS-B dev pairs (default: all 1500)")
+    ap.add_argument("--rows", default="all", help="comma-separated subset: single,peers,deploy,budget")
+    ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--samples", type=int, default=128)
+    args = ap.parse_args()
+    want = {"single", "peers", "deploy", "budget"} if args.rows == "all" else set(args.rows.split(","))
+
+    torch.manual_seed(0)
+    model, tok = demo.load_minilm()
+    calib = demo.calibration_batches(tok, samples=args.samples, batch_size=16)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        base = compile_row("fp32 (uncompressed)", {"passes": [{"kind": "cleanup"}]}, model, tok, calib, out, args.pairs)
+        base.kind = "reference"
+        rows.append(base)
+        print(f"fp32: {base.spearman:.2f}", flush=True)
+        if "single" in want:
+            for name, spec in SINGLE.items():
+                try:
+                    rows.append(compile_row(name, spec, model, tok, calib, out, args.pairs))
+                    print(f"{name}: {rows[-1].spearman:.2f}", flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"({name} failed: {exc})", file=sys.stderr)
+            for r in rows:
+                if "ShortGPT" in r.name:
+                    r.kind = "peer"
+        if "peers" in want:
+            rows += peer_rows(base.onnx_path, out, tok, args.pairs)
+        if "deploy" in want:
+            spec = rewrite.Spec.from_yaml(ROOT / "specs" / "minilm-deploy.yaml").model_dump()
+            rows.append(compile_row("deploy spec (specs/minilm-deploy.yaml)", spec, model, tok, calib, out, args.pairs))
+        if "budget" in want:
+            rows.append(compile_row("budget: latency 0.5", {"passes": [{"kind": "cleanup"}], "budget": {"latency": 0.5}},
+                                    model, tok, calib, out, args.pairs))
+        ids = torch.randint(1000, 20000, (BATCH, SEQ))
+        feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((BATCH, SEQ), dtype=np.int64)}
+        lat = throughput_table({r.name: r.onnx_path for r in rows if r.onnx_path is not None}, feeds)
+    table = render(rows, lat, base)
+    print(table)
+    if args.readme:
+        write_readme(table, args)
+
+
+def render(rows: list[Row], lat: dict[str, float], base: Row) -> str:
+    b = lat[base.name]
+    lines = ["| model | by | STS-B Spearman | drop | ONNX MB | throughput (seq/s) | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t = lat.get(r.name)
+        lines.append(f"| {r.name} | {r.kind} | {r.spearman:.2f} | {base.spearman - r.spearman:+.2f} | {r.mb:.1f} | "
+                     f"{BATCH / t:.0f} | {b / t:.2f}x |" if t else f"| {r.name} | {r.kind} | {r.spearman:.2f} | "
+                     f"{base.spearman - r.spearman:+.2f} | {r.mb:.1f} | n/a | n/a |")
+    return "\n".join(lines)
+
+
+def write_readme(table: str, args: argparse.Namespace) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- RESULTS:START -->", "<!-- RESULTS:END -->"
+    cmd = "python benchmarks/deploy.py --readme" + (f" --pairs {args.pairs}" if args.pairs else "")
+    block = (f"{start}\nall-MiniLM-L6-v2, STS-B dev Spearman, exported ONNX size, onnxruntime CPU throughput at "
+             f"batch {BATCH} x {SEQ} tokens (2 cores), measured side by side in one run. Regenerate with `{cmd}`.\n\n{table}\n{end}")
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += "\n## Results\n\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The budget allocator: choose skipping, pruning, token and bit-width settings jointly.
+
+Given a `budget` (latency as a ratio of the original on the target runtime, size in MB,
+or FLOPs as a ratio), the allocator
+
+1. measures a cost table: each candidate setting of each knob (blocks skipped, FFN
+   neurons pruned, heads pruned, tokens kept, weight bits) is applied alone to the
+   original program; its onnxruntime latency ratio, weight bytes, FLOPs ratio and
+   fidelity (1 - cosine on calibration batches) are recorded;
+2. predicts every combination: latency and FLOPs ratios multiply, bytes follow the
+   measured per-knob savings, fidelity drops add;
+3. picks the combination with the least predicted fidelity drop inside the budget,
+   builds it, measures it for real, and falls back to the next one when the real cost
+   misses the budget by more than the tolerance.
+
+The report lists the cost table, the chosen plan (predicted and measured) and the
+alternatives rejected on the way.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from .errors import PassError
+from .measure import cost, fidelity
+from .passmanager import PassContext, pass_for, run_passes
+from .program import Program
+from .report import PassRecord
+from .spec import BudgetSpec, PruneSpec, QuantizeSpec, QuantWeightsSpec, SkipSpec, TokenSpec
+
+LatencyFn = Callable[[Program], float]
+
+
+class Knob(BaseModel):
+    """One setting of one technique, and what it costs when applied alone."""
+
+    name: str
+    technique: str
+    passes: list[dict[str, Any]]
+    latency_ratio: float = 1.0
+    flops_ratio: float = 1.0
+    bytes_saved: int = 0
+    cosine_drop: float = 0.0
+
+
+class PlanRow(BaseModel):
+    knobs: list[str]
+    predicted_latency: float
+    predicted_flops: float
+    predicted_mb: float
+    predicted_drop: float
+    measured_latency: float | None = None
+    measured_flops: float | None = None
+    measured_mb: float | None = None
+    measured_drop: float | None = None
+    verdict: str = ""
+
+
+@dataclass
+class Allocation:
+    program: Program
+    passes: list[dict[str, Any]]
+    table: list[Knob]
+    tried: list[PlanRow] = field(default_factory=list)
+
+
+def candidate_knobs(program: Program, budget: BudgetSpec) -> list[Knob]:
+    """The settings considered per technique (the empty setting is implicit)."""
+    n_blocks = len(program.blocks())
+    knobs: list[Knob] = []
+    if n_blocks >= 3:
+        for n in range(1, min(3, n_blocks - 1) + 1):
+            knobs.append(Knob(name=f"skip {n}", technique="skip",
+                              passes=[SkipSpec(layers=n, search="greedy", importance="fidelity_drop").model_dump()]))
+    for amount in (0.25, 0.5):
+        knobs.append(Knob(name=f"neurons -{amount:.0%}", technique="neuron",
+                          passes=[PruneSpec(granularity="neuron", amount=amount, compensate="lstsq").model_dump()]))
+        knobs.append(Knob(name=f"heads -{amount:.0%}", technique="head",
+                          passes=[PruneSpec(granularity="head", amount=amount, compensate="lstsq").model_dump()]))
+    if _has_sequence_input(program) and n_blocks >= 3:
+        for keep in (0.7, 0.5):
+            knobs.append(Knob(name=f"tokens keep {keep}", technique="token",
+                              passes=[TokenSpec(keep=keep, after=[min(2, n_blocks - 2)]).model_dump()]))
+    if budget.size_mb is not None:
+        for bits in (8, 4):
+            knobs.append(Knob(name=f"W{bits} + emb{min(bits, 8)}", technique="quantize",
+                              passes=[QuantizeSpec(weights=QuantWeightsSpec(bits=bits, group_size=32),
+                                                   embeddings=4 if bits == 4 else 8).model_dump()]))
+    return knobs
+
+
+def _has_sequence_input(program: Program) -> bool:
+    return any(not t.is_floating_point() and t.dim() >= 2 for t in program.example.tensors())
+
+
+def apply_passes(original: Program, ctx: PassContext, passes: list[dict[str, Any]]) -> tuple[Program, list[PassRecord]]:
+    from .spec import Spec
+
+    import dataclasses
+
+    specs = Spec.parse({"passes": passes}).passes
+    records: list[PassRecord] = []
+    trial_ctx = dataclasses.replace(ctx, state=set(ctx.state), cache={})
+    program = run_passes(original.clone(), trial_ctx, [pass_for(s) for s in specs], records, [])
+    return program, records
+
+
+def onnx_latency(program: Program, *, repeats: int = 10) -> float:
+    """Median onnxruntime latency (seconds) of the program on its example inputs."""
+    from backends.onnx import export_onnx, feeds_for, session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_onnx(program, path, verify=False)
+        sess = session(path)
+        feeds = feeds_for(sess, program, program.example)
+        sess.run(None, feeds)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def allocate(original: Program, ctx: PassContext, budget: BudgetSpec, *, latency_fn: LatencyFn = onnx_latency,
+             tolerance: float = 0.10, max_builds: int = 4) -> Allocation:
+    ctx.calibration.require("the budget allocator")
+    base = cost(original)
+    base_latency = latency_fn(original) if budget.latency is not None else 1.0
+    knobs = candidate_knobs(original, budget)
+    if not knobs:
+        raise PassError("the budget allocator found nothing to apply to this model (no repeated blocks, no prunable groups)")
+    for knob in knobs:  # the cost table: each setting alone
+        prog, _ = apply_passes(original, ctx, knob.passes)
+        c = cost(prog)
+        fid = fidelity(original, prog, ctx.calibration.batches[:2])
+        knob.cosine_drop = fid.cosine_drop if fid else 1.0
+        knob.flops_ratio = c.flops / base.flops if base.flops else 1.0
+        knob.bytes_saved = base.weight_bytes - c.weight_bytes
+        if budget.latency is not None:
+            knob.latency_ratio = latency_fn(prog) / base_latency
+    plans = _rank_plans(knobs, base.weight_bytes, budget)
+    if not plans:
+        raise PassError(f"no combination of the candidate settings meets the budget {budget.model_dump(exclude_none=True)}; "
+                        "loosen it or add techniques")
+    tried: list[PlanRow] = []
+    for row, chosen in plans[:max_builds]:
+        passes = [p for k in chosen for p in k.passes]
+        prog, _ = apply_passes(original, ctx, passes)
+        c = cost(prog)
+        fid = fidelity(original, prog, ctx.calibration.holdout)
+        row.measured_flops = c.flops / base.flops if base.flops else None
+        row.measured_mb = c.weight_bytes / 1e6
+        row.measured_drop = fid.cosine_drop if fid else None
+        ok = True
+        if budget.latency is not None:
+            row.measured_latency = latency_fn(prog) / base_latency
+            ok &= row.measured_latency <= budget.latency * (1 + tolerance)
+        if budget.size_mb is not None:
+            ok &= row.measured_mb <= budget.size_mb
+        if budget.flops is not None:
+            ok &= (row.measured_flops or 0) <= budget.flops * (1 + tolerance)
+        row.verdict = "chosen" if ok else "rejected: measured cost over budget"
+        tried.append(row)
+        if ok:
+            for other, _ in plans[len(tried):len(tried) + 5]:
+                other.verdict = "not built: larger predicted drop"
+                tried.append(other)
+            return Allocation(prog, passes, knobs, tried)
+    raise PassError("the budget allocator built its best plans but none met the budget when measured: "
+                    + "; ".join(f"{'+'.join(r.knobs)} -> latency {r.measured_latency}, {r.measured_mb:.1f} MB" for r in tried))
+
+
+def _rank_plans(knobs: list[Knob], base_bytes: int, budget: BudgetSpec) -> list[tuple[PlanRow, list[Knob]]]:
+    by_tech: dict[str, list[Knob | None]] = {}
+    for k in knobs:
+        by_tech.setdefault(k.technique, [None]).append(k)
+    out = []
+    for combo in itertools.product(*by_tech.values()):
+        chosen = [k for k in combo if k is not None]
+        if not chosen:
+            continue
+        lat = math.prod(k.latency_ratio for k in chosen)
+        flops = math.prod(k.flops_ratio for k in chosen)
+        mb = (base_bytes - _bytes_saved(chosen, base_bytes)) / 1e6
+        drop = sum(k.cosine_drop for k in chosen)
+        if budget.latency is not None and lat > budget.latency:
+            continue
+        if budget.size_mb is not None and mb > budget.size_mb:
+            continue
+        if budget.flops is not None and flops > budget.flops:
+            continue
+        out.append((PlanRow(knobs=[k.name for k in chosen], predicted_latency=lat, predicted_flops=flops,
+                            predicted_mb=mb, predicted_drop=drop), chosen))
+    out.sort(key=lambda item: item[0].predicted_drop)
+    return out
+
+
+def _bytes_saved(chosen: list[Knob], base_bytes: int) -> int:
+    """Savings compose multiplicatively: each knob keeps a fraction of what the others left."""
+    kept = 1.0
+    for k in chosen:
+        kept *= max(0.0, 1.0 - k.bytes_saved / base_bytes) if base_bytes else 1.0
+    return int(base_bytes * (1 - kept))
