@@ -74,6 +74,10 @@ class Pass:
 
     kind: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    reads: ClassVar[frozenset[str]] = frozenset()
+    """Annotation keys (node.meta["rewrite"]) this pass expects an earlier pass to have written."""
+    writes: ClassVar[frozenset[str]] = frozenset()
+    """Annotation keys this pass writes for later passes."""
     requires_absent: ClassVar[dict[str, str]] = {}
     """{property: why this pass cannot run once an earlier pass established it}."""
     establishes: ClassVar[frozenset[str]] = frozenset()
@@ -97,7 +101,15 @@ class Pass:
 def check_order(passes: list[Pass]) -> None:
     """Reject an order in which a pass follows one that makes it impossible."""
     state: dict[str, int] = {}
+    written: set[str] = set()
     for i, p in enumerate(passes):
+        missing = set(p.reads) - written
+        if missing:
+            raise PassError(
+                f"passes[{i}] ({p.kind}) reads {sorted(missing)}, which no earlier pass writes; "
+                "add the pass that computes it before this one"
+            )
+        written |= set(p.writes)
         for prop, why in p.requires_absent.items():
             if prop in state:
                 j = state[prop]
