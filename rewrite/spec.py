@@ -212,6 +212,8 @@ class TokenSpec(StrictModel):
     after: list[Union[int, str]] | None = None
     importance: TokenImportance = "cls_attention"
     keep_special: bool = True
+    keep_last: bool | None = None
+    """Always keep the last token; None: on for causal decoders (detected from the attention mask)."""
     merge: bool = False
     restore: bool = False
 
