@@ -100,9 +100,15 @@ def example_inputs(tokenizer: Any) -> Inputs:
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens; when a token pass shortened the sequence, over the kept tokens."""
+    """Mean over real tokens; when a token pass shortened the sequence, over the kept real tokens.
+
+    The token pass drops padding before any real token and keeps token order, so with right
+    padding (BERT tokenizers) the kept real tokens of a row are its first min(real, k) positions.
+    """
     if hidden.shape[1] != mask.shape[1]:
-        return torch.nn.functional.normalize(hidden.mean(dim=1), dim=-1)
+        k = hidden.shape[1]
+        real = mask.sum(dim=1, keepdim=True).clamp(max=k)
+        mask = (torch.arange(k, device=hidden.device).unsqueeze(0) < real).to(mask.dtype)
     m = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1)

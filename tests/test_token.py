@@ -15,7 +15,7 @@ import rewrite
 from kernels.token import keep_count
 from passes.importance.token import attention_rank, cls_attention, token_scores
 from passes.token import gather_seq, merge_tokens, plan_stages, restore_seq
-from rewrite import zoo
+from rewrite import demo, zoo
 from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -100,6 +100,7 @@ def _padded_batches(z, lengths=((3, 15), (4, 20))):
         mask = torch.ones(B, S, dtype=torch.long)
         mask[0, S - S // 3:] = 0
         mask[-1, S - 2:] = 0
+        mask[1, 4:] = 0  # mostly padding: some padding must be kept to fill k
         out.append(Inputs((), {"input_ids": ids, "attention_mask": mask}))
     return out
 
@@ -125,7 +126,7 @@ def _bert_reference(model, batch, stages):
             scores = cls_attention(q, k, m4).masked_fill(~valid, float("-inf"))
             idx = select(scores, stages[i], 1, 0)
             h, m4, valid = gather_seq(h, idx, [1]), gather_seq(m4, idx, [2, 3]), gather_seq(valid, idx, [1])
-    return h
+    return h, valid
 
 
 def test_bert_spec_matches_reference_and_onnx(tmp_path):
@@ -135,13 +136,20 @@ def test_bert_spec_matches_reference_and_onnx(tmp_path):
     rows = out.report.passes[-1].details["selections"]
     assert [r["after"] for r in rows] == ["encoder.layer.0", "encoder.layer.1"]
     batches = [z.example] + _padded_batches(z)
+    kept_padding = False
     with torch.no_grad():
         for b in batches:
             got = b.call(out.module)
-            want = _bert_reference(z.model, b, {0: 0.7, 1: 0.5 / 0.7})
+            want, valid = _bert_reference(z.model, b, {0: 0.7, 1: 0.5 / 0.7})
             S = b.kwargs["input_ids"].shape[1]
             assert got.last_hidden_state.shape[1] == keep_count(keep_count(S, 0.7, 1), 0.5 / 0.7, 1)
             assert torch.allclose(got.last_hidden_state, want, atol=1e-5), (got.last_hidden_state - want).abs().max()
+            # demo.mean_pool pools exactly the kept real tokens (padding kept only to fill k is left out)
+            m = valid.unsqueeze(-1).float()
+            pooled = torch.nn.functional.normalize((want * m).sum(1) / m.sum(1), dim=-1)
+            assert torch.allclose(demo.mean_pool(got.last_hidden_state, b.kwargs["attention_mask"]), pooled, atol=1e-5)
+            kept_padding = kept_padding or not valid.all()
+    assert kept_padding
     rec = out.export(tmp_path / "bert.onnx", verify_inputs=batches)
     assert rec.verified and rec.rel_error <= 1e-4
 
