@@ -262,18 +262,17 @@ def find_regions(program: Program, granularity: str = "block") -> Candidates:
 
 
 def no_region_message(program: Program, cands: Candidates) -> str:
-    """Why nothing is skippable, naming what was looked at."""
+    """Why nothing is skippable at this granularity, naming what was looked at."""
     if cands.granularity != "block":
         blocks = find_regions(program, "block")
         if blocks.regions:
-            kinds = sorted({_branch_kind(_nodes(program, r.nodes)) for r in find_regions(program, "block").regions})
-            have = sorted({k for g in ("attention", "mlp", "conv") for k in [g] if find_regions(program, g).regions})
-            return (f"no {cands.granularity} branch to skip: the residual blocks {blocks.keys()[:4]}... have "
-                    f"{', '.join(have) or 'no classified'} branches; use granularity 'block'"
-                    + (f" or {have}" if have else "") + ".")
+            have = [g for g in ("attention", "mlp", "conv") if g != cands.granularity and find_regions(program, g).regions]
+            return (f"no {cands.granularity} branch to skip: the residual blocks ({', '.join(blocks.keys()[:3])}, ...) have "
+                    f"{' and '.join(have) or 'no other'} branches; use granularity 'block'"
+                    + "".join(f" or '{g}'" for g in have if g != "conv") + ".")
     if not program.block_lists():
         return ("no skippable block: the model has no repeated module list (blocks are found as indexed children "
-                "of the same type, e.g. encoder.layer.0..N); nothing can be skipped without one.")
+                "of the same type, e.g. encoder.layer.0..N), so there is nothing to skip.")
     lines = "; ".join(f"{k}: {v}" for k, v in list(cands.rejected.items())[:6])
     return f"no skippable block: every repeated block was rejected ({lines})."
 

@@ -1,0 +1,168 @@
+"""The skip pass: exact against hand-made removals, across the zoo, exported to onnxruntime."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import rewrite
+from backends.onnx import export_onnx
+from passes.canonicalize import canonicalize
+from passes.importance.layer import mean_output_cosine, output_cosine
+from passes.skip import SkipPass
+from passes.skip_blocks import find_regions
+from rewrite import Program, Spec, zoo
+from rewrite.calibration import CalibrationData
+from rewrite.errors import PassError
+from rewrite.passmanager import PassContext
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+
+
+def _skip(z, program=None, **kw):
+    """Run the skip pass alone (no recapture), as the pass manager would, on a fresh capture."""
+    spec = Spec.parse({"passes": [{"kind": "skip", **kw}]})
+    original = Program.capture(z.model, z.example)
+    canonicalize(original)
+    p = original.clone() if program is None else program
+    ctx = PassContext(spec=spec, calibration=CalibrationData.from_user(z.calibration, z.example), original=original)
+    res = SkipPass(spec.passes[0]).run(p, ctx)
+    res.program.finalize()
+    return original, res
+
+
+def _weights(p):
+    return set(p.params())
+
+
+@pytest.mark.parametrize("name,layers", [
+    ("bert", ["encoder.layer.1"]), ("gpt2", ["h.1"]), ("llama", ["layers.1"]), ("vit", ["layers.0"]),
+    ("resnet", ["encoder.stages.0.layers.1"]), ("convnext", ["encoder.stages.1.layers.1"]),
+])
+def test_zoo_skip_exports_and_matches_onnxruntime(name, layers, tmp_path):
+    z = zoo.load(name, calibration_batches=2)
+    original, res = _skip(z, layers=layers, importance="outlier_fraction", search="oneshot")
+    p = res.program
+    assert res.details["removed"] == layers
+    gone = {w for w in _weights(original) if w.startswith(layers[0] + ".")}
+    assert gone and not gone & _weights(p), "the skipped block's weights must be dead code"
+    assert rewrite.measure.count_flops(p) < rewrite.measure.count_flops(original)
+    rec = export_onnx(p, tmp_path / "m.onnx", verify_inputs=[z.example, z.calibration[0]])
+    assert rec.verified and rec.rel_error < 1e-4
+
+
+def test_bert_block_skip_equals_removing_the_layer():
+    z = zoo.load("bert", calibration_batches=2)
+    _, res = _skip(z, layers=["encoder.layer.1"], importance="block_influence")
+    z.model.encoder.layer = torch.nn.ModuleList([m for i, m in enumerate(z.model.encoder.layer) if i != 1])
+    b = z.calibration[0]
+    with torch.no_grad():
+        ref, got = b.call(z.model), res.program.run(b)
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def _zero_branch(module):
+    """Forward hook: the branch returns zeros (pre-norm: x + 0 = x)."""
+    def hook(m, args, kwargs, out):
+        first = out[0] if isinstance(out, tuple) else out
+        zero = torch.zeros_like(first)
+        return (zero,) + tuple(out[1:]) if isinstance(out, tuple) else zero
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+def _identity_branch(module):
+    """Forward hook: the post-norm sub-layer returns its input (LayerNorm(x + branch) -> x)."""
+    def hook(m, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("name,granularity,key,module,hook", [
+    ("bert", "attention", "encoder.layer.2.attention", "encoder.layer.2.attention", _identity_branch),
+    ("llama", "attention", "layers.0.attention", "layers.0.self_attn", _zero_branch),
+    ("llama", "mlp", "layers.1.mlp", "layers.1.mlp", _zero_branch),
+])
+def test_branch_skip_equals_removing_the_branch(name, granularity, key, module, hook, tmp_path):
+    z = zoo.load(name, calibration_batches=2)
+    _, res = _skip(z, layers=[key], granularity=granularity)
+    assert res.details["removed"] == [key]
+    handle = hook(z.model.get_submodule(module))
+    b = z.calibration[1]
+    try:
+        with torch.no_grad():
+            ref, got = b.call(z.model), res.program.run(b)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+    if name == "bert":  # the attention's weights are gone, the block's MLP stays
+        params = _weights(res.program)
+        assert not any(w.startswith(module + ".") for w in params)
+        assert "encoder.layer.2.intermediate.dense.weight" in params
+
+
+def test_greedy_trajectory_rescores_on_the_program_with_earlier_removals():
+    z = zoo.load("llama", calibration_batches=3)
+    original, res = _skip(z, layers=2, importance="fidelity_drop", search="greedy", granularity="mlp")
+    traj = res.details["trajectory"]
+    assert [t["step"] for t in traj] == [1, 2]
+    first, second = traj[0]["removed"], traj[1]["removed"]
+    # step 2's score is the fidelity drop of removing both (on calibration batches, against the original)
+    calib = CalibrationData.from_user(z.calibration, z.example)
+    assert traj[1]["score"] == pytest.approx(1 - mean_output_cosine(original, res.program, calib.batches), abs=1e-5)
+    # ... and the chosen second region is the best one given the first
+    cands = {r.key for r in find_regions(original, "mlp").regions} - {first}
+    drops = {}
+    for k in cands:
+        _, trial = _skip(z, layers=[first, k], granularity="mlp")
+        drops[k] = 1 - mean_output_cosine(original, trial.program, calib.batches)
+    assert second == min(drops, key=drops.get)
+    # the reported fidelity comes from the held-back batch only
+    assert traj[1]["holdout cosine"] == pytest.approx(mean_output_cosine(original, res.program, calib.holdout), abs=1e-5)
+    table = {row["candidate"]: row for row in res.details["candidates"]}
+    assert set(table) == {f"layers.{i}.mlp" for i in range(3)}
+    assert table[first]["removed at step"] == 1 and table[second]["removed at step"] == 2
+
+
+def test_protect_and_fraction():
+    z = zoo.load("gpt2", calibration_batches=2)
+    _, res = _skip(z, layers=0.5, importance="block_influence", search="oneshot", protect=["h.0", "h.2"])
+    assert res.details["removed"] == ["h.1"]
+    rows = {r["candidate"]: r for r in res.details["candidates"]}
+    assert rows["h.0"]["protected"] and rows["h.2"]["protected"]
+
+
+def test_clear_errors():
+    z = zoo.load("mlp", calibration_batches=2)
+    with pytest.raises(PassError, match="no skippable block"):
+        rewrite.compile(z.model, {"passes": [{"kind": "skip"}]}, example_inputs=z.example, calibration=z.calibration)
+    r = zoo.load("resnet", calibration_batches=2)
+    with pytest.raises(PassError, match="no attention branch.*conv branches"):
+        rewrite.compile(r.model, {"passes": [{"kind": "skip", "granularity": "attention"}]}, example_inputs=r.example,
+                        calibration=r.calibration)
+    b = zoo.load("bert", calibration_batches=2)
+    with pytest.raises(PassError, match="not skippable block regions"):
+        rewrite.compile(b.model, {"passes": [{"kind": "skip", "layers": ["encoder.layer.9"]}]}, example_inputs=b.example,
+                        calibration=b.calibration)
+    with pytest.raises(PassError, match="only 1 are candidates"):
+        rewrite.compile(b.model, {"passes": [{"kind": "skip", "layers": 2, "protect": ["encoder.layer.0", "encoder.layer.2"]}]},
+                        example_inputs=b.example, calibration=b.calibration)
+
+
+@pytest.mark.parametrize("spec_file,model", [("skip-blocks.yaml", "bert"), ("skip-branches.yaml", "llama")])
+def test_example_specs_compile_export_and_match(spec_file, model, tmp_path):
+    z = zoo.load(model, calibration_batches=4)
+    out = rewrite.compile(z.model, SPECS / spec_file, example_inputs=z.example, calibration=z.calibration)
+    rec = out.report.passes[-1]
+    assert rec.kind == "skip" and rec.details["removed"]
+    assert rec.cost.flops < out.report.before.flops
+    e = out.export(tmp_path / "m.onnx", verify_inputs=[z.example, z.calibration[0]])
+    assert e.verified and e.rel_error < 1e-4
+
+
+def test_output_cosine_masks_padding():
+    b = zoo.load("bert", calibration_batches=1).example  # last row is padded
+    a = torch.randn(2, 12, 8)
+    c = a.clone()
+    c[1, -4:] = -a[1, -4:]  # differs only on padding positions
+    s, n = output_cosine(a, c, b)
+    assert n == float(b.kwargs["attention_mask"].sum()) and s == pytest.approx(n)
