@@ -321,3 +321,9 @@ def test_rewrite_inspect_writes_tables_and_plots(tmp_path, capsys):
     tables = json.loads((tmp_path / "importance.json").read_text())
     assert len(tables["heads"]) == 3 * 4  # 3 layers x 4 heads
     assert abs(sum(r["wanda share"] for r in tables["layers"]) - 1.0) < 0.2  # blocks hold most weights
+
+
+def test_module_rows_for_the_report(tiny):
+    _, prog, batches = tiny
+    rows = imp.module_rows(prog, imp.weight_scores(prog, batches, "magnitude_l1"))
+    assert rows[0] == {"module": "fc1", "importance": "magnitude_l1", "total": 7.5, "min": 0.0, "median": 1.0, "max": 3.0}

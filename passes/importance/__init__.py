@@ -24,20 +24,23 @@ Annotation keys (DESIGN §4, one place):
   - `"groups"`: `{kind: {group id: {"kind", "layer", "scores": [size]}}}` (`annotate_group_scores`)
   - `"layers"`: `{kind: {block path: float}}` (written by `rewrite inspect` and layer passes)
 
-Report rows for the compile report: `group_rows(groups, gscores, removed=...)` gives, per
-group, the score range and the largest removed / smallest kept score of a decision.
+Report rows for the compile report (put them in `PassResult.details`, lists of dicts render
+as tables): `group_rows(groups, gscores, removed=...)` gives, per group, the score range and
+the largest removed / smallest kept score of a decision; `module_rows(program, scores)` the
+per-weight score totals and ranges. Passes that need the full X^T X (GPTQ) can take it from
+`statistics(program, batches, second_moment=True, cache=ctx.cache)[param].input.xtx`.
 """
 from .gradients import distillation_loss, taylor_scores
 from .groups import annotate_group_scores, group_rows, group_scores, head_matrix, member_unit_scores
 from .neuron import annotate_neuron_scores, column_norms, neuron_scores
 from .stats import CACHE_KEY, FeatureStats, Statistics, WeightOp, statistics, weight_ops
-from .weight import (KINDS, Scores, all_weight_scores, annotate_weight_scores, canonical_kind, module_summary,
+from .weight import (KINDS, Scores, all_weight_scores, annotate_weight_scores, canonical_kind, module_rows, module_summary,
                      scores_from_stats, weight_scores)
 
 __all__ = [
     "CACHE_KEY", "FeatureStats", "KINDS", "Scores", "Statistics", "WeightOp", "all_weight_scores",
     "annotate_group_scores", "annotate_neuron_scores", "annotate_weight_scores", "canonical_kind", "column_norms",
-    "distillation_loss", "group_rows", "group_scores", "head_matrix", "member_unit_scores", "module_summary",
+    "distillation_loss", "group_rows", "group_scores", "head_matrix", "member_unit_scores", "module_rows", "module_summary",
     "neuron_scores", "scores_from_stats", "statistics", "taylor_scores", "weight_ops", "weight_scores",
 ]
 

@@ -133,6 +133,17 @@ def module_summary(program: Program, scores: dict[str, torch.Tensor]) -> dict[st
     return out
 
 
+def module_rows(program: Program, scores: dict[str, torch.Tensor], kind: str | None = None) -> list[dict[str, Any]]:
+    """Report rows (one per weight): the scores behind a decision, for `PassResult.details`."""
+    kind = kind or getattr(scores, "kind", "")
+    rows = []
+    for module, m in module_summary(program, scores).items():
+        s = scores[m["param"]]
+        rows.append({"module": module, "importance": kind, "total": m["total"], "min": float(s.min()),
+                     "median": float(s.float().median()), "max": float(s.max())})
+    return rows
+
+
 def annotate_weight_scores(program: Program, scores: Scores | dict[str, torch.Tensor], kind: str | None = None) -> None:
     """Write scores on the graph (see `passes.importance` for the keys)."""
     kind = kind or getattr(scores, "kind", "") or "weights"
