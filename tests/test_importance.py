@@ -211,7 +211,7 @@ def test_taylor_self_distillation_against_original(tiny):
     student = prog.clone()
     student.set_param("fc2.weight", W2 + torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
     got = imp.weight_scores(student, batches, "taylor", original=prog)
-    assert imp.taylor_scores.last_loss == "distillation"
+    assert imp.taylor_scores.last_loss == "distillation" and got.loss == "distillation"
     # L_b = mean over the batch's output elements of (y - y0)^2; y - y0 = (0.5 h_0, 0) per token
     # dL/dW2[0,0] = sum_t 2 (0.5 h_t0) h_t0 / (2 * tokens_b); batch 1 tokens h0 = (0, 3.5), batch 2: 2.5
     g00 = ((2 * 0.5 * 12.25) / 4 + (2 * 0.5 * 6.25) / 2) / 2  # = 3.09375

@@ -50,6 +50,8 @@ class Scores(dict):
         super().__init__(data or {})
         self.kind = kind
         self.roles = roles
+        self.loss = ""
+        """For taylor: which loss the gradients came from ("task", "distillation", "probe")."""
 
 
 def canonical_kind(kind: str) -> str:
@@ -81,8 +83,10 @@ def weight_scores(program: Program, batches: Sequence[Any] | None, kind: str, *,
     if kind == "taylor":
         from .gradients import taylor_scores
 
-        return Scores(taylor_scores(program, batches, params=[op.param for op in ops], task_loss=task_loss,
-                                    original=original), kind=kind)
+        out = Scores(taylor_scores(program, batches, params=[op.param for op in ops], task_loss=task_loss,
+                                   original=original), kind=kind)
+        out.loss = taylor_scores.last_loss  # "task" | "distillation" | "probe" (see gradients.py)
+        return out
     stats = statistics(program, batches, cache=cache, progress=progress)
     return scores_from_stats(program, stats, kind, ops)
 
