@@ -1,0 +1,237 @@
+"""TensorIR kernels generated per `rewrite::linear_q` instance: fused dequantize + matmul.
+
+The kernel is generated from the op's parameters (bits, group size, K, N, bias or not, and
+the row count M: static 1 -> GEMV, anything else -> GEMM) and follows exactly the op's
+definition in `kernels/quant.py`:
+
+    W[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g];  y = x @ W.T + bias
+    q: little-endian bit stream per row, value k at bits [k*bits, (k+1)*bits)
+
+Three blocks, so schedulers (dlight's GEMV/Matmul rules, MetaSchedule, our llvm schedule in
+`kernels/tvm_schedule.py`) recognise the decode + reduction + epilogue pattern:
+`dequantize` (injective, reads one byte, or two when a 3-bit value straddles a byte
+boundary), `matmul` (reduction over K), `bias_add` (epilogue, only with a bias).
+
+Relax converters for the quantized ops (`linear_q`, `dequantize_q`, `embedding_q`,
+`linear_a8_dynamic`, `linear_a8_static`) register in `kernels.registry.TVM_CONVERTERS`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import registry
+
+KERNEL_ATTR = "rewrite.kernel"
+
+
+# ------------------------------------------------------------------------ TE definitions
+def decode_te(qweight: Any, scales: Any, zeros: Any, *, bits: int, group_size: int, k: int, name: str = "dequantize") -> Any:
+    """te: f32[N, K] weights from the packed bytes (one block, injective)."""
+    from tvm import te, tirx
+
+    n = qweight.shape[0]
+    width = math.ceil(k * bits / 8)
+    mask = (1 << bits) - 1
+
+    def value(i: Any, j: Any) -> Any:
+        bit = j * bits
+        byte = tirx.floordiv(bit, 8)
+        shift = tirx.floormod(bit, 8)
+        lo = qweight[i, byte].astype("int32")
+        if bits in (1, 2, 4, 8):  # a value never straddles a byte
+            word = lo
+        else:  # 3 (5, 6, 7) bits: the value may continue in the next byte
+            hi = tirx.if_then_else(byte + 1 < width, qweight[i, tirx.min(byte + 1, width - 1)].astype("int32"), 0)
+            word = lo | (hi << 8)
+        q = tirx.bitwise_and(tirx.shift_right(word, shift.astype("int32")), mask) if bits != 8 else lo
+        grp = tirx.floordiv(j, group_size)
+        return (q.astype("float32") - zeros[i, grp].astype("float32")) * scales[i, grp].astype("float32")
+
+    return te.compute((n, k), value, name=name)
+
+
+def dequant_matmul_te(x: Any, qweight: Any, scales: Any, zeros: Any, bias: Any = None, *, bits: int,
+                      group_size: int) -> Any:
+    """te: y f32[M, N] = x f32[M, K] @ dequantize(q).T (+ bias)."""
+    from tvm import te
+
+    m, k = x.shape
+    k_int = int(k)
+    n = qweight.shape[0]
+    w = decode_te(qweight, scales, zeros, bits=bits, group_size=group_size, k=k_int)
+    r = te.reduce_axis((0, k_int), name="k")
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="matmul")
+    if bias is None:
+        return y
+    return te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="bias_add")
+
+
+def kernel_kind(rows: Any) -> str:
+    """"gemv" for a single (static) row, "gemm" otherwise (including symbolic row counts)."""
+    try:
+        return "gemv" if int(rows) == 1 else "gemm"
+    except (TypeError, ValueError):
+        return "gemm"
+
+
+def dequant_matmul_primfunc(m: Any, k: int, n: int, *, bits: int, group_size: int, bias: bool = False) -> Any:
+    """A standalone TensorIR PrimFunc for one op instance (benchmarks, kernel tests).
+
+    `m` may be an int or None (a symbolic row count).
+    """
+    from tvm import te, tirx
+
+    from .quant import packed_width
+
+    _check(k, bits, group_size)
+    rows = tirx.Var("m", "int64") if m is None else m
+    x = te.placeholder((rows, k), "float32", name="x")
+    q = te.placeholder((n, packed_width(k, bits)), "uint8", name="qweight")
+    s = te.placeholder((n, k // group_size), "float32", name="scales")
+    z = te.placeholder((n, k // group_size), "uint8", name="zeros")
+    b = te.placeholder((n,), "float32", name="bias") if bias else None
+    y = dequant_matmul_te(x, q, s, z, b, bits=bits, group_size=group_size)
+    args = [x, q, s, z] + ([b] if bias else []) + [y]
+    func = te.create_prim_func(args)
+    return func.with_attr(KERNEL_ATTR, _kernel_name(kernel_kind(rows), bits, group_size))
+
+
+def _kernel_name(kind: str, bits: int, group_size: int) -> str:
+    return f"dequant_{kind}_w{bits}g{group_size}"
+
+
+def _check(k: int, bits: int, group_size: int) -> None:
+    if bits not in (2, 3, 4, 8) and not 1 <= bits <= 8:
+        raise ValueError(f"linear_q kernel: bits must be 1..8, got {bits}")
+    if k % group_size:
+        raise ValueError(f"linear_q kernel: group_size {group_size} does not divide K={k}")
+
+
+# ------------------------------------------------------------------------ Relax converters
+def _const_or_var(importer: Any, arg: Any) -> Any:
+    return None if arg is None else importer.env[arg]
+
+
+def _shape(expr: Any) -> list:
+    return list(expr.ty.shape.values)
+
+
+def convert_linear_q(node: Any, importer: Any) -> Any:
+    """linear_q(x, qweight, scales, zeros, bias, bits, group_size) -> call_tir of the generated kernel."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    args = list(node.args) + [None] * (7 - len(node.args))
+    x_node, q_node, s_node, z_node, b_node = args[:5]
+    bits = int(node.kwargs.get("bits", args[5]))
+    group_size = int(node.kwargs.get("group_size", args[6]))
+    if "bias" in node.kwargs:
+        b_node = node.kwargs["bias"]
+    x = importer.env[x_node]
+    q, s, z = importer.env[q_node], importer.env[s_node], importer.env[z_node]
+    b = _const_or_var(importer, b_node)
+    x_shape = _shape(x)
+    k = int(x_shape[-1])
+    n = int(_shape(q)[0])
+    _check(k, bits, group_size)
+    lead = x_shape[:-1]
+    rows = lead[0] if len(lead) == 1 else _prod(lead)
+    x2 = bb.emit(relax.op.reshape(x, [rows, k])) if len(lead) != 1 else x
+    kind = kernel_kind(rows)
+    name = _kernel_name(kind, bits, group_size)
+    te_args = [x2, q, s, z] + ([b] if b is not None else [])
+
+    def fn(*ts: Any) -> Any:
+        return dequant_matmul_te(*ts[:4], ts[4] if len(ts) > 4 else None, bits=bits, group_size=group_size)
+
+    y = bb.emit_te(fn, *te_args, primfunc_name_hint=name,
+                   primfunc_attrs={KERNEL_ATTR: name, "op_pattern": 8})
+    if len(lead) != 1:
+        y = bb.emit(relax.op.reshape(y, lead + [n]))
+    return y
+
+
+def convert_dequantize_q(node: Any, importer: Any) -> Any:
+    """dequantize_q(qweight, scales, zeros, bits, group_size) -> f32[N, K] via the decode kernel."""
+    bb = importer.block_builder
+    q, s, z = (importer.env[a] for a in node.args[:3])
+    bits, group_size = int(node.args[3]), int(node.args[4])
+    k = int(_shape(s)[1]) * group_size
+    name = f"dequantize_w{bits}g{group_size}"
+    return bb.emit_te(lambda qq, ss, zz: decode_te(qq, ss, zz, bits=bits, group_size=group_size, k=k), q, s, z,
+                      primfunc_name_hint=name, primfunc_attrs={KERNEL_ATTR: name})
+
+
+def convert_embedding_q(node: Any, importer: Any) -> Any:
+    """embedding_q(ids, qweight, scales, zeros, bits, group_size): gather packed rows, then decode."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    ids, q, s, z = (importer.env[a] for a in node.args[:4])
+    bits, group_size = int(node.args[4]), int(node.args[5])
+    d = int(_shape(s)[1]) * group_size
+    id_shape = _shape(ids)
+    flat = bb.emit(relax.op.reshape(ids, [_prod(id_shape)]))
+    rows = [bb.emit(relax.op.take(t, flat, axis=0)) for t in (q, s, z)]
+    name = f"dequantize_w{bits}g{group_size}"
+    w = bb.emit_te(lambda qq, ss, zz: decode_te(qq, ss, zz, bits=bits, group_size=group_size, k=d), *rows,
+                   primfunc_name_hint=name, primfunc_attrs={KERNEL_ATTR: name})
+    return bb.emit(relax.op.reshape(w, id_shape + [d]))
+
+
+def _int8_linear(importer: Any, x: Any, xq: Any, zero: Any, qweight: Any, scale: Any, bias: Any) -> Any:
+    """(xq - zero) @ qweight.T in float64 (exact integer sums), times scale, plus bias."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    a = bb.emit(relax.op.subtract(relax.op.astype(xq, "float64"), relax.op.astype(zero, "float64")))
+    w = bb.emit(relax.op.permute_dims(relax.op.astype(qweight, "float64"), [1, 0]))
+    acc = bb.emit(relax.op.astype(relax.op.matmul(a, w), "float32"))
+    y = bb.emit(relax.op.multiply(acc, scale))
+    return bb.emit(relax.op.add(y, bias)) if bias is not None else y
+
+
+def convert_linear_a8_dynamic(node: Any, importer: Any) -> Any:
+    """int8 activations with a per-call range (ONNX DynamicQuantizeLinear semantics)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x, qw, w_scale = (importer.env[a] for a in node.args[:3])
+    bias = _const_or_var(importer, node.args[3] if len(node.args) > 3 else None)
+    zero_f = relax.const(0.0, "float32")
+    lo = bb.emit(relax.op.minimum(relax.op.min(x), zero_f))
+    hi = bb.emit(relax.op.maximum(relax.op.max(x), zero_f))
+    scale = bb.emit(relax.op.divide(relax.op.subtract(hi, lo), relax.const(255.0, "float32")))
+    safe = bb.emit(relax.op.where(relax.op.greater(scale, zero_f), scale, relax.const(1.0, "float32")))
+    zero = bb.emit(relax.op.clip(relax.op.round(relax.op.divide(relax.op.negative(lo), safe)), 0, 255))
+    xq = bb.emit(relax.op.clip(relax.op.add(relax.op.round(relax.op.divide(x, safe)), zero), 0, 255))
+    return _int8_linear(importer, x, xq, zero, qw, bb.emit(relax.op.multiply(scale, w_scale)), bias)
+
+
+def convert_linear_a8_static(node: Any, importer: Any) -> Any:
+    """int8 activations with a calibrated scale and zero point (ONNX QuantizeLinear semantics)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x, qw, w_scale, x_scale, x_zero = (importer.env[a] for a in node.args[:5])
+    bias = _const_or_var(importer, node.args[5] if len(node.args) > 5 else None)
+    zero = bb.emit(relax.op.astype(x_zero, "float32"))
+    xq = bb.emit(relax.op.clip(relax.op.add(relax.op.round(relax.op.divide(x, x_scale)), zero), 0, 255))
+    return _int8_linear(importer, x, xq, zero, qw, bb.emit(relax.op.multiply(x_scale, w_scale)), bias)
+
+
+def _prod(dims: list) -> Any:
+    out = dims[0]
+    for d in dims[1:]:
+        out = out * d
+    return out
+
+
+registry.TVM_CONVERTERS.update({
+    "linear_q.default": convert_linear_q,
+    "dequantize_q.default": convert_dequantize_q,
+    "embedding_q.default": convert_embedding_q,
+    "linear_a8_dynamic.default": convert_linear_a8_dynamic,
+    "linear_a8_static.default": convert_linear_a8_static,
+})

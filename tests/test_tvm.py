@@ -1,0 +1,104 @@
+"""TVM backend: Relax import + build (llvm) of plain and custom-op graphs, save/load, errors, CUDA build."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+tvm = pytest.importorskip("tvm")
+
+from backends.tvm import build_tvm, load  # noqa: E402
+from kernels import quant  # noqa: E402
+from kernels import token as _token  # noqa: E402,F401  (registers rewrite::token_select)
+from rewrite import zoo  # noqa: E402
+from rewrite.errors import ExportError  # noqa: E402
+from rewrite.program import Program  # noqa: E402
+
+
+def _same(a, b, tol=1e-4) -> None:
+    import torch.utils._pytree as pytree
+
+    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    assert pytree.tree_structure(a) == pytree.tree_structure(b)
+    for x, y in zip(la, lb):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert float((x.double() - y.double()).abs().max()) <= tol * max(1.0, float(x.abs().max()))
+
+
+def test_plain_graph_dict_output_and_dynamic_batch() -> None:
+    z = zoo.load("dict_output")
+    program = Program.capture(z.model, z.example)
+    built = build_tvm(program, "llvm")
+    _same(z.example.call(program.module), z.example.call(built))
+    other = torch.randn(3, 7, 16)  # another batch and sequence length: dims stay symbolic
+    _same(program.module(other, torch.tensor(0.5)), built(other, torch.tensor(0.5)))
+
+
+class QuantTokenNet(nn.Module):
+    """W3 (no bias) and W4 (bias) linears, token selection on a score, gather of the kept tokens."""
+
+    def __init__(self, d: int = 64, h: int = 96):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        for name, (n, k, bits, g, bias) in {"up": (h, d, 3, 32, False), "down": (d, h, 4, 32, True)}.items():
+            q, s, z = quant.quantize_groups(torch.randn(n, k, generator=gen) * 0.1, bits, g)
+            self.register_buffer(f"{name}_q", quant.pack(q, bits))
+            self.register_buffer(f"{name}_s", s)
+            self.register_buffer(f"{name}_z", z)
+            self.register_buffer(f"{name}_b", torch.randn(n, generator=gen) if bias else None)
+            setattr(self, f"{name}_cfg", (bits, g))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.ops.rewrite.linear_q(x, self.up_q, self.up_s, self.up_z, None, *self.up_cfg)
+        y = torch.ops.rewrite.linear_q(torch.relu(h), self.down_q, self.down_s, self.down_z, self.down_b, *self.down_cfg)
+        keep = torch.ops.rewrite.token_select(y.norm(dim=-1), 0.5, 1, 0)
+        kept = torch.gather(y, 1, keep.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+        return kept, keep
+
+
+def test_custom_ops_graph_matches_and_saves(tmp_path) -> None:
+    x = torch.randn(2, 10, 64)
+    program = Program.capture(QuantTokenNet().eval(), (x,))
+    built = build_tvm(program, "llvm")
+    assert "dequant_gemm_w3g32" in built.script() and "token_select" in built.script()
+    _same(program.module(x), built(x))
+    x2 = torch.randn(3, 7, 64)
+    _same(program.module(x2), built(x2))
+    path = built.save(tmp_path / "model.tvm.so")
+    again = load(path, program)
+    _same(program.module(x2), again(x2))
+
+
+def test_unsupported_op_names_op_and_module() -> None:
+    @torch.library.custom_op("rewrite_test::mystery", mutates_args=())
+    def mystery(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    mystery.register_fake(lambda x: torch.empty_like(x))
+
+    class Inner(nn.Module):
+        def forward(self, x):
+            return torch.ops.rewrite_test.mystery(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Inner()
+
+        def forward(self, x):
+            return self.block(x) + 1
+
+    program = Program.capture(Outer(), (torch.randn(2, 4),), dynamic=False)
+    with pytest.raises(ExportError, match=r"rewrite_test::mystery.default \(from module 'block'\)"):
+        build_tvm(program, "llvm")
+
+
+def test_compiled_build_and_cuda_source(tmp_path) -> None:
+    import rewrite
+
+    z = zoo.load("mlp")
+    compiled = rewrite.compile(z.model, {"passes": [{"kind": "cleanup"}]}, example_inputs=z.example)
+    built = compiled.build("tvm", target="llvm", verify=True)
+    _same(compiled.module(*z.example.args), built(*z.example.args))
+    cuda = compiled.build("tvm", target={"kind": "cuda", "arch": "sm_90"})
+    assert "__global__" in cuda.source()
