@@ -1,0 +1,238 @@
+"""`prune`: remove coupled groups so the model physically shrinks, or mask weights.
+
+Structured granularities (`channel`, `neuron`, `head`) work on the groups of
+`rewrite.dims`: every unit removed takes its slices out of every member parameter
+(producer rows, norm parameters, consumer columns) through `Program.set_param`; the
+constant shape arguments that canonicalisation cannot derive (split sizes, depthwise conv
+`groups`, layer-norm shapes) are rewritten from the kept sizes of the dimension graph;
+the pass manager then recaptures, and canonical views follow the new widths. With
+`compensate`, the consuming layers are refit on calibration data before slicing
+(`passes.prune_compensate`). `unstructured` and `n:m` only zero weights
+(`passes.prune_sparse`).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from rewrite.dims import analyse, kept_sizes
+from rewrite.errors import PassError
+from rewrite.measure import count_flops
+from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.program import Program
+from rewrite.spec import PruneSpec
+
+from .prune_plan import (DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, op_positions, unit_flops,
+                         unit_scores)
+
+aten = torch.ops.aten
+SPARSE_NOTE = ("unstructured and N:M pruning only zero weights: the model keeps its size and ONNX Runtime runs it "
+               "at the same speed (dense kernels); the zeros pay off only when stored sparse or run by a sparse "
+               "(e.g. 2:4 tensor-core) kernel")
+
+
+@register
+class PrunePass(Pass):
+    kind = "prune"
+    requires_absent = {"quantized": "pruning edits float weights, which quantization has packed",
+                       "tokens-pruned": "token pruning inserts data-dependent shapes that weight pruning does not track"}
+    establishes = frozenset({"pruned"})
+
+    spec: PruneSpec
+
+    @property
+    def importance(self) -> str:
+        return self.spec.importance or DEFAULT_IMPORTANCE[self.spec.granularity]
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        data = self.importance not in ("magnitude", "magnitude_l1", "magnitude_l2") or self.spec.compensate
+        return frozenset({"calibration"}) if data else frozenset()
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        if self.spec.granularity in ("unstructured", "n:m"):
+            return self._sparse(program, ctx)
+        return self._structured(program, ctx)
+
+    # ------------------------------------------------------------------ structured
+    def _structured(self, program: Program, ctx: PassContext) -> PassResult:
+        s = self.spec
+        dg, groups = analyse(program)
+        cands = candidates(groups, s.granularity, s.scope, s.exclude)
+        notes: list[str] = []
+        if not cands:
+            frozen = [g for g in groups if not g.prunable]
+            why = "; ".join(sorted({g.reason for g in frozen}))[:300]
+            notes.append(f"no prunable {s.granularity} groups in scope (frozen groups: {why or 'none'})")
+            return PassResult(program, summary=f"nothing to prune at granularity {s.granularity}", notes=notes)
+        batches = list(ctx.calibration.batches)
+        scores, snotes = unit_scores(program, cands, self.importance, batches, reduce=s.reduce, normalize=s.normalize,
+                                     cache=ctx.cache, task_loss=ctx.task_loss, original=ctx.original)
+        notes += snotes
+        missing = [g for g in cands if g.id not in scores]
+        if missing:
+            notes.append(f"{len(missing)} groups had no {self.importance} scores and were left whole")
+            cands = [g for g in cands if g.id in scores]
+        positions = op_positions(program)
+        before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
+        before_flops = count_flops(program)
+        if s.budget is not None or s.allocation == "global":
+            if s.budget is not None and s.budget.params is not None:
+                cost = {g.id: float(g.params_per_unit(program)) for g in cands}
+                target = before_params * (1.0 - s.budget.params)
+            elif s.budget is not None:
+                cost = {g.id: unit_flops(program, g, positions) for g in cands}
+                target = before_flops * (1.0 - s.budget.flops)
+            else:
+                cost = {g.id: 1.0 for g in cands}
+                target = s.amount * sum(g.size for g in cands)
+            removed = allocate_global(cands, scores, cost, target, s.max_per_layer, s.round_to)
+        else:
+            removed = allocate_uniform(cands, scores, s.amount, s.round_to)
+        removed = {gid: us for gid, us in removed.items() if us}
+        by_id = {g.id: g for g in cands}
+        removal: dict[tuple[str, int], set[int]] = defaultdict(set)
+        for gid, units in removed.items():
+            for m in by_id[gid].members:
+                removal[(m.param, m.dim)].update(m.indices[units].reshape(-1).tolist())
+        comp_rows: list[dict[str, Any]] = []
+        if s.compensate and removal:
+            from .prune_compensate import compensate
+
+            mode = "lstsq" if s.compensate == "lstsq" else "bias"
+            comp_rows, cnotes = compensate(program, removal, batches, mode)
+            notes += cnotes
+        removed_labels = [by_id[gid].labels[u] for gid, us in removed.items() for u in us]
+        new_sizes = kept_sizes(dg, removed_labels)
+        for target in sorted({p for p, _ in removal}):
+            t = program.param(target)
+            for (p, dim), gone in removal.items():
+                if p != target:
+                    continue
+                keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.long)
+                t = t.index_select(dim, keep)
+            program.set_param(target, t.contiguous())
+        patched = _patch_constants(program, new_sizes)
+        rows = self._rows(program, cands, scores, removed, positions)
+        after_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
+        after_flops = count_flops(program)
+        units = sum(len(u) for u in removed.values())
+        details: dict[str, Any] = {
+            "importance": self.importance,
+            "allocation": "budget" if s.budget is not None else s.allocation,
+            "params before": before_params, "params after": after_params,
+            "FLOPs before": before_flops, "FLOPs after": after_flops,
+            "groups": rows,
+        }
+        if patched:
+            details["shape constants rewritten"] = patched
+        if comp_rows:
+            details["compensation"] = comp_rows
+        frozen = [{"group": g.id, "kind": g.kind, "layer": g.layer or "", "units": g.size, "reason": g.reason}
+                  for g in groups if not g.prunable]
+        if frozen:
+            details["not prunable"] = frozen
+        summary = (f"removed {units} {s.granularity} units in {len(removed)} groups; params {before_params} -> {after_params} "
+                   f"({after_params / max(before_params, 1):.2%}), FLOPs {before_flops} -> {after_flops} "
+                   f"({after_flops / max(before_flops, 1):.2%})")
+        return PassResult(program, summary=summary, details=details, notes=notes)
+
+    def _rows(self, program: Program, cands, scores, removed, positions) -> list[dict[str, Any]]:
+        rows = []
+        for g in cands:
+            gone = removed.get(g.id, [])
+            v = scores[g.id]
+            kept = [u for u in range(g.size) if u not in set(gone)]
+            rows.append({
+                "group": g.id, "kind": g.kind, "layer": g.layer or ",".join(g.ops[:2]), "units": g.size,
+                "removed": len(gone), "removed units": ",".join(map(str, gone[:16])) + ("..." if len(gone) > 16 else ""),
+                "max removed score": round(float(v[gone].max()), 4) if gone else None,
+                "min kept score": round(float(v[kept].min()), 4) if kept else None,
+                "params removed": g.params_per_unit(program) * len(gone) if gone else 0,
+                "FLOPs removed (est.)": int(unit_flops(program, g, positions) * len(gone)),
+            })
+        return rows
+
+    # ------------------------------------------------------------------ unstructured / N:M
+    def _sparse(self, program: Program, ctx: PassContext) -> PassResult:
+        from .prune_sparse import apply_masks, weight_targets
+
+        s = self.spec
+        _, groups = analyse(program)
+        protected = set() if s.scope else {m.param for g in groups if not g.prunable and g.reason == "model output"
+                                           and g.layer is None for m in g.producers}
+        targets = weight_targets(program, s.scope, s.exclude, protected)
+        if not targets:
+            raise PassError("prune: no linear/conv weights in scope; widen `scope` or check `exclude`")
+        notes = [SPARSE_NOTE]
+        try:
+            from passes.importance.weight import weight_scores
+
+            scores = weight_scores(program, list(ctx.calibration.batches), self.importance, params=[t for t, _ in targets],
+                                   cache=ctx.cache, task_loss=ctx.task_loss, original=ctx.original)
+        except ImportError:
+            notes.append(f"passes.importance is not available: importance {self.importance!r} replaced by |w|")
+            scores = {}
+        amount = s.amount
+        if s.granularity == "unstructured" and s.budget is not None:
+            amount = 1.0 - (s.budget.params or s.budget.flops)
+            notes.append("a budget for unstructured pruning is read as the fraction of weights kept (zeros are still stored)")
+        rows, mnotes = apply_masks(program, targets, scores, s.granularity, amount, s.n, s.m)
+        notes += mnotes
+        total = sum(r["zeroed"] for r in rows)
+        what = f"{s.n}:{s.m}" if s.granularity == "n:m" else f"{amount:.0%} unstructured"
+        return PassResult(program, summary=f"{what} masks on {len(rows)} weights ({total} zeros); size and latency unchanged",
+                          details={"importance": self.importance, "weights": rows}, notes=notes)
+
+
+def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) -> list[dict[str, Any]]:
+    """Rewrite shape constants of ops whose widths changed (canonical views need nothing)."""
+    out = []
+    for n in list(program.graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
+            groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
+            new = new_sizes.get((n.args[0], 1))
+            if groups != 1 and new is not None:
+                w = program.param(n.args[1])
+                old_in = program.shape(n.args[0])[1]
+                new_groups = groups * new // old_in
+                args = list(n.args)
+                args[6] = new_groups
+                n.args = tuple(args)
+                out.append({"node": n.name, "arg": "groups", "old": groups, "new": new_groups})
+        elif n.target == aten.layer_norm.default:
+            shape = program.shape(n)
+            norm = list(n.args[1])
+            new = [new_sizes.get((n, len(shape) - len(norm) + d), norm[d]) for d in range(len(norm))]
+            if new != norm:
+                n.args = (n.args[0], new) + tuple(n.args[2:])
+                out.append({"node": n.name, "arg": "normalized_shape", "old": norm, "new": new})
+        elif n.target == aten.split.Tensor:
+            x = n.args[0]
+            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+            dim = dim % len(program.shape(x))
+            if (x, dim) not in new_sizes:
+                continue
+            outs = sorted((u for u in n.users if u.target is _getitem()), key=lambda u: u.args[1])
+            vals = n.meta["val"]
+            sizes = [int(v.shape[dim]) for v in vals]
+            for u in outs:
+                sizes[u.args[1]] = new_sizes.get((u, dim), sizes[u.args[1]])
+            n.target = aten.split_with_sizes.default
+            n.args = (x, sizes, dim)
+            n.kwargs = {}
+            out.append({"node": n.name, "arg": "split sizes", "old": [int(v.shape[dim]) for v in vals], "new": sizes})
+    program.module.recompile()
+    return out
+
+
+def _getitem():
+    import operator
+
+    return operator.getitem

@@ -1,0 +1,163 @@
+"""Which units the prune pass removes: candidate groups, unit scores, allocation.
+
+Pure functions over `rewrite.dims` groups. Scores come from the importance package
+(`passes.importance`: weight scores reduced over each group's members); when it is not
+importable a plain magnitude score stands in, and the plan says so.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rewrite.dims import Group
+from rewrite.program import Program
+
+GRANULARITY_KINDS = {"head": ("head", "kv_head"), "neuron": ("neuron",), "channel": ("channel", "neuron")}
+DEFAULT_IMPORTANCE = {"head": "wanda", "neuron": "wanda", "channel": "magnitude", "unstructured": "wanda", "n:m": "wanda"}
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    scores: dict[int, torch.Tensor]
+    removed: dict[int, list[int]] = field(default_factory=dict)
+    importance: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _match(path: str, globs: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, g) or path.startswith(g.rstrip("*").rstrip(".") + ".") and g.endswith("*") for g in globs)
+
+
+def candidates(groups: list[Group], granularity: str, scope: Sequence[str] | None, exclude: Sequence[str]) -> list[Group]:
+    """Prunable groups of the granularity's kinds whose producing ops are all in scope (and none excluded)."""
+    kinds = GRANULARITY_KINDS[granularity]
+    out = []
+    for g in groups:
+        if not g.prunable or g.kind not in kinds or g.size < 2:
+            continue
+        mods = [m.module for m in g.producers]
+        if scope and not all(_match(m, scope) for m in mods):
+            continue
+        if exclude and any(_match(m, exclude) for m in mods):
+            continue
+        out.append(g)
+    return out
+
+
+# ----------------------------------------------------------------------------- scores
+def unit_scores(program: Program, groups: list[Group], kind: str, batches: list[Any] | None, *, reduce: str = "sum",
+                normalize: bool = True, cache: dict | None = None, task_loss: Any = None, original: Program | None = None,
+                ) -> tuple[dict[int, torch.Tensor], list[str]]:
+    """Group id -> score per unit (higher = keep), from the importance package when available."""
+    notes: list[str] = []
+    try:
+        from passes.importance.weight import weight_scores
+        try:
+            from passes.importance.groups import group_scores
+        except ImportError:  # pragma: no cover - older layout
+            from passes.importance.weight import group_scores  # type: ignore[no-redef]
+    except ImportError:
+        notes.append(f"passes.importance is not available: importance {kind!r} replaced by weight magnitude (L2)")
+        return _magnitude_scores(program, groups, normalize), notes
+    params = sorted({m.param for g in groups for m in g.members if program.param(m.param).dim() >= 2})
+    kw: dict[str, Any] = {"params": params, "cache": cache}
+    if kind == "taylor":
+        kw.update(task_loss=task_loss, original=original)
+    scores = weight_scores(program, batches, kind, **kw)
+    return group_scores(groups, scores, reduce=reduce, normalize=normalize), notes
+
+
+def _magnitude_scores(program: Program, groups: list[Group], normalize: bool) -> dict[int, torch.Tensor]:
+    out = {}
+    for g in groups:
+        v = torch.zeros(g.size)
+        for m in g.members:
+            w = program.param(m.param).detach().float()
+            if w.dim() < 2:
+                continue
+            sq = (w * w).index_select(m.dim, m.indices.reshape(-1)).movedim(m.dim, 0).reshape(g.size, -1).sum(1)
+            v += sq
+        if normalize and v.mean() > 0:
+            v = v / v.mean()
+        out[g.id] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- allocation
+def unit_multiple(g: Group, round_to: int) -> int:
+    """Units to keep in multiples of this so every member's width is a multiple of round_to."""
+    width = g.unit if g.kind in ("head", "kv_head") else 1
+    return max(1, round_to // math.gcd(round_to, width))
+
+
+def _round_keep(g: Group, keep: int, round_to: int) -> int:
+    r = unit_multiple(g, round_to)
+    keep = max(keep, 1)
+    keep = min(g.size, int(math.ceil(keep / r)) * r)
+    return keep
+
+
+def allocate_uniform(groups: list[Group], scores: dict[int, torch.Tensor], amount: float, round_to: int) -> dict[int, list[int]]:
+    out = {}
+    for g in groups:
+        keep = _round_keep(g, g.size - int(math.floor(amount * g.size + 1e-9)), round_to)
+        order = torch.argsort(scores[g.id], stable=True)
+        out[g.id] = sorted(order[: g.size - keep].tolist())
+    return out
+
+
+def allocate_global(groups: list[Group], scores: dict[int, torch.Tensor], cost: dict[int, float], target: float,
+                    cap: float, round_to: int) -> dict[int, list[int]]:
+    """Remove the lowest-scored units model-wide until `target` cost is removed (cost per unit
+    per group; target in the same unit), never more than `cap` of one group."""
+    entries = [(float(scores[g.id][u]), g.id, u) for g in groups for u in range(g.size)]
+    entries.sort()
+    by_id = {g.id: g for g in groups}
+    removed: dict[int, list[int]] = {g.id: [] for g in groups}
+    done = 0.0
+    for s, gid, u in entries:
+        if done >= target - 1e-9:
+            break
+        g = by_id[gid]
+        if len(removed[gid]) + 1 > int(math.floor(cap * g.size)) or g.size - len(removed[gid]) - 1 < 1:
+            continue
+        removed[gid].append(u)
+        done += cost[gid]
+    out = {}
+    for g in groups:
+        keep = _round_keep(g, g.size - len(removed[g.id]), round_to)
+        gone = sorted(removed[g.id], key=lambda u: float(scores[g.id][u]))[: g.size - keep]
+        out[g.id] = sorted(gone)
+    return out
+
+
+def op_positions(program: Program) -> dict[str, float]:
+    """Parameter target -> output positions (tokens, pixels) of the first op reading it."""
+    positions: dict[str, float] = {}
+    for n in program.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.meta.get("val"), torch.Tensor):
+            continue
+        for a in n.args[:3]:
+            if getattr(a, "op", None) == "get_attr" and str(a.target) not in positions:
+                shape = Program.concrete_shape(n)
+                feat = shape[1] if len(shape) == 4 else (shape[-1] if shape else 1)
+                positions[str(a.target)] = float(np.prod(shape)) / max(feat, 1) if shape else 1.0
+    return positions
+
+
+def unit_flops(program: Program, g: Group, positions: dict[str, float]) -> float:
+    """FLOPs one unit costs on the example inputs: 2 x weight slice x output positions of its op."""
+    total = 0.0
+    for m in g.members:
+        w = program.param(m.param)
+        if w.dim() < 2:
+            continue
+        other = float(np.prod([s for i, s in enumerate(w.shape) if i != m.dim]))
+        total += 2.0 * other * m.indices.shape[1] * positions.get(m.param, 1.0)
+    return total

@@ -1,0 +1,199 @@
+"""The prune pass: structured pruning shrinks the model exactly as zeroing the removed units
+would, survives export (onnxruntime matches), and masks are valid for unstructured / N:M."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import rewrite
+import rewrite.dims
+from rewrite import zoo
+
+ROOT = Path(__file__).resolve().parents[1]
+CAL = {"samples": 8, "batch_size": 2}
+
+
+def _compile(z, *passes, **kw):
+    spec = {"calibration": CAL, "passes": list(passes)}
+    return rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, **kw)
+
+
+def _removed(out, i=0):
+    return {r["layer"]: r for r in out.report.passes[i].details["groups"]}
+
+
+def _same(a, b, tol=1e-4):
+    a = a.last_hidden_state if hasattr(a, "last_hidden_state") else a
+    b = b.last_hidden_state if hasattr(b, "last_hidden_state") else b
+    assert a.shape == b.shape
+    err = (a - b).abs().max().item()
+    assert err <= tol * max(1.0, a.abs().max().item()), err
+
+
+def _zeroed(model, params_cols: dict[str, list[int]]):
+    """The original model with the consumer columns of removed units set to zero."""
+    ref = copy.deepcopy(model)
+    state = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, cols in params_cols.items():
+            state[name][:, cols] = 0
+    return ref
+
+
+def _removed_cols(out, consumer: str, width: int) -> list[int]:
+    """Which columns of `consumer` (in the original) the pass removed, from the plan it reported."""
+    groups = out.report.passes[0].details["groups"]
+    dg_groups = rewrite.dims.find_groups(out.original)
+    cols = []
+    for row in groups:
+        g = next(g for g in dg_groups if g.id == row["group"])
+        gone = [int(u) for u in row["removed units"].split(",") if u]
+        for m in g.members:
+            if m.param == consumer and m.dim == 1:
+                cols += m.indices[gone].reshape(-1).tolist()
+    return cols
+
+
+def test_bert_heads_removed_equal_zeroed_heads_and_export(tmp_path):
+    z = zoo.load("bert")
+    out = _compile(z, {"kind": "prune", "granularity": "head", "amount": 0.5, "importance": "magnitude"})
+    gm = out.module
+    for i in range(3):
+        pre = f"encoder.layer.{i}.attention"
+        for name in ("query", "key", "value"):
+            assert tuple(gm.get_parameter(f"{pre}.self.{name}.weight").shape) == (32, 64)
+        assert tuple(gm.get_parameter(f"{pre}.output.dense.weight").shape) == (64, 32)
+    cols = {f"encoder.layer.{i}.attention.output.dense.weight":
+            _removed_cols(out, f"encoder.layer.{i}.attention.output.dense.weight", 64) for i in range(3)}
+    assert all(len(c) == 32 for c in cols.values())
+    ref = _zeroed(z.model, cols)
+    with torch.no_grad():
+        _same(ref(**z.example.kwargs), gm(**z.example.kwargs))
+    d = out.report.passes[0].details
+    assert d["params after"] == d["params before"] - 3 * (3 * (32 * 64 + 32) + 64 * 32)
+    assert d["FLOPs after"] < d["FLOPs before"]
+    rec = out.export(tmp_path / "bert.onnx")
+    assert rec.verified and rec.rel_error <= 1e-4
+
+
+def test_llama_gqa_kv_head_goes_with_its_query_heads_and_swiglu_neurons(tmp_path):
+    z = zoo.load("llama")
+    out = _compile(z, {"kind": "prune", "granularity": "head", "amount": 0.5, "importance": "magnitude"},
+                   {"kind": "prune", "granularity": "neuron", "amount": 0.25, "importance": "wanda", "round_to": 8})
+    gm = out.module
+    for i in range(3):
+        pre = f"layers.{i}"
+        assert tuple(gm.get_parameter(f"{pre}.self_attn.k_proj.weight").shape) == (16, 64)  # 1 of 2 KV heads
+        assert tuple(gm.get_parameter(f"{pre}.self_attn.v_proj.weight").shape) == (16, 64)
+        assert tuple(gm.get_parameter(f"{pre}.self_attn.q_proj.weight").shape) == (32, 64)  # its 2 query heads
+        assert tuple(gm.get_parameter(f"{pre}.self_attn.o_proj.weight").shape) == (64, 32)
+        for name in ("gate_proj", "up_proj"):
+            assert tuple(gm.get_parameter(f"{pre}.mlp.{name}.weight").shape) == (72, 64)  # 96 - 24
+        assert tuple(gm.get_parameter(f"{pre}.mlp.down_proj.weight").shape) == (64, 72)
+    rec = out.export(tmp_path / "llama.onnx")
+    assert rec.verified
+
+
+def test_concat_offsets_prune_exactly(tmp_path):
+    """Removing branch_b channels removes head.weight columns 8 + unit (after the concat)."""
+    z = zoo.load("rescat_cnn")
+    out = _compile(z, {"kind": "prune", "granularity": "channel", "amount": 0.5, "importance": "magnitude",
+                       "scope": ["branch_b.1"]})
+    gm = out.module
+    assert tuple(gm.get_parameter("branch_b.1.weight").shape) == (6, 16, 1, 1)
+    assert tuple(gm.get_parameter("head.weight").shape) == (24, 14, 3, 3)
+    cols = _removed_cols(out, "head.weight", 20)
+    assert len(cols) == 6 and all(8 <= c < 20 for c in cols)
+    ref = _zeroed(z.model, {"head.weight": cols})
+    with torch.no_grad():
+        _same(ref(*z.example.args), gm(*z.example.args), tol=1e-5)
+
+
+def test_cnn_channels_through_residual_depthwise_and_bn(tmp_path):
+    z = zoo.load("rescat_cnn")
+    out = _compile(z, {"kind": "prune", "granularity": "channel", "amount": 0.5, "importance": "magnitude"})
+    gm = out.module
+    # the residual group (stem, res.3, the depthwise conv and its readers) lost half its 16 channels
+    assert tuple(gm.get_parameter("stem.0.weight").shape) == (8, 3, 3, 3)
+    assert tuple(gm.get_parameter("res.3.weight").shape)[0] == 8
+    assert tuple(gm.get_buffer("stem.1.running_mean").shape) == (8,)
+    assert tuple(gm.get_parameter("branch_b.0.weight").shape) == (8, 1, 3, 3)
+    dw = [n for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default and n.args[1].target == "branch_b.0.weight"]
+    assert dw and dw[0].args[6] == 8  # depthwise groups follow the channel count
+    rows = out.report.passes[0].details["shape constants rewritten"]
+    assert {r["arg"] for r in rows} == {"groups"}
+    assert tuple(gm(*z.example.args).shape) == (2, 10)
+    rec = out.export(tmp_path / "cnn.onnx")
+    assert rec.verified
+
+
+def test_compensation_improves_fidelity_and_round_to_global_allocation():
+    z = zoo.load("bert")
+    base = {"kind": "prune", "granularity": "neuron", "amount": 0.5, "importance": "wanda", "allocation": "global",
+            "max_per_layer": 0.7, "round_to": 8}
+    plain = _compile(z, base)
+    refit = _compile(z, dict(base, compensate="lstsq"))
+    bias = _compile(z, dict(base, compensate=True))
+    c0, c1, c2 = (o.report.passes[0].fidelity.cosine for o in (plain, refit, bias))
+    assert c1 > c0 and c2 > c0, (c0, c1, c2)
+    rows = plain.report.passes[0].details["groups"]
+    assert sum(r["removed"] for r in rows) >= int(0.5 * 3 * 128) - 3 * 8
+    for r in rows:
+        assert (r["units"] - r["removed"]) % 8 == 0
+        assert r["removed"] <= int(0.7 * r["units"])
+    assert refit.report.passes[0].details["compensation"][0]["method"] == "lstsq"
+
+
+def test_unstructured_and_nm_masks(tmp_path):
+    z = zoo.load("mlp")
+    out = _compile(z, {"kind": "prune", "granularity": "n:m", "n": 2, "m": 4, "importance": "magnitude"})
+    r = out.report.passes[0]
+    assert any("reduce neither" in n or "same speed" in n for n in r.notes)
+    weights = {w["weight"] for w in r.details["weights"]}
+    assert "net.0.weight" in weights and "net.5.weight" not in weights  # the output head is left dense
+    for name in weights:
+        w = out.module.get_parameter(name)
+        nz = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+        assert torch.all(nz == 2), name
+    assert out.report.after.params == out.report.before.params  # nothing shrank
+    assert out.export(tmp_path / "nm.onnx").verified
+    out = _compile(z, {"kind": "prune", "granularity": "unstructured", "amount": 0.3, "importance": "wanda"})
+    for row in out.report.passes[0].details["weights"]:
+        w = out.module.get_parameter(row["weight"])
+        assert abs((w == 0).float().mean().item() - 0.3) < 0.02
+
+
+def test_params_budget():
+    z = zoo.load("bert")
+    out = _compile(z, {"kind": "prune", "granularity": "neuron", "budget": {"params": 0.8}, "importance": "magnitude"})
+    d = out.report.passes[0].details
+    assert d["params after"] <= 0.8 * d["params before"] + 200  # within one neuron of the budget
+    assert d["params after"] >= 0.78 * d["params before"]
+
+
+@pytest.mark.parametrize("spec_name,model", [("prune-heads-ffn.yaml", "bert"), ("prune-cnn-channels.yaml", "rescat_cnn"),
+                                             ("prune-2of4.yaml", "gpt2")])
+def test_example_specs_compile_and_export(spec_name, model, tmp_path):
+    z = zoo.load(model)
+    spec = rewrite.Spec.from_yaml(ROOT / "specs" / spec_name)
+    spec.calibration.samples, spec.calibration.batch_size = 8, 2
+    out = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration)
+    assert out.report.after.params < out.report.before.params or spec_name == "prune-2of4.yaml"
+    assert out.export(tmp_path / "m.onnx").verified
+
+
+COVERAGE = {"bert": "head", "gpt2": "neuron", "llama": "neuron", "vit": "head", "resnet": "channel", "convnext": "channel",
+            "mobilenetv2": "channel", "rescat_cnn": "channel", "mlp": "neuron", "dict_output": "unstructured"}
+
+
+@pytest.mark.parametrize("name", zoo.ALL)
+def test_zoo_coverage_at_30_percent(name, tmp_path):
+    z = zoo.load(name, calibration_batches=2)
+    extra = {"scope": ["proj"]} if name == "dict_output" else {}  # its only layer feeds the output directly
+    out = _compile(z, {"kind": "prune", "granularity": COVERAGE[name], "amount": 0.3, **extra})
+    if COVERAGE[name] != "unstructured":
+        assert out.report.after.params < out.report.before.params, out.report.passes[0].summary
+    assert out.export(tmp_path / f"{name}.onnx").verified
