@@ -84,15 +84,19 @@ def _dequant_matmul(sch: Any, gemv: bool) -> None:
         ko, ki = sch.split(k, [None, 4])
         sch.unroll(ki)
     else:
+        # decode once into a [K, N] buffer, so the row loop reads weights contiguously along N
         dq = sch.get_sblock("dequantize")
-        n, _ = sch.get_loops(dq)
-        sch.parallel(n)
+        sch.transform_layout(dq, ("write", 0), lambda n, k: (k, n))
+        n, kk = sch.get_loops(dq)
+        sch.reorder(kk, n)
+        sch.parallel(kk)
         i, j, k = sch.get_loops(mm)
-        jo, ji = sch.split(j, [None, 8])
-        sch.reorder(jo, i, ji, k)
+        jo, ji = sch.split(j, [None, 16])
+        sch.reorder(jo, i, k, ji)
         sch.parallel(jo)
-        ko, ki = sch.split(k, [None, 4])
-        sch.unroll(ki)
+        init = sch.decompose_reduction(mm, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.unroll(ji)  # contiguous along N: LLVM vectorises the unrolled update
     if _has(sch, "bias_add"):
         _parallel_outer(sch, "bias_add")
 
