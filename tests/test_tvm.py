@@ -102,3 +102,22 @@ def test_compiled_build_and_cuda_source(tmp_path) -> None:
     _same(compiled.module(*z.example.args), built(*z.example.args))
     cuda = compiled.build("tvm", target={"kind": "cuda", "arch": "sm_90"})
     assert "__global__" in cuda.source()
+
+
+@pytest.mark.slow
+def test_minilm_w4_pruned_llvm_matches_compiled_module(minilm) -> None:
+    """all-MiniLM-L6-v2, 25% FFN neurons pruned + W4 (group 128) weights, built with llvm."""
+    import rewrite
+    from rewrite import demo
+
+    model, tok = minilm
+    spec = {"passes": [{"kind": "prune", "granularity": "neuron", "amount": 0.25, "importance": "magnitude"},
+                       {"kind": "quantize", "weights": {"bits": 4, "group_size": 128}}]}
+    compiled = rewrite.compile(model, spec, example_inputs=demo.example_inputs(tok))
+    assert any("linear_q" in str(n.target) for n in compiled.module.graph.nodes)
+    built = compiled.build("tvm", target="llvm")
+    assert "dequant_gemm_w4g128" in built.script()
+    batch = tok(["a man is playing a guitar.", "the cat sat on the mat while it rained outside"],
+                padding=True, return_tensors="pt")
+    inputs = {k: batch[k] for k in compiled.program.example.kwargs}
+    _same(compiled.module(**inputs), built(**inputs), tol=1e-4)

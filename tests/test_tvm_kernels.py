@@ -97,7 +97,7 @@ def test_cuda_code_generation_for_every_kernel(tmp_path) -> None:
     for name, func in _cuda_kernels():
         src = kernel_source(build_kernel(func, {"kind": "cuda", "arch": "sm_90"}))
         assert "__global__" in src, name
-        if nvcc and name in ("w3_gemv", "w4_gemm", "token_select"):
+        if nvcc and name == "w3_gemv":  # one nvcc run: the straddling-byte decode
             cu = tmp_path / f"{name}.cu"
             cu.write_text(src)
             res = subprocess.run([nvcc, "--ptx", "-arch=sm_90", str(cu), "-o", str(tmp_path / f"{name}.ptx")],
