@@ -75,11 +75,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         rec = compiled.export(out_dir / "model.onnx", verify_inputs=compiled.verification_batches())
         print(f"wrote {rec.path} ({rec.bytes / 1e6:.2f} MB), onnxruntime max abs error {rec.max_abs_error:.2e}", file=sys.stderr)
     if args.backend in ("tvm", "all"):
-        built = compiled.build("tvm", target=args.target)
+        built = compiled.build("tvm", target=args.target, verify=True, verify_inputs=compiled.verification_batches())
         if hasattr(built, "save"):
             built.save(out_dir / "model.tvm.so")
+        print(f"wrote {out_dir / 'model.tvm.so'} (TVM {args.target}); {getattr(built, 'verify_note', '')}", file=sys.stderr)
         if args.emit_source and hasattr(built, "source"):
-            (out_dir / "kernels.cu").write_text(built.source())
+            src_name = "kernels.cu" if "cuda" in str(args.target) else "kernels.ll"  # CUDA C, else LLVM IR
+            (out_dir / src_name).write_text(built.source())
     if tokenizer is not None and not args.no_eval:
         from . import demo
 

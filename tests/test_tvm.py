@@ -121,3 +121,20 @@ def test_minilm_w4_pruned_llvm_matches_compiled_module(minilm) -> None:
                 padding=True, return_tensors="pt")
     inputs = {k: batch[k] for k in compiled.program.example.kwargs}
     _same(compiled.module(**inputs), built(**inputs), tol=1e-4)
+
+
+def test_cli_backend_tvm_builds_verifies_and_emits_source(tmp_path, monkeypatch, capsys) -> None:
+    from rewrite.cli import main
+
+    (tmp_path / "tvm_factory.py").write_text(
+        "from rewrite import zoo\n"
+        "def mlp():\n"
+        "    z = zoo.load('mlp')\n"
+        "    return z.model, z.example.args, [b.args for b in z.calibration]\n")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["compile", "--model", "tvm_factory:mlp", "--backend", "tvm", "--target", "cuda", "--emit-source",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    assert "__global__" in (tmp_path / "out" / "kernels.cu").read_text()
+    assert (tmp_path / "out" / "model.tvm.so").stat().st_size > 0
+    assert "TVM cuda" in capsys.readouterr().err
