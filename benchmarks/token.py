@@ -105,7 +105,7 @@ def token_program(base, spec: dict):
     return result.program
 
 
-def sts_part() -> list[dict]:
+def sts_part(skip: frozenset[str] = frozenset()) -> list[dict]:
     from passes.canonicalize import canonicalize
     from rewrite.program import Program
 
@@ -120,21 +120,23 @@ def sts_part() -> list[dict]:
     rows = [{"importance": "-", "merge": "-", "config": "uncompressed", "spearman": f"{base:.2f}", "drop": "0.00",
              "target": "-", "met": "-", "real tokens out": "1.000", "FLOPs ratio": "1.000"}]
     print(f"uncompressed: {base:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    for kind in KINDS:
-        for merge in (False, True):
-            for label, keep, after, target in CONFIGS:
-                t0 = time.perf_counter()
-                program = token_program(base_prog, token_spec(keep, after, kind, merge))
-                score, frac = sts_bucketed(program.module, tok, pairs)
-                drop = base - score
-                flops = count_flops(program, flop_batch)
-                rows.append({"importance": kind, "merge": "yes" if merge else "no", "config": label,
-                             "spearman": f"{score:.2f}", "drop": f"{drop:.2f}",
-                             "target": f"<= {target}" if target is not None else "-",
-                             "met": ("yes" if drop <= target else "NO") if target is not None else "-",
-                             "real tokens out": f"{frac:.3f}", "FLOPs ratio": f"{flops / base_flops:.3f}"})
-                print(f"{kind} merge={merge} {label}: {score:.2f} (drop {drop:.2f}, real tokens out {frac:.3f}) "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    order = [(c, merge, kind) for c in range(len(CONFIGS)) for merge in (False, True) for kind in KINDS]
+    for c, merge, kind in order:
+        label, keep, after, target = CONFIGS[c]
+        if f"{kind}/{'merge' if merge else 'drop'}/{c}" in skip:
+            continue
+        t0 = time.perf_counter()
+        program = token_program(base_prog, token_spec(keep, after, kind, merge))
+        score, frac = sts_bucketed(program.module, tok, pairs)
+        drop = base - score
+        flops = count_flops(program, flop_batch)
+        rows.append({"importance": kind, "merge": "yes" if merge else "no", "config": label,
+                     "spearman": f"{score:.2f}", "drop": f"{drop:.2f}",
+                     "target": f"<= {target}" if target is not None else "-",
+                     "met": ("yes" if drop <= target else "NO") if target is not None else "-",
+                     "real tokens out": f"{frac:.3f}", "FLOPs ratio": f"{flops / base_flops:.3f}"})
+        print(f"{kind} merge={merge} {label}: {score:.2f} (drop {drop:.2f}, real tokens out {frac:.3f}) "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return rows
 
 
@@ -217,10 +219,11 @@ def main() -> None:
     ap.add_argument("--part", choices=["sts", "latency", "all"], default="all")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", nargs="*", default=[], help="STS rows to skip, as kind/drop|merge/config-index")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("sts", "all"):
-        rows = sts_part()
+        rows = sts_part(frozenset(args.skip))
         print("\n## STS-B dev Spearman x100, all-MiniLM-L6-v2 (mean pooling over kept real tokens)\n")
         print(table(rows), flush=True)
     if args.part in ("latency", "all"):
