@@ -1,7 +1,8 @@
 """Importance analysis and rewrite passes. Importing this package registers every pass kind.
 
-Every module in this package (and in `passes.importance`) is imported here, so a new pass
-only needs `@register` on its class: no list to edit. A pass never imports a backend; it
+Every module in this package is imported here, so a new pass only needs `@register` on
+its class: no list to edit. (`passes.importance` holds analysis functions, imported by the
+passes that use them.) A pass never imports a backend; it
 imports `rewrite` (the IR) and `kernels` (custom ops).
 """
 import importlib as _importlib
