@@ -169,6 +169,12 @@ def _pack_nibbles(values: np.ndarray) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
+def _unpack_rows(qweight: np.ndarray, bits: int, k: int) -> np.ndarray:
+    from .quant import unpack
+
+    return unpack(torch.from_numpy(np.ascontiguousarray(qweight)), bits, k).numpy()
+
+
 def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, g: int) -> str:
     """Graph value f32[N, K] equal to kernels.quant.dequantize (exact same arithmetic)."""
     from onnx import TensorProto
@@ -178,7 +184,9 @@ def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, ze
     s_name = b.const("scales", scales.astype(np.float32))
     if bits in (4, 8):  # standard blocked DequantizeLinear
         if bits == 4:
-            q_name = b.raw("q_u4", TensorProto.UINT4, [n, k], qweight.tobytes())
+            # ONNX packs uint4 over the flat tensor; our rows are byte-aligned (differs when K is odd)
+            raw = qweight.tobytes() if k % 2 == 0 else _pack_nibbles(_unpack_rows(qweight, 4, k))
+            q_name = b.raw("q_u4", TensorProto.UINT4, [n, k], raw)
             z_name = b.raw("zeros_u4", TensorProto.UINT4, [n, ngroups], _pack_nibbles(zeros))
         else:
             q_name = b.const("q_u8", qweight.astype(np.uint8))

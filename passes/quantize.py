@@ -1,0 +1,505 @@
+"""`quantize`: group-wise int2..int8 weights (RTN / AWQ / GPTQ), layer-wise mixed precision, embeddings, int8 activations.
+
+What it rewrites (ops from `kernels.quant`, lowered to ONNX by `kernels.quant_onnx`):
+- `aten.linear` (and GPT-2's `addmm` Conv1D) -> `rewrite::linear_q` with packed weights;
+- `aten.conv1d/2d` -> `rewrite::dequantize_q` + reshape feeding the same conv (weight-only);
+- `aten.embedding` -> `rewrite::embedding_q` (`embeddings: 4 | 8`);
+- with `activations`, linears -> `rewrite::linear_a8_dynamic` / `linear_a8_static` (W8A8).
+
+Mixed precision (`allocate: layerwise`, the Layer-Wise Quantization method): layers (the
+model's repeated blocks) are ranked by a layer importance (`passes.importance.layer`);
+every layer starts at the smallest allowed width >= `average`, and the least important
+layers are moved one by one to the next lower width until the parameter-weighted average
+reaches the target (so the most important layers keep the most bits). `order: random` /
+`reverse` are the ablations. Modules outside the blocks are lowered last.
+"""
+from __future__ import annotations
+
+import fnmatch
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from kernels import quant as kq
+from rewrite.errors import PassError
+from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.program import Program
+
+from . import quantize_methods as qm
+
+aten = torch.ops.aten
+LINEAR_OPS = {aten.linear.default}
+ADDMM_OPS = {aten.addmm.default}
+CONV_OPS = {aten.conv1d.default, aten.conv2d.default}
+EMBED_OPS = {aten.embedding.default}
+
+
+@dataclass
+class Target:
+    """One weight the pass may quantize."""
+
+    node: fx.Node
+    module: str
+    kind: str               # linear | addmm | conv | embedding
+    weight: str             # get_attr target
+    n: int
+    k: int
+    unit: str = ""          # the layer (block path) it is allocated with
+    bits: int = 0
+    group_size: int = 0
+    stats_of: fx.Node | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.n * self.k
+
+
+def _matches(path: str, kind: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        if p == kind or (p == "linear" and kind == "addmm") or (p in ("conv1d", "conv2d") and kind == "conv") \
+                or fnmatch.fnmatchcase(path, p):
+            return True
+    return False
+
+
+def find_targets(program: Program, scope: list[str] | None, exclude: list[str], embeddings: bool) -> list[Target]:
+    """Linear/conv (and embedding) ops reading a weight parameter, filtered by scope/exclude globs."""
+    out: list[Target] = []
+    for node in program.nodes("call_function"):
+        if node.target in LINEAR_OPS:
+            kind, w = "linear", node.args[1]
+        elif node.target in ADDMM_OPS:
+            kind, w = "addmm", node.args[2]
+            if len(node.args) > 3 or node.kwargs or not isinstance(node.args[0], fx.Node) or node.args[0].op != "get_attr":
+                continue
+        elif node.target in CONV_OPS:
+            kind, w = "conv", node.args[1]
+        elif node.target in EMBED_OPS and embeddings:
+            kind, w = "embedding", node.args[0]
+        else:
+            continue
+        if not isinstance(w, fx.Node) or w.op != "get_attr" or len(w.users) != 1:
+            continue  # computed or shared (tied) weights stay float
+        weight = program.param(w)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            continue
+        path = program.module_path(node) or str(w.target).rsplit(".", 1)[0]
+        if kind != "embedding":
+            patterns = scope if scope is not None else ["linear", "conv"]
+            if not _matches(path, kind, patterns) or (exclude and _matches(path, kind, exclude)):
+                continue
+        elif exclude and _matches(path, kind, exclude):
+            continue
+        if kind == "addmm":
+            k, n = weight.shape
+        else:
+            n, k = weight.shape[0], int(weight[0].numel())
+        out.append(Target(node, path, kind, str(w.target), n, k))
+    return out
+
+
+def effective_group(k: int, group_size: int) -> int:
+    """The spec's group size when it divides K, else one group per row (per-channel)."""
+    if group_size == -1 or group_size >= k or k % group_size:
+        return k
+    return group_size
+
+
+def float_weight(program: Program, t: Target) -> torch.Tensor:
+    w = program.param(t.weight).detach().to(torch.float32)
+    return w.T.contiguous() if t.kind == "addmm" else w.reshape(t.n, t.k)
+
+
+# ----------------------------------------------------------------------------- allocation
+@dataclass
+class Allocation:
+    bits: dict[str, int]                      # unit -> width
+    scores: dict[str, float]                  # unit -> importance (nan when unscored)
+    rank: dict[str, int]                      # unit -> position in the lowering order (0 = lowered first)
+    average: float
+    notes: list[str] = field(default_factory=list)
+
+
+def allocate_layerwise(units: dict[str, int], scores: dict[str, float], widths: list[int], average: float,
+                       order: str = "importance", seed: int = 0, protected: set[str] = frozenset()) -> Allocation:
+    """Assign a width per unit so that the numel-weighted average is <= `average`, as close as units allow.
+
+    `units`: unit -> number of quantized weights. All units start at the smallest width >= average
+    (`hi`); units are moved to the largest width < hi (`lo`) least important first (`order`:
+    importance = ascending score, reverse = descending, random = shuffled with `seed`), as long
+    as the average stays >= the target; a unit whose move would undershoot is skipped. If the
+    target is still not reached, the skipped unit whose move lands closest below it is moved.
+    `protected` units (no score, outside the blocks) come after every scored unit.
+    """
+    widths = sorted(set(widths))
+    hi = min(w for w in widths if w >= average - 1e-9)
+    lower = [w for w in widths if w < hi]
+    lo = max(lower) if lower else hi
+    scored = [u for u in units if u not in protected]
+    if order == "importance":
+        seq = sorted(scored, key=lambda u: (scores.get(u, 0.0), u))
+    elif order == "reverse":
+        seq = sorted(scored, key=lambda u: (-scores.get(u, 0.0), u))
+    elif order == "random":
+        seq = sorted(scored)
+        random.Random(seed).shuffle(seq)
+    else:
+        raise PassError(f"unknown order {order!r}: use importance, random or reverse")
+    seq += sorted(u for u in units if u in protected)
+    bits = {u: hi for u in units}
+    total = sum(units.values())
+
+    def avg() -> float:
+        return sum(bits[u] * units[u] for u in units) / max(total, 1)
+
+    skipped = []
+    for u in seq:  # lower in order while the average stays at or above the target
+        if avg() <= average + 1e-9:
+            break
+        bits[u] = lo
+        if avg() < average - 1e-9:
+            bits[u] = hi
+            skipped.append(u)
+    if avg() > average + 1e-9 and skipped:
+        # one more unit must go down: the one landing closest below the target (first in order on ties)
+        def landing(u: str) -> float:
+            return avg() - (hi - lo) * units[u] / max(total, 1)
+
+        bits[max(skipped, key=lambda u: (landing(u), -seq.index(u)))] = lo
+    return Allocation(bits, {u: scores.get(u, float("nan")) for u in units}, {u: i for i, u in enumerate(seq)}, avg())
+
+
+def layer_units(program: Program, targets: list[Target]) -> dict[str, str]:
+    """module -> the block it belongs to (its own path when outside every block)."""
+    blocks = [b.path for b in program.blocks()]
+    out = {}
+    for t in targets:
+        unit = next((b for b in blocks if t.module == b or t.module.startswith(b + ".")), t.module)
+        out[t.module] = unit
+    return out
+
+
+def unit_scores(program: Program, ctx: PassContext, kind: str, units: set[str], modules: list[str]) -> tuple[dict[str, float], str]:
+    """Importance per unit from passes.importance.layer (blocks), or per module when there are no blocks."""
+    from .importance.layer import layer_scores, module_outlier_fraction
+
+    try:
+        scores = layer_scores(program, list(ctx.calibration.batches), kind, granularity="block", original=ctx.original)
+        scores = {k: v for k, v in scores.items() if k in units}
+        if scores:
+            return scores, f"layer importance {kind} over {len(scores)} blocks"
+    except PassError:
+        pass
+    scores = module_outlier_fraction(program, modules)
+    return {k: v for k, v in scores.items() if k in units}, "per-module outlier_fraction (the model has no repeated blocks)"
+
+
+# ----------------------------------------------------------------------------- the pass
+@register
+class QuantizePass(Pass):
+    kind = "quantize"
+    establishes = frozenset({"quantized"})
+    requires_absent = {"quantized": "the weights are already quantized (packed); quantize once, last"}
+
+    def check(self, program: Program, ctx: PassContext) -> None:
+        s = self.spec
+        w = s.weights
+        needs_data = []
+        if w is not None and s.method in ("awq", "gptq") and s.activations is None:
+            needs_data.append(f"method {s.method}")
+        if s.activations is not None and (s.activations.mode == "static" or s.activations.smoothquant is not None):
+            needs_data.append("static activation ranges / smoothquant")
+        if s.allocate == "layerwise" and s.importance != "outlier_fraction":
+            needs_data.append(f"layer importance {s.importance}")
+        if needs_data:
+            ctx.calibration.require(f"the quantize pass ({', '.join(needs_data)})")
+        if s.allocate == "uniform" and w is not None and isinstance(w.bits, list):
+            raise PassError(f"weights.bits is a list {w.bits} but allocate is 'uniform': give one width "
+                            "(bits: 4) or set allocate: layerwise with an average")
+        if s.allocate == "layerwise" and (w is None or w.average is None):
+            raise PassError("allocate 'layerwise' needs weights.average (the target average bits, e.g. 3.5)")
+        if s.activations is not None and w is not None and (w.bits != 8 or s.allocate != "uniform"):
+            raise PassError("int8 activations use int8 per-channel weights: set weights.bits: 8 (uniform) "
+                            "or leave weights out")
+
+    def run(self, program: Program, ctx: PassContext) -> PassResult:
+        s = self.spec
+        notes: list[str] = []
+        logical = program.notes.setdefault("logical_numel", {})
+        do_weights = s.weights is not None or s.activations is not None
+        targets = find_targets(program, s.scope, s.exclude, embeddings=s.embeddings is not None)
+        layers = [t for t in targets if t.kind != "embedding"] if do_weights else []
+        embeds = [t for t in targets if t.kind == "embedding"]
+        if not layers and not embeds:
+            raise PassError("quantize found nothing to quantize: no linear/conv weight matches scope "
+                            f"{s.scope or ['linear', 'conv']} (exclude {s.exclude}); check the module globs")
+        symmetric = s.weights.symmetric if s.weights is not None else True
+        group = s.weights.group_size if s.weights is not None else -1
+        rows: list[dict[str, Any]] = []
+        assignment: list[dict[str, Any]] = []
+
+        # -- widths per layer
+        if s.activations is not None:
+            for t in layers:
+                t.bits, t.group_size = 8, t.k
+        elif s.allocate == "layerwise":
+            unit_of = layer_units(program, layers)
+            for t in layers:
+                t.unit = unit_of[t.module]
+            units: dict[str, int] = {}
+            for t in layers:
+                units[t.unit] = units.get(t.unit, 0) + t.numel
+            scores, how = unit_scores(program, ctx, s.importance, set(units), [t.module for t in layers])
+            protected = {u for u in units if u not in scores}
+            alloc = allocate_layerwise(units, scores, list(s.weights.bits), s.weights.average, s.order, s.seed, protected)
+            for t in layers:
+                t.bits = alloc.bits[t.unit]
+            notes.append(f"mixed precision: {how}, order {s.order}; average {alloc.average:.3f} bits over "
+                         f"{sum(units.values())} weights (target {s.weights.average})"
+                         + (f"; {len(protected)} modules outside the blocks lowered last" if protected else ""))
+            for u in sorted(units, key=lambda u: alloc.rank[u]):
+                assignment.append({"layer": u, "importance": round(alloc.scores[u], 5), "lowered_rank": alloc.rank[u],
+                                   "bits": alloc.bits[u], "weights": units[u]})
+            program.notes.setdefault("quantize", {})["allocation"] = {u: alloc.bits[u] for u in units}
+        else:
+            for t in layers:
+                t.bits = int(s.weights.bits)
+        for t in layers:
+            if not t.group_size:
+                t.group_size = effective_group(t.k, group)
+
+        # -- calibration statistics (one run) for AWQ / GPTQ / activations
+        stats: dict[fx.Node, qm.InputStats] = {}
+        want_stats = (s.method in ("awq", "gptq") and s.activations is None) or s.activations is not None
+        if want_stats and not ctx.calibration.from_example:
+            inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
+            stats = qm.collect_input_stats(program, list(ctx.calibration.batches), inputs,
+                                           want_gram=s.method == "gptq" or s.activations is None)
+        for t in layers:
+            if t.kind in ("linear", "addmm"):
+                t.stats_of = self._input(t)
+        if s.method in ("awq", "gptq") and s.activations is None and any(t.kind == "conv" for t in layers):
+            notes.append(f"convolutions use RTN ({s.method} statistics are collected for linear inputs only)")
+
+        # -- input-channel scaling (AWQ, SmoothQuant): one scale vector per shared input
+        scaled: dict[str, torch.Tensor] = {}
+        if stats and ((s.method == "awq" and s.activations is None) or (s.activations is not None and s.activations.smoothquant is not None)):
+            scaled, fold_counts = self._channel_scaling(program, layers, stats, notes)
+            notes.append(f"{'AWQ' if s.activations is None else 'SmoothQuant'} scales: {fold_counts['folded']} inputs folded into "
+                         f"the preceding layer_norm/linear, {fold_counts['inserted']} by an inserted mul")
+
+        # -- quantize and rewrite each layer
+        for t in layers:
+            w = float_weight(program, t)
+            st = stats.get(t.stats_of) if t.stats_of is not None else None
+            if t.module in scaled:
+                w_eff = w * scaled[t.module]
+            else:
+                w_eff = w
+            before = program.param(t.weight).numel() * program.param(t.weight).element_size()
+            if s.activations is not None and t.kind in ("linear", "addmm"):
+                qw, ws = kq.quantize_int8_channel(w_eff)
+                w_hat = (qw.float() * ws.unsqueeze(1))
+                after = self._rewrite_a8(program, t, qw, ws, st, s.activations.mode)
+                method = f"int8 per-channel, activations {s.activations.mode}"
+            else:
+                if s.method == "gptq" and st is not None and st.gram is not None:
+                    qz = qm.gptq(w_eff, st.hessian, t.bits, t.group_size, symmetric)
+                    method = "gptq"
+                elif s.method == "awq" and t.module in scaled:
+                    qz = qm.rtn(w_eff, t.bits, t.group_size, symmetric, clip_search=True)
+                    method = "awq"
+                else:
+                    qz = qm.rtn(w_eff, t.bits, t.group_size, symmetric)
+                    method = "rtn"
+                w_hat = qz.weight()
+                after = self._rewrite_weight(program, t, qz)
+            if t.module in scaled:
+                w_hat = w_hat / scaled[t.module]
+            rows.append({"module": t.module, "op": t.kind, "bits": t.bits, "group": t.group_size, "method": method,
+                         "bytes_before": before, "bytes_after": after, "rel_error": round(qm.output_error(w, w_hat, st), 5)})
+
+        for t in embeds:
+            w = float_weight(program, t)
+            g = effective_group(t.k, group if group != -1 else t.k)
+            qz = qm.rtn(w, int(s.embeddings), g, symmetric)
+            before = program.param(t.weight).numel() * program.param(t.weight).element_size()
+            after = self._rewrite_embedding(program, t, qz)
+            rows.append({"module": t.module, "op": "embedding", "bits": int(s.embeddings), "group": g, "method": "rtn",
+                         "bytes_before": before, "bytes_after": after,
+                         "rel_error": round(float((qz.weight() - w).norm() / w.norm().clamp_min(1e-12)), 5)})
+
+        program.graph.eliminate_dead_code()
+        if any(r["bits"] in (2, 3) for r in rows):
+            notes.append("2- and 3-bit weights are stored packed (uint8 rows) in ONNX and decoded by standard ops "
+                         "(Gather/BitShift/BitwiseAnd); onnxruntime folds the decode at session start, so on disk "
+                         "they cost their packed bits but in memory they run as fp32 MatMul")
+        b0 = sum(r["bytes_before"] for r in rows)
+        b1 = sum(r["bytes_after"] for r in rows)
+        widths = sorted({r["bits"] for r in rows})
+        summary = (f"{len(rows)} tensors quantized ({', '.join(f'{b}-bit' for b in widths)}), "
+                   f"{b0 / 1e6:.2f} MB -> {b1 / 1e6:.2f} MB")
+        details: dict[str, Any] = {"layers": rows}
+        if assignment:
+            details["allocation"] = assignment
+        return PassResult(program, summary=summary, details=details, notes=notes)
+
+    # -- helpers --------------------------------------------------------------------------
+    @staticmethod
+    def _input(t: Target) -> fx.Node:
+        return t.node.args[1] if t.kind == "addmm" else t.node.args[0]
+
+    @staticmethod
+    def _buffers(program: Program, t: Target, tensors: dict[str, torch.Tensor], logical: dict[str, int]) -> dict[str, fx.Node]:
+        """Register the quantized tensors next to the weight (same module) and read them with get_attr."""
+        owner_path = t.weight.rsplit(".", 1)[0] if "." in t.weight else ""
+        owner = program.module.get_submodule(owner_path) if owner_path else program.module
+        base = t.weight.rsplit(".", 1)[-1]
+        nodes = {}
+        for suffix, value in tensors.items():
+            name = f"{base}_{suffix}"
+            while hasattr(owner, name) and name not in owner._buffers:
+                name += "_"
+            owner.register_buffer(name, value.detach().contiguous())
+            target = f"{owner_path}.{name}" if owner_path else name
+            with program.graph.inserting_before(t.node):
+                node = program.graph.get_attr(target)
+            node.meta["val"] = value
+            nodes[suffix] = node
+            program.notes.setdefault("logical_numel", {})[target] = logical.get(suffix, 0)
+        return nodes
+
+    def _rewrite_weight(self, program: Program, t: Target, qz: qm.Quantized) -> int:
+        nodes = self._buffers(program, t, {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros}, {"q": t.numel})
+        node = t.node
+        graph = program.graph
+        with graph.inserting_before(node):
+            if t.kind in ("linear", "addmm"):
+                x = self._input(t)
+                bias = (node.args[2] if len(node.args) > 2 else None) if t.kind == "linear" else node.args[0]
+                new = graph.call_function(torch.ops.rewrite.linear_q.default,
+                                          (x, nodes["q"], nodes["scales"], nodes["zeros"], bias, qz.bits, qz.group_size))
+                new.meta = dict(node.meta)
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+            else:  # conv: dequantize the weight in the graph, same conv
+                shape = list(program.param(t.weight).shape)
+                deq = graph.call_function(torch.ops.rewrite.dequantize_q.default,
+                                          (nodes["q"], nodes["scales"], nodes["zeros"], qz.bits, qz.group_size))
+                deq.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+                w = graph.call_function(aten.reshape.default, (deq, shape))
+                w.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+                old_w = node.args[1]
+                node.args = (node.args[0], w, *node.args[2:])
+                if not old_w.users:
+                    graph.erase_node(old_w)
+        return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel()
+
+    def _rewrite_embedding(self, program: Program, t: Target, qz: qm.Quantized) -> int:
+        nodes = self._buffers(program, t, {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros}, {"q": t.numel})
+        node = t.node
+        with program.graph.inserting_before(node):
+            new = program.graph.call_function(torch.ops.rewrite.embedding_q.default,
+                                              (node.args[1], nodes["q"], nodes["scales"], nodes["zeros"], qz.bits, qz.group_size))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        program.graph.erase_node(node)
+        return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel()
+
+    def _rewrite_a8(self, program: Program, t: Target, qw: torch.Tensor, ws: torch.Tensor,
+                    st: qm.InputStats | None, mode: str) -> int:
+        tensors = {"q": qw, "wscale": ws}
+        if mode == "static":
+            if st is None:
+                raise PassError(f"static activation ranges for {t.module} need calibration batches")
+            lo, hi = min(st.lo, 0.0), max(st.hi, 0.0)
+            scale = max((hi - lo) / 255.0, 1e-8)
+            tensors["xscale"] = torch.tensor(scale, dtype=torch.float32)
+            tensors["xzero"] = torch.tensor(int(min(max(round(-lo / scale), 0), 255)), dtype=torch.uint8)
+        nodes = self._buffers(program, t, tensors, {"q": t.numel})
+        node = t.node
+        x = self._input(t)
+        bias = (node.args[2] if len(node.args) > 2 else None) if t.kind == "linear" else node.args[0]
+        with program.graph.inserting_before(node):
+            if mode == "static":
+                new = program.graph.call_function(torch.ops.rewrite.linear_a8_static.default,
+                                                  (x, nodes["q"], nodes["wscale"], nodes["xscale"], nodes["xzero"], bias))
+            else:
+                new = program.graph.call_function(torch.ops.rewrite.linear_a8_dynamic.default,
+                                                  (x, nodes["q"], nodes["wscale"], bias))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        program.graph.erase_node(node)
+        return qw.numel() + ws.numel() * 4
+
+    def _channel_scaling(self, program: Program, layers: list[Target], stats: dict[fx.Node, qm.InputStats],
+                         notes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Per shared input: choose s (AWQ search or SmoothQuant), scale W by s and x by 1/s.
+
+        x/s is folded into the producer when every user of the input is a scaled linear:
+        a layer_norm (weight and bias / s) or a linear/addmm (rows and bias / s); otherwise
+        an explicit `mul` is inserted before the scaled linears.
+        """
+        s = self.spec
+        by_input: dict[fx.Node, list[Target]] = {}
+        for t in layers:
+            if t.kind in ("linear", "addmm") and t.stats_of in stats:
+                by_input.setdefault(t.stats_of, []).append(t)
+        out: dict[str, torch.Tensor] = {}
+        counts = {"folded": 0, "inserted": 0}
+        for x, group in by_input.items():
+            weights = [float_weight(program, t) for t in group]
+            if s.activations is None:
+                sc, alpha, ratio = qm.awq_scales(weights, stats[x], group[0].bits, group[0].group_size, s.weights.symmetric)
+                if alpha == 0.0:
+                    continue  # no scaling helps: plain (clipped) RTN
+            else:
+                sc = qm.smooth_scales(weights, stats[x], float(s.activations.smoothquant))
+            users_all_scaled = {u for u in x.users} <= {t.node for t in group}
+            if users_all_scaled and self._fold_into_producer(program, x, sc):
+                counts["folded"] += 1
+            else:
+                inv = program.add_constant(f"_qscale_{x.name}", (1.0 / sc).to(torch.float32), before=group[0].node)
+                program.notes.setdefault("logical_numel", {})[str(inv.target)] = 0
+                with program.graph.inserting_before(group[0].node):
+                    mul = program.graph.call_function(aten.mul.Tensor, (x, inv))
+                mul.meta["nn_module_stack"] = group[0].node.meta.get("nn_module_stack", {})
+                for t in group:
+                    idx = 1 if t.kind == "addmm" else 0
+                    args = list(t.node.args)
+                    args[idx] = mul
+                    t.node.args = tuple(args)
+                counts["inserted"] += 1
+            # static ranges were measured on x; the scaled input is x / s
+            st = stats[x]
+            if s.activations is not None:
+                scaled_x = st.x_sample() / sc
+                st.lo, st.hi = float(scaled_x.min()), float(scaled_x.max())
+                full = st.abs_max / sc
+                st.lo, st.hi = min(st.lo, -float(full.max())), max(st.hi, float(full.max()))
+            for t in group:
+                out[t.module] = sc
+        return out, counts
+
+    @staticmethod
+    def _fold_into_producer(program: Program, x: fx.Node, sc: torch.Tensor) -> bool:
+        if x.op != "call_function":
+            return False
+        if x.target in (aten.layer_norm.default,):
+            w, b = (x.args[2] if len(x.args) > 2 else None), (x.args[3] if len(x.args) > 3 else None)
+            if not all(isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1 for a in (w, b)):
+                return False
+            program.set_param(str(w.target), program.param(w) / sc)
+            program.set_param(str(b.target), program.param(b) / sc)
+            return True
+        if x.target in LINEAR_OPS and len(x.args) > 2:
+            w, b = x.args[1], x.args[2]
+            if not all(isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1 for a in (w, b)):
+                return False
+            program.set_param(str(w.target), program.param(w) / sc.unsqueeze(1))
+            program.set_param(str(b.target), program.param(b) / sc)
+            return True
+        return False

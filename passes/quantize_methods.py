@@ -1,0 +1,205 @@
+"""Weight quantizers (RTN, AWQ, GPTQ), SmoothQuant migration, and the calibration statistics they use.
+
+Pure functions on tensors: a weight `W: f32[N, K]` (output rows, input columns, as
+`aten.linear` stores it) goes in; integer levels, per-group scales and zero points come
+out (the layout of `kernels.quant.linear_q`). The statistics come from one streaming run
+over the calibration batches (`collect_input_stats`), on the float model (one shot: the
+inputs of later layers are not re-measured after earlier layers are quantized).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with
+from rewrite.calibration import observe
+from rewrite.inputs import Inputs
+from rewrite.program import Program
+
+SAMPLE_ROWS = 1024  # activation rows kept per input for AWQ's search
+
+
+@dataclass
+class InputStats:
+    """Streaming statistics of one linear input x[..., K] (rows = tokens)."""
+
+    k: int
+    rows: int = 0
+    abs_sum: torch.Tensor | None = None       # sum |x| per channel (AWQ saliency)
+    abs_max: torch.Tensor | None = None       # max |x| per channel (SmoothQuant)
+    gram: torch.Tensor | None = None          # X^T X (GPTQ Hessian / output error)
+    lo: float = float("inf")                  # per-tensor range (static int8 activations)
+    hi: float = float("-inf")
+    sample: list[torch.Tensor] = field(default_factory=list)
+
+    def update(self, x: torch.Tensor, want_gram: bool) -> None:
+        x = x.detach().reshape(-1, self.k).to(torch.float32)
+        a = x.abs()
+        self.abs_sum = a.sum(0) if self.abs_sum is None else self.abs_sum + a.sum(0)
+        self.abs_max = a.amax(0) if self.abs_max is None else torch.maximum(self.abs_max, a.amax(0))
+        if want_gram:
+            g = x.T.double() @ x.double()
+            self.gram = g if self.gram is None else self.gram + g
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        kept = sum(s.shape[0] for s in self.sample)
+        if kept < SAMPLE_ROWS:
+            step = max(1, x.shape[0] // max(1, SAMPLE_ROWS // 4))
+            self.sample.append(x[::step][: SAMPLE_ROWS - kept].clone())
+        self.rows += x.shape[0]
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return (self.gram / max(self.rows, 1)).to(torch.float32)
+
+    def x_sample(self) -> torch.Tensor:
+        return torch.cat(self.sample, 0)
+
+
+class _Collector:
+    def __init__(self, inputs: dict[fx.Node, int], want_gram: bool):
+        self.inputs = inputs
+        self.want_gram = want_gram
+        self.stats: dict[fx.Node, InputStats] = {n: InputStats(k) for n, k in inputs.items()}
+
+    def nodes(self, program: Program) -> list[fx.Node]:
+        return list(self.inputs)
+
+    def update(self, node: fx.Node, value: Any, batch: Inputs) -> None:
+        if isinstance(value, torch.Tensor):
+            self.stats[node].update(value, self.want_gram)
+
+
+def collect_input_stats(program: Program, batches: list[Inputs], inputs: dict[fx.Node, int], *,
+                        want_gram: bool) -> dict[fx.Node, InputStats]:
+    """One calibration run: statistics of each node in `inputs` (node -> its last-dim size K)."""
+    col = _Collector(inputs, want_gram)
+    observe(program, batches, [col], desc="quantize: calibrating")
+    return col.stats
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Quantized:
+    """One quantized weight in the kernel's layout, plus what the report shows."""
+
+    qweight: torch.Tensor   # u8[N, ceil(K*bits/8)]
+    scales: torch.Tensor    # f32[N, K//g]
+    zeros: torch.Tensor     # u8[N, K//g]
+    bits: int
+    group_size: int
+    k: int
+
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.k)
+
+
+def _pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, g: int) -> Quantized:
+    return Quantized(pack(q.to(torch.uint8), bits), scales.to(torch.float32).contiguous(),
+                     zeros.to(torch.uint8).contiguous(), bits, g, q.shape[1])
+
+
+def rtn(w: torch.Tensor, bits: int, g: int, symmetric: bool, clip_search: bool = False) -> Quantized:
+    """Round to nearest per group (min/max range; `clip_search` shrinks ranges by weight MSE)."""
+    q, s, z = quantize_groups(w, bits, g, symmetric, clip_search=clip_search)
+    return _pack(q, s, z, bits, g)
+
+
+# ----------------------------------------------------------------------------- AWQ
+def awq_scales(weights: list[torch.Tensor], stats: InputStats, bits: int, g: int, symmetric: bool,
+               grid: int = 11) -> tuple[torch.Tensor, float, float]:
+    """AWQ: per-input-channel scales s = mean|x|^alpha (normalised), alpha searched on calibration data.
+
+    The linears in `weights` share one input (q/k/v): one s for all of them, chosen to
+    minimise the summed output error ||x W^T - (x/s) Q(W s)^T||^2 on sampled rows.
+    Returns (s, best alpha, error ratio best/alpha=0).
+    """
+    x = stats.x_sample()
+    ref = [x @ w.T for w in weights]
+    saliency = stats.mean_abs.clamp_min(1e-8)
+    best = (torch.ones_like(saliency), 0.0, float("inf"))
+    base = None
+    for i in range(grid):
+        alpha = i / (grid - 1)
+        s = saliency.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, r in zip(weights, ref):
+            wq = rtn(w * s, bits, g, symmetric).weight() / s
+            err += float(((x @ wq.T - r) ** 2).sum())
+        if base is None:
+            base = err
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], best[2] / max(base or 1.0, 1e-30)
+
+
+# ----------------------------------------------------------------------------- GPTQ
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: bool,
+         damp: float = 0.01, block: int = 128) -> Quantized:
+    """GPTQ: quantize column by column, spreading each column's error over the later columns
+    through the inverse Hessian's Cholesky factor (lazy batch updates of `block` columns).
+    Group scales are taken from the already-updated weights when a group starts."""
+    w = w.detach().to(torch.float32).clone()
+    n, k = w.shape
+    h = hessian.detach().to(torch.float32).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(k) * damp * torch.diag(h).mean()
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError:  # not positive definite even after damping: more damping
+        h += torch.eye(k) * 0.1 * torch.diag(h).mean()
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    block = max(g, (block // g) * g) if g <= block else g
+    q_all = torch.zeros(n, k)
+    scales = torch.zeros(n, k // g)
+    zeros = torch.zeros(n, k // g)
+    scale = zero = None
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                grp = w1[:, i:i + g] if i + g <= i2 - i1 else torch.cat([w1[:, i:], w[:, i2:col + g]], 1)
+                scale, zero = group_params(grp, bits, symmetric)
+                scales[:, col // g], zeros[:, col // g] = scale, zero
+            wc = w1[:, i]
+            q = quantize_with(wc.unsqueeze(-1), scale, zero, bits).squeeze(-1)
+            wq = (q - zero) * scale
+            q_all[:, col] = q
+            e = (wc - wq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return _pack(q_all, scales, zeros, bits, g)
+
+
+# ----------------------------------------------------------------------------- SmoothQuant
+def smooth_scales(weights: list[torch.Tensor], stats: InputStats, alpha: float) -> torch.Tensor:
+    """SmoothQuant: s_j = max|x_j|^alpha / max|W_j|^(1-alpha); x/s and W*s (outliers move into W)."""
+    w_max = torch.stack([w.abs().amax(0) for w in weights]).amax(0).clamp_min(1e-5)
+    s = stats.abs_max.clamp_min(1e-5).pow(alpha) / w_max.pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats | None) -> float:
+    """Relative output error tr(dW H dW^T) / tr(W H W^T) on calibration inputs (weight error without)."""
+    d = (w_hat - w).to(torch.float32)
+    if stats is None or stats.gram is None:
+        return float(d.norm() / w.norm().clamp_min(1e-12))
+    h = stats.hessian
+    num = float(((d @ h) * d).sum())
+    den = float(((w @ h) * w).sum())
+    return (max(num, 0.0) / max(den, 1e-30)) ** 0.5
