@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile
@@ -50,8 +51,9 @@ MIXED = lambda avg, order, widths=(2, 4): q({"bits": list(widths), "average": av
 CONFIGS: dict[str, dict | str] = {  # in run order: the rows the targets need come first
     "fp32": "fp32",
     "ort_quantize_dynamic": "peer",
-    "w8a8_dynamic": q(None, activations={"mode": "dynamic"}, embeddings=8),
+    "w8a8_dynamic": q(None, activations={"mode": "dynamic"}, embeddings=8),  # verify: see VERIFY
     "w4_gptq_e4": q({"bits": 4, "group_size": 32}, method="gptq", embeddings=4),
+    "w4_gptq_g128_e4row": q({"bits": 4, "group_size": 128}, method="gptq", embeddings=4, embeddings_group_size=-1),
     "ort_matmulnbits_int4": "peer",
     "mixed3.0_importance": MIXED(3.0, "importance"),
     "mixed3.0_random": MIXED(3.0, "random"),
@@ -67,6 +69,9 @@ CONFIGS: dict[str, dict | str] = {  # in run order: the rows the targets need co
     "w4_awq_e8": q({"bits": 4, "group_size": 32}, method="awq", embeddings=8),
     "w4_gptq_e8": q({"bits": 4, "group_size": 32}, method="gptq", embeddings=8),
 }
+VERIFY = {"w8a8_dynamic": {"backend_rtol": 0.15}}
+"""int8 activations: rounding flips from 1e-7 float differences add up over layers (see
+specs/quantize-w8a8.yaml); each int8 op itself matches onnxruntime exactly."""
 TORCH_ONLY = {n for n in CONFIGS if n.startswith("mixed")} | {"w4_awq_e8", "w4_rtn_e8"}
 """Scored on the rewritten torch module (no export) to fit the run in the time budget; the
 export of these graphs is covered by tests (same ops, matched to 1e-4 in onnxruntime)."""
@@ -98,6 +103,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated config names")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--out", default="")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse rows (and exports) saved in --out by an earlier run; latency is always re-measured")
     args = ap.parse_args()
     torch.set_num_threads(2)
     names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
@@ -112,7 +119,15 @@ def main() -> None:
     fns = {}
     for name in names:
         try:
-            _run_one(name, model, tok, calib, example, folder, rows, fns)
+            saved = folder / f"{name}.json"
+            if args.reuse and saved.exists():
+                rows[name] = json.loads(saved.read_text())
+                if rows[name].get("scored_on") == "onnxruntime":
+                    fns[name] = ort_callable(str(folder / f"{name}.onnx"))
+                print(f"[{name}] reused {saved}", flush=True)
+            else:
+                _run_one(name, model, tok, calib, example, folder, rows, fns)
+                saved.write_text(json.dumps(rows[name]))
             if name in fns and name != "fp32" and "fp32" in fns:
                 _latency({"fp32": fns["fp32"], name: fns[name]}, tok, rows, args.rounds)
         except Exception as exc:  # noqa: BLE001 - one failing row must not lose the others
@@ -131,7 +146,8 @@ def _run_one(name, model, tok, calib, example, folder, rows, fns) -> None:
             _peer(name, str(folder / "fp32.onnx"), path)
         else:
             passes = [{"kind": "cleanup"}] + ([] if cfg == "fp32" else [cfg])
-            out = rewrite.compile(model, {"passes": passes, "calibration": {"samples": 128, "batch_size": 16}},
+            out = rewrite.compile(model, {"passes": passes, "calibration": {"samples": 128, "batch_size": 16},
+                                          "verify": VERIFY.get(name, {})},
                                   example_inputs=example, calibration=calib)
             last = out.report.passes[-1]
             row["weights_mb"] = last.cost.weight_bytes / 1e6

@@ -112,11 +112,13 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                    clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    clip_search: bool = False, fp16_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: f32[N, K] -> (q u8[N, K], scales f32[N, K//g], zeros u8[N, K//g]).
 
     `clip_search` tries shrinking each group's range (1.0 down to 0.5) and keeps the ratio
     with the smallest squared weight error (helps at 2-3 bits, where outliers waste levels).
+    `fp16_scales` rounds scales to float16-representable values (still f32 tensors) so that a
+    backend may store them in half the bytes with identical numerics.
     """
     n, k = w.shape
     if k % group_size:
@@ -132,6 +134,8 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)
             zero = torch.where(better, z, zero)
+    if fp16_scales:
+        scale = scale.clamp(6.2e-5, 6.0e4).half().float()
     q = quantize_with(wg, scale, zero, bits).reshape(n, k)
     return q.to(torch.uint8), scale, zero.to(torch.uint8)
 

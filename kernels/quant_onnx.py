@@ -182,6 +182,10 @@ def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, ze
     n, ngroups = scales.shape
     k = ngroups * g
     s_name = b.const("scales", scales.astype(np.float32))
+    half = scales.astype(np.float16)
+    if np.isfinite(half).all() and np.array_equal(half.astype(np.float32), scales.astype(np.float32)):
+        # scales that are exact in float16 are stored in half the bytes (cast back once at load)
+        s_name = b.op("Cast", [b.const("scales_f16", half)], to=TensorProto.FLOAT)
     if bits in (4, 8):  # standard blocked DequantizeLinear
         if bits == 4:
             # ONNX packs uint4 over the flat tensor; our rows are byte-aligned (differs when K is odd)

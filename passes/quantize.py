@@ -324,8 +324,10 @@ class QuantizePass(Pass):
 
         for t in embeds:
             w = float_weight(program, t)
-            g = effective_group(t.k, group if group != -1 else t.k)
-            qz = qm.rtn(w, int(s.embeddings), g, symmetric)
+            eg = s.embeddings_group_size if s.embeddings_group_size is not None else group
+            g = effective_group(t.k, eg)
+            # fp16-exact scales: the ONNX table stores them as float16 (DequantizeLinear path)
+            qz = qm.rtn(w, int(s.embeddings), g, symmetric, clip_search=True, fp16_scales=True)
             before = program.param(t.weight).numel() * program.param(t.weight).element_size()
             after = self._rewrite_embedding(program, t, qz)
             rows.append({"module": t.module, "op": "embedding", "bits": int(s.embeddings), "group": g, "method": "rtn",

@@ -106,9 +106,9 @@ def _pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                      zeros.to(torch.uint8).contiguous(), bits, g, q.shape[1])
 
 
-def rtn(w: torch.Tensor, bits: int, g: int, symmetric: bool, clip_search: bool = False) -> Quantized:
+def rtn(w: torch.Tensor, bits: int, g: int, symmetric: bool, clip_search: bool = False, fp16_scales: bool = False) -> Quantized:
     """Round to nearest per group (min/max range; `clip_search` shrinks ranges by weight MSE)."""
-    q, s, z = quantize_groups(w, bits, g, symmetric, clip_search=clip_search)
+    q, s, z = quantize_groups(w, bits, g, symmetric, clip_search=clip_search, fp16_scales=fp16_scales)
     return _pack(q, s, z, bits, g)
 
 

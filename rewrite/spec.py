@@ -182,6 +182,8 @@ class QuantizeSpec(StrictModel):
     scope: list[str] | None = None
     exclude: list[str] = []
     embeddings: Literal[None, 4, 8] = None
+    embeddings_group_size: Annotated[int | None, Field(ge=-1)] = None
+    """Group size of embedding tables along the embedding dim (-1: one group per row); None: weights.group_size."""
     activations: ActivationQuantSpec | None = None
 
     @model_validator(mode="after")
