@@ -15,7 +15,6 @@ fidelity after each removal (the trajectory).
 from __future__ import annotations
 
 import fnmatch
-import math
 
 from rewrite.errors import PassError
 from rewrite.passmanager import Pass, PassContext, PassResult, register
@@ -72,12 +71,14 @@ class SkipPass(Pass):
         if isinstance(spec.layers, list):
             chosen = [r for r in cands.regions if any(fnmatch.fnmatchcase(r.key, k) for k in spec.layers)]
             first = score_regions(program, chosen, calib, spec.importance, original=ctx.original)
+            per_step = [first]
             steps = [(r, first[r.key]) for r in chosen]
             search = "explicit"
         else:
             k = _count(spec.layers, len(free))
             first = score_regions(program, free, calib, spec.importance, original=ctx.original)
             steps = []
+            per_step: list[dict[str, float]] = [first]
             if spec.search == "oneshot":
                 ranked = sorted(free, key=lambda r: first[r.key])
                 steps = [(r, first[r.key]) for r in ranked[:k]]
@@ -88,6 +89,7 @@ class SkipPass(Pass):
                     if i:
                         trial = bypassed(program, [r for r, _ in steps])
                         scores = score_regions(trial, left, calib, spec.importance, original=ctx.original)
+                        per_step.append(scores)
                     best = min(left, key=lambda r: scores[r.key])
                     steps.append((best, scores[best.key]))
                     left.remove(best)
@@ -101,9 +103,15 @@ class SkipPass(Pass):
             trajectory.append({"step": i + 1, "removed": steps[i][0].key, "score": round(steps[i][1], 6),
                                "holdout cosine": round(cos, 6), "holdout drop": round(1 - cos, 6)})
         order = {r.key: i + 1 for i, (r, _) in enumerate(steps)}
-        table = [{"candidate": r.key, f"{spec.importance} (first)": round(first.get(r.key, math.nan), 6),
-                  "protected": _protected(r, spec.protect), "removed at step": order.get(r.key, "")}
-                 for r in cands.regions]
+        table = []
+        for r in cands.regions:
+            row: dict = {"candidate": r.key}
+            for i, sc in enumerate(per_step):  # greedy: the scores each step re-measured
+                row[f"{spec.importance} (step {i + 1})" if len(per_step) > 1 else spec.importance] = (
+                    round(sc[r.key], 6) if r.key in sc else "")
+            row["protected"] = _protected(r, spec.protect)
+            row["removed at step"] = order.get(r.key, "")
+            table.append(row)
         removed_nodes = skip_regions(program, [r for r, _ in steps])
         program.notes.pop(ALIAS_NOTE, None)  # node names change at the next recapture
         program.notes.setdefault("skip", []).extend(

@@ -18,14 +18,29 @@ from rewrite.passmanager import PassContext
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
 
-def _skip(z, program=None, **kw):
-    """Run the skip pass alone (no recapture), as the pass manager would, on a fresh capture."""
-    spec = Spec.parse({"passes": [{"kind": "skip", **kw}]})
-    original = Program.capture(z.model, z.example)
-    canonicalize(original)
-    p = original.clone() if program is None else program
+_CAPTURED: dict[tuple[str, int], tuple[zoo.ZooModel, Program]] = {}
+
+
+def _zoo(name, batches=2):
+    """A zoo model and its canonicalised capture, captured once per test session (capture is the slow part)."""
+    if (name, batches) not in _CAPTURED:
+        z = zoo.load(name, calibration_batches=batches)
+        p = Program.capture(z.model, z.example)
+        canonicalize(p)
+        _CAPTURED[name, batches] = (z, p)
+    return _CAPTURED[name, batches]
+
+
+def _spec(**kw):
+    return Spec.parse({"passes": [{"kind": "skip", **kw}]})
+
+
+def _skip(z, **kw):
+    """Run the skip pass alone (no recapture), as the pass manager would, on a copy of the capture."""
+    z, original = _zoo(z.name, len(z.calibration))
+    spec = _spec(**kw)
     ctx = PassContext(spec=spec, calibration=CalibrationData.from_user(z.calibration, z.example), original=original)
-    res = SkipPass(spec.passes[0]).run(p, ctx)
+    res = SkipPass(spec.passes[0]).run(original.clone(), ctx)
     res.program.finalize()
     return original, res
 
@@ -39,7 +54,7 @@ def _weights(p):
     ("resnet", ["encoder.stages.0.layers.1"]), ("convnext", ["encoder.stages.1.layers.1"]),
 ])
 def test_zoo_skip_exports_and_matches_onnxruntime(name, layers, tmp_path):
-    z = zoo.load(name, calibration_batches=2)
+    z, _ = _zoo(name)
     original, res = _skip(z, layers=layers, importance="outlier_fraction", search="oneshot")
     p = res.program
     assert res.details["removed"] == layers
@@ -51,8 +66,8 @@ def test_zoo_skip_exports_and_matches_onnxruntime(name, layers, tmp_path):
 
 
 def test_bert_block_skip_equals_removing_the_layer():
-    z = zoo.load("bert", calibration_batches=2)
-    _, res = _skip(z, layers=["encoder.layer.1"], importance="block_influence")
+    _, res = _skip(_zoo("bert")[0], layers=["encoder.layer.1"], importance="block_influence")
+    z = zoo.load("bert", calibration_batches=2)  # a fresh model to cut
     z.model.encoder.layer = torch.nn.ModuleList([m for i, m in enumerate(z.model.encoder.layer) if i != 1])
     b = z.calibration[0]
     with torch.no_grad():
@@ -83,7 +98,7 @@ def _identity_branch(module):
     ("llama", "mlp", "layers.1.mlp", "layers.1.mlp", _zero_branch),
 ])
 def test_branch_skip_equals_removing_the_branch(name, granularity, key, module, hook, tmp_path):
-    z = zoo.load(name, calibration_batches=2)
+    z, _ = _zoo(name)
     _, res = _skip(z, layers=[key], granularity=granularity)
     assert res.details["removed"] == [key]
     handle = hook(z.model.get_submodule(module))
@@ -101,7 +116,7 @@ def test_branch_skip_equals_removing_the_branch(name, granularity, key, module, 
 
 
 def test_greedy_trajectory_rescores_on_the_program_with_earlier_removals():
-    z = zoo.load("llama", calibration_batches=3)
+    z, _ = _zoo("llama", 3)
     original, res = _skip(z, layers=2, importance="fidelity_drop", search="greedy", granularity="mlp")
     traj = res.details["trajectory"]
     assert [t["step"] for t in traj] == [1, 2]
@@ -124,7 +139,7 @@ def test_greedy_trajectory_rescores_on_the_program_with_earlier_removals():
 
 
 def test_protect_and_fraction():
-    z = zoo.load("gpt2", calibration_batches=2)
+    z, _ = _zoo("gpt2")
     _, res = _skip(z, layers=0.5, importance="block_influence", search="oneshot", protect=["h.0", "h.2"])
     assert res.details["removed"] == ["h.1"]
     rows = {r["candidate"]: r for r in res.details["candidates"]}
@@ -135,17 +150,19 @@ def test_clear_errors():
     z = zoo.load("mlp", calibration_batches=2)
     with pytest.raises(PassError, match="no skippable block"):
         rewrite.compile(z.model, {"passes": [{"kind": "skip"}]}, example_inputs=z.example, calibration=z.calibration)
-    r = zoo.load("resnet", calibration_batches=2)
+
+    def check(name, **kw):
+        zz, p = _zoo(name)
+        spec = _spec(**kw)
+        ctx = PassContext(spec=spec, calibration=CalibrationData.from_user(zz.calibration, zz.example), original=p)
+        SkipPass(spec.passes[0]).check(p, ctx)
+
     with pytest.raises(PassError, match="no attention branch.*conv branches"):
-        rewrite.compile(r.model, {"passes": [{"kind": "skip", "granularity": "attention"}]}, example_inputs=r.example,
-                        calibration=r.calibration)
-    b = zoo.load("bert", calibration_batches=2)
+        check("resnet", granularity="attention")
     with pytest.raises(PassError, match="not skippable block regions"):
-        rewrite.compile(b.model, {"passes": [{"kind": "skip", "layers": ["encoder.layer.9"]}]}, example_inputs=b.example,
-                        calibration=b.calibration)
+        check("bert", layers=["encoder.layer.9"])
     with pytest.raises(PassError, match="only 1 are candidates"):
-        rewrite.compile(b.model, {"passes": [{"kind": "skip", "layers": 2, "protect": ["encoder.layer.0", "encoder.layer.2"]}]},
-                        example_inputs=b.example, calibration=b.calibration)
+        check("bert", layers=2, protect=["encoder.layer.0", "encoder.layer.2"])
 
 
 @pytest.mark.parametrize("spec_file,model", [("skip-blocks.yaml", "bert"), ("skip-branches.yaml", "llama")])
