@@ -17,17 +17,21 @@ provider when a GPU is there).
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# run as a script, this folder comes first on sys.path, and benchmarks/token.py would shadow
+# the stdlib `token` module (numpy/inspect import it): put the repository root there instead
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # K x N
 ROWS = [1, 16, 128]

@@ -28,6 +28,8 @@ def schedule_kernels(mod: Any, target: Any) -> Any:
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
             continue
+        if "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"]):
+            continue  # tuned by MetaSchedule
         try:
             out[gv] = schedule_llvm(func)
         except Exception as exc:  # noqa: BLE001 - the unscheduled kernel is still correct
@@ -160,3 +162,39 @@ def kernel_source(lib: Any) -> str:
             texts.append(m.inspect_source())
         todo.extend(list(m.imports))
     return "\n".join(texts)
+
+
+def tune_kernel(func: Any, target: Any = "llvm", trials: int = 32, work_dir: str | None = None) -> Any:
+    """MetaSchedule one kernel with at most `trials` measured candidates; returns the compiled module.
+
+    Measuring runs on the target's device (llvm: this CPU; cuda: needs a GPU and a TVM runtime with CUDA).
+    """
+    import tempfile
+
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from backends.tvm import make_target
+
+    tgt = with_num_cores(make_target(target))
+    mod = tvm.IRModule({"main": func.without_attr(KERNEL_ATTR)})
+    work = work_dir or tempfile.mkdtemp(prefix="rewrite-ms-")
+    db = ms.tir_integration.tune_tir(mod, tgt, work, max_trials_global=trials,
+                                     num_trials_per_iter=min(64, max(1, trials)))
+    sch = ms.tir_integration.compile_tir(db, mod, tgt)
+    if sch is None:  # nothing valid measured within the budget: the default schedule
+        return build_kernel(func, tgt)
+    return tvm.compile(sch.mod, target=tgt)
+
+
+def with_num_cores(target: Any) -> Any:
+    """MetaSchedule needs "num-cores" on CPU targets: this machine's physical cores."""
+    import os
+
+    import tvm
+
+    if target.kind.name != "llvm" or "num-cores" in target.attrs:
+        return target
+    cfg = dict(target.export())
+    cfg["num-cores"] = max(1, (os.cpu_count() or 2))
+    return tvm.target.Target(cfg)
