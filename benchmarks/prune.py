@@ -115,6 +115,8 @@ def accuracy(args) -> list[dict]:
     # config-major order (both ratios per config), most informative first, so partial runs are useful
     configs = [(kinds[0], "lstsq"), ("torch-pruning", None)] + [(k, "lstsq") for k in kinds[1:]]
     configs += [(k, False) for k in args.plain.split(",") if k]
+    if args.peer_only:
+        configs = [("torch-pruning", None)]
     for kind, comp in configs:
         for ratio in args.ratios:
             t = time.time()
@@ -327,6 +329,7 @@ def main() -> None:
     ap.add_argument("--plain", default="magnitude,wanda", help="kinds also run without compensation")
     ap.add_argument("--samples", type=int, default=256, help="calibration sentences (STS-B train)")
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--peer-only", action="store_true", help="accuracy: only the uncompressed model and Torch-Pruning")
     args = ap.parse_args()
     torch.set_num_threads(2)
     for s in args.sections.split(","):
