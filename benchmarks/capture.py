@@ -4,6 +4,14 @@
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# Run as a script, this folder is sys.path[0] and benchmarks/token.py would shadow the
+# standard library's `token` module: drop the folder, keep the repo root importable.
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _HERE] + [_os.path.dirname(_HERE)]
+
 import argparse
 import tempfile
 import time

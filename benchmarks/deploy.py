@@ -9,6 +9,14 @@ technique, the peers, the composed deploy spec and `budget: {latency: 0.5}`. Wit
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
+
+# Run as a script, this folder is sys.path[0] and benchmarks/token.py would shadow the
+# standard library's `token` module: drop the folder, keep the repo root importable.
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _HERE] + [_os.path.dirname(_HERE)]
+
 import argparse
 import copy
 import statistics
