@@ -39,3 +39,11 @@ def test_cleanup_can_be_disabled_piecewise():
     z = zoo.load("mlp")
     out = rewrite.compile(z.model, {"passes": [{"kind": "cleanup", "dropout": False}]}, example_inputs=z.example)
     assert _count(out.module, "dropout") == 1
+
+
+def test_cleanup_after_quantize_keeps_weights_packed():
+    z = zoo.load("rescat_cnn")
+    spec = {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": -1}}, {"kind": "cleanup"}]}
+    out = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration)
+    assert _count(out.module, "rewrite.") > 0
+    assert any(t.dtype == torch.uint8 for t in out.program.params().values())
