@@ -1,0 +1,19 @@
+"""The budget allocator picks rewrites jointly to meet a whole-model budget."""
+import rewrite
+from rewrite import zoo
+
+
+def test_flops_budget_is_met_and_the_plan_is_reported(tmp_path):
+    z = zoo.load("bert", calibration_batches=4)
+    out = rewrite.compile(z.model, {"passes": [{"kind": "cleanup"}], "budget": {"flops": 0.7}},
+                          example_inputs=z.example, calibration=z.calibration)
+    record = out.report.passes[-1]
+    assert record.kind == "budget"
+    plans = record.details["plans (chosen and rejected)"]
+    chosen = [p for p in plans if p["verdict"] == "chosen"]
+    assert len(chosen) == 1 and chosen[0]["measured_flops"] <= 0.7 * 1.1
+    assert out.report.after.flops <= 0.7 * 1.1 * out.report.before.flops
+    # every candidate that was cheaper in predicted drop was tried first
+    assert chosen[0]["predicted_drop"] <= min(p["predicted_drop"] for p in plans)
+    assert {k["technique"] for k in record.details["cost table (each setting alone)"]} >= {"skip", "neuron", "head", "token"}
+    assert out.export(tmp_path / "b.onnx").verified
