@@ -61,6 +61,9 @@ class OnnxExportSpec(StrictModel):
     """Keep batch and sequence dimensions dynamic in the exported model."""
     external_data: Literal["auto", True, False] = "auto"
     """Store weights next to the model file; 'auto' does so above 1 GiB of weights."""
+    debug_metadata: bool = False
+    """Keep torch's per-node metadata (stack traces, module scopes): about 2.5 KB per node, so
+    off by default; turn on to trace an ONNX node back to the Python line that made it."""
 
 
 class ExportSpec(StrictModel):
@@ -202,7 +205,10 @@ class SkipSpec(StrictModel):
     layers: Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0.0, lt=1.0)], list[str]] = 1
     granularity: Literal["block", "attention", "mlp"] = "block"
     importance: LayerImportance = "fidelity_drop"
-    search: Literal["oneshot", "greedy"] = "greedy"
+    search: Literal["oneshot", "greedy", "beam"] = "beam"
+    """oneshot: rank once; greedy: remove one at a time, re-scoring; beam: greedy that keeps the
+    `beam_width` best partial sets at each step (finds pairs greedy misses)."""
+    beam_width: Annotated[int, Field(ge=1, le=64)] = 4
     protect: list[str] = []
 
 

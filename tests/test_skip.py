@@ -8,8 +8,8 @@ import rewrite
 from backends.onnx import export_onnx
 from passes.canonicalize import canonicalize
 from passes.importance.layer import mean_output_cosine, output_cosine
-from passes.skip import SkipPass
-from passes.skip_blocks import find_regions
+from passes.skip import SkipPass, beam_search
+from passes.skip_blocks import Region, find_regions
 from rewrite import Program, Spec, zoo
 from rewrite.calibration import CalibrationData
 from rewrite.errors import PassError
@@ -183,3 +183,39 @@ def test_output_cosine_masks_padding():
     c[1, -4:] = -a[1, -4:]  # differs only on padding positions
     s, n = output_cosine(a, c, b)
     assert n == float(b.kwargs["attention_mask"].sum()) and s == pytest.approx(n)
+
+
+def _region(key):
+    return Region(key=key, block=key, kind="block", stream_in="", stream_out="", nodes=(), weights=())
+
+
+def test_beam_search_finds_the_pair_greedy_misses():
+    # MiniLM's pattern: L2 is the best single block, but the best pair is (L1, L3)
+    regions = [_region(f"L{i}") for i in range(4)]
+    pair_drop = {frozenset({"L1", "L3"}): 0.10, frozenset({"L1", "L2"}): 0.12, frozenset({"L2", "L3"}): 0.15}
+
+    def score(removed, left):  # cumulative: the drop with the whole set removed
+        if not removed:
+            return {"L0": 0.5, "L1": 0.06, "L2": 0.05, "L3": 0.07}
+        return {r.key: pair_drop.get(frozenset({removed[0].key, r.key}), 0.9) for r in left}
+
+    greedy, _ = beam_search(regions, 2, score, width=1, cumulative=True)
+    beam, history = beam_search(regions, 2, score, width=3, cumulative=True)
+    assert [r.key for r, _ in greedy] == ["L2", "L1"]
+    assert {r.key for r, _ in beam} == {"L1", "L3"} and beam[-1][1] == pytest.approx(0.10)
+    assert len(history) == 2 and set(history[1]) == {"L0", "L2", "L3"}  # the path's second-step scores
+    # non-cumulative scores add up along the path
+    added, _ = beam_search(regions, 2, lambda removed, left: {r.key: float(r.key[1]) for r in left},
+                           width=2, cumulative=False)
+    assert [r.key for r, _ in added] == ["L0", "L1"]
+
+
+def test_beam_search_on_a_model_never_does_worse_than_greedy():
+    z, _ = _zoo("llama", 3)
+    original, greedy = _skip(z, layers=2, importance="fidelity_drop", search="greedy", granularity="mlp")
+    _, beam = _skip(z, layers=2, importance="fidelity_drop", search="beam", beam_width=3, granularity="mlp")
+    assert beam.details["search"] == "beam" and len(beam.details["removed"]) == 2
+    calib = CalibrationData.from_user(z.calibration, z.example)
+    drop = {name: 1 - mean_output_cosine(original, res.program, calib.batches) for name, res in
+            (("greedy", greedy), ("beam", beam))}
+    assert drop["beam"] <= drop["greedy"] + 1e-6
