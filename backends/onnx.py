@@ -54,14 +54,42 @@ def to_onnx_proto(program: Program, *, opset: int = 21, dynamic: bool = True) ->
     return proto
 
 
+def strip_debug_metadata(proto: Any) -> None:
+    """Drop per-node doc strings and metadata (torch's stack traces and scopes) in place.
+
+    They do not change what runs, but cost about 2.5 KB per node: 0.4 MB on a 6-layer
+    MiniLM, a few percent of a 4-bit model's file.
+    """
+    def strip(graph: Any) -> None:
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    strip(attr.g)
+                for g in attr.graphs:
+                    strip(g)
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            vi.doc_string = ""
+            del vi.metadata_props[:]
+
+    strip(proto.graph)
+    for fn in proto.functions:
+        for node in fn.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+
+
 def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool = True, external_data: Any = "auto",
-                verify: bool = True, verify_inputs: Sequence[Inputs] = (), rtol: float = 1e-4) -> ExportRecord:
+                debug_metadata: bool = False, verify: bool = True, verify_inputs: Sequence[Inputs] = (), rtol: float = 1e-4) -> ExportRecord:
     import onnx
 
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     proto = to_onnx_proto(program, opset=opset, dynamic=dynamic)
+    if not debug_metadata:
+        strip_debug_metadata(proto)
     weight_bytes = sum(t.numel() * t.element_size() for t in program.params().values())
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data == "auto" else bool(external_data)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -54,6 +54,8 @@ CONFIGS: dict[str, dict | str] = {  # in run order: the rows the targets need co
     "w8a8_dynamic": q(None, activations={"mode": "dynamic"}, embeddings=8),  # verify: see VERIFY
     "w4_gptq_e4": q({"bits": 4, "group_size": 32}, method="gptq", embeddings=4),
     "w4_gptq_g128_e4row": q({"bits": 4, "group_size": 128}, method="gptq", embeddings=4, embeddings_group_size=-1),
+    "w4_gptq_g128sym_e4row": q({"bits": 4, "group_size": 128, "symmetric": True}, method="gptq", embeddings=4,
+                               embeddings_group_size=-1),
     "ort_matmulnbits_int4": "peer",
     "mixed3.0_importance": MIXED(3.0, "importance"),
     "mixed3.0_random": MIXED(3.0, "random"),

@@ -15,7 +15,8 @@ needs its weights re-laid out:
      the packed bytes by Gather + BitShift + BitwiseAnd (+ BitwiseOr for values that straddle
      two bytes), then (q - zero) * scale. All of it depends only on initializers, so
      onnxruntime folds it once at session start and the file keeps the packed bytes.
-   - embedding_q: the same dequantization of the table, then Gather.
+   - embedding_q: Gather the packed rows, scales and zeros of the ids, then decode those
+     rows only (the table is never dequantized at run time).
    - linear_a8_dynamic: DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add), the
      pattern onnxruntime fuses into its int8 kernels (as `quantize_dynamic` emits it);
      linear_a8_static: QuantizeLinear with the calibrated scale instead.
@@ -175,18 +176,63 @@ def _unpack_rows(qweight: np.ndarray, bits: int, k: int) -> np.ndarray:
     return unpack(torch.from_numpy(np.ascontiguousarray(qweight)), bits, k).numpy()
 
 
+def _symmetric(zeros: np.ndarray, bits: int) -> bool:
+    """Every zero point is the midpoint 2**(bits-1): the codes are symmetric around zero."""
+    return bool((zeros.astype(np.int64) == 1 << (bits - 1)).all())
+
+
+def _decode_codes(b: _Builder, packed: str, bits: int, k: int, row_bytes: int) -> str:
+    """Graph value f32[rows, k]: the unsigned codes of packed uint8 rows [rows, row_bytes].
+
+    Rows hold a little-endian bit stream (kernels.quant.pack); each value is read from the
+    byte(s) it lies in with Gather + BitShift + BitwiseAnd (+ BitwiseOr across two bytes).
+    """
+    from onnx import TensorProto
+
+    if bits == 8:
+        return b.op("Cast", [packed], to=TensorProto.FLOAT)
+    offsets = np.arange(k, dtype=np.int64) * bits
+    lo_idx = offsets // 8
+    shift = (offsets % 8).astype(np.uint32)
+    lo = b.op("Cast", [b.op("Gather", [packed, b.const("lo_idx", lo_idx)], axis=1)], to=TensorProto.UINT32)
+    if 8 % bits:  # values may straddle two bytes
+        hi_idx = np.minimum(lo_idx + 1, row_bytes - 1)
+        hi = b.op("Cast", [b.op("Gather", [packed, b.const("hi_idx", hi_idx)], axis=1)], to=TensorProto.UINT32)
+        hi = b.op("BitShift", [hi, b.const("eight", np.array(8, np.uint32))], direction="LEFT")
+        lo = b.op("BitwiseOr", [lo, hi])
+    v = b.op("BitShift", [lo, b.const("shift", shift)], direction="RIGHT")
+    v = b.op("BitwiseAnd", [v, b.const("mask", np.array((1 << bits) - 1, np.uint32))])
+    return b.op("Cast", [v], to=TensorProto.FLOAT)
+
+
+def _scales_const(b: _Builder, scales: np.ndarray) -> str:
+    """Scales as an initializer: float16 when that is exact (half the bytes), cast back in the graph."""
+    from onnx import TensorProto
+
+    half = scales.astype(np.float16)
+    if np.isfinite(half).all() and np.array_equal(half.astype(np.float32), scales.astype(np.float32)):
+        return b.op("Cast", [b.const("scales_f16", half)], to=TensorProto.FLOAT)
+    return b.const("scales", scales.astype(np.float32))
+
+
 def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, g: int) -> str:
     """Graph value f32[N, K] equal to kernels.quant.dequantize (exact same arithmetic)."""
     from onnx import TensorProto
 
     n, ngroups = scales.shape
     k = ngroups * g
-    s_name = b.const("scales", scales.astype(np.float32))
-    half = scales.astype(np.float16)
-    if np.isfinite(half).all() and np.array_equal(half.astype(np.float32), scales.astype(np.float32)):
-        # scales that are exact in float16 are stored in half the bytes (cast back once at load)
-        s_name = b.op("Cast", [b.const("scales_f16", half)], to=TensorProto.FLOAT)
+    s_name = _scales_const(b, scales)
     if bits in (4, 8):  # standard blocked DequantizeLinear
+        if _symmetric(zeros, bits):
+            # every zero point is the midpoint: store signed codes (q - mid) and no zero points
+            # (a default of 0); flipping the top bit of each code is exactly that subtraction
+            if bits == 4:
+                raw = qweight.tobytes() if k % 2 == 0 else _pack_nibbles(_unpack_rows(qweight, 4, k))
+                signed = (np.frombuffer(raw, np.uint8) ^ 0x88).tobytes()
+                q_name = b.raw("q_i4", TensorProto.INT4, [n, k], signed)
+            else:
+                q_name = b.const("q_i8", (qweight.astype(np.uint8) ^ 0x80).view(np.int8))
+            return b.op("DequantizeLinear", [q_name, s_name], axis=1, block_size=g)
         if bits == 4:
             # ONNX packs uint4 over the flat tensor; our rows are byte-aligned (differs when K is odd)
             raw = qweight.tobytes() if k % 2 == 0 else _pack_nibbles(_unpack_rows(qweight, 4, k))
@@ -197,21 +243,12 @@ def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, ze
             z_name = b.const("zeros_u8", zeros.astype(np.uint8))
         return b.op("DequantizeLinear", [q_name, s_name, z_name], axis=1, block_size=g)
     # 2 / 3 bits: decode the bit stream with integer ops
-    offsets = np.arange(k, dtype=np.int64) * bits
-    lo_idx = offsets // 8
-    shift = (offsets % 8).astype(np.uint32)
-    packed = b.const("packed", qweight.astype(np.uint8))
-    lo = b.op("Cast", [b.op("Gather", [packed, b.const("lo_idx", lo_idx)], axis=1)], to=TensorProto.UINT32)
-    if 8 % bits:  # values may straddle two bytes
-        hi_idx = np.minimum(lo_idx + 1, qweight.shape[1] - 1)
-        hi = b.op("Cast", [b.op("Gather", [packed, b.const("hi_idx", hi_idx)], axis=1)], to=TensorProto.UINT32)
-        hi = b.op("BitShift", [hi, b.const("eight", np.array(8, np.uint32))], direction="LEFT")
-        lo = b.op("BitwiseOr", [lo, hi])
-    v = b.op("BitShift", [lo, b.const("shift", shift)], direction="RIGHT")
-    v = b.op("BitwiseAnd", [v, b.const("mask", np.array((1 << bits) - 1, np.uint32))])
-    q = b.op("Cast", [v], to=TensorProto.FLOAT)
+    q = _decode_codes(b, b.const("packed", qweight.astype(np.uint8)), bits, k, qweight.shape[1])
     q = b.op("Reshape", [q, b.const("grouped", np.array([n, ngroups, g], np.int64))])
-    z = b.const("zeros_f", zeros.astype(np.float32).reshape(n, ngroups, 1))
+    if _symmetric(zeros, bits):
+        z = b.const("mid", np.array(1 << (bits - 1), np.float32))
+    else:
+        z = b.const("zeros_f", zeros.astype(np.float32).reshape(n, ngroups, 1))
     w = b.op("Mul", [b.op("Sub", [q, z]), b.const("scales3", scales.astype(np.float32).reshape(n, ngroups, 1))])
     return b.op("Reshape", [w, b.const("flat", np.array([n, k], np.int64))])
 
@@ -226,13 +263,16 @@ def _expand_linear_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> N
         blob = g * bits // 8
         q_name = b.const("B", qweight.reshape(n, ngroups, blob).astype(np.uint8))
         s_name = b.const("scales", scales.astype(np.float32).reshape(-1))
-        if bits == 4:
+        if _symmetric(zeros, bits):
+            z_name = ""  # MatMulNBits' default zero point is the midpoint 2**(bits-1)
+        elif bits == 4:
             zp = np.concatenate([zeros.astype(np.uint8), np.zeros((n, ngroups % 2), np.uint8)], axis=1)
             zp = (zp[:, 0::2] | (zp[:, 1::2] << 4)).astype(np.uint8)
+            z_name = b.const("zero_points", zp.reshape(-1))
         else:
-            zp = zeros.astype(np.uint8)
-        z_name = b.const("zero_points", zp.reshape(-1))
-        y = b.op("MatMulNBits", [node.input[0], q_name, s_name, z_name], domain=MS_DOMAIN,
+            z_name = b.const("zero_points", zeros.astype(np.uint8).reshape(-1))
+        inputs = [node.input[0], q_name, s_name] + ([z_name] if z_name else [])
+        y = b.op("MatMulNBits", inputs, domain=MS_DOMAIN,
                  K=k, N=n, bits=bits, block_size=g, accuracy_level=0)
     else:
         w = _dequantized_weight(b, qweight, scales, zeros, bits, g)
@@ -244,10 +284,33 @@ def _expand_linear_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> N
 
 
 def _expand_embedding_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
+    """Gather the packed rows (and their scales / zeros) first, then decode only those rows.
+
+    Dequantizing the table and then gathering would re-decode every row on every run:
+    onnxruntime does not constant-fold DequantizeLinear, and 30k x 384 values per call cost
+    more than the rest of a small encoder's embedding step.
+    """
+    from onnx import TensorProto
+
     bits, g = _attr(node, "bits"), _attr(node, "group_size")
     qweight, scales, zeros = (_need(consts, node, i) for i in (1, 2, 3))
-    table = _dequantized_weight(b, qweight, scales, zeros, bits, g)
-    b.op("Gather", [table, node.input[0]], outputs=[node.output[0]], axis=0)
+    ngroups = scales.shape[1]
+    k = ngroups * g
+    ids = b.op("Reshape", [node.input[0], b.const("flat", np.array([-1], np.int64))])
+    rows = b.op("Gather", [b.const("packed", qweight.astype(np.uint8)), ids], axis=0)
+    codes = _decode_codes(b, rows, bits, k, qweight.shape[1])
+    codes = b.op("Reshape", [codes, b.const("grouped", np.array([-1, ngroups, g], np.int64))])
+    axis2 = b.const("axis2", np.array([2], np.int64))
+    if _symmetric(zeros, bits):
+        centred = b.op("Sub", [codes, b.const("mid", np.array(1 << (bits - 1), np.float32))])
+    else:
+        z = b.op("Gather", [b.const("zeros", zeros.astype(np.uint8)), ids], axis=0)
+        z = b.op("Unsqueeze", [b.op("Cast", [z], to=TensorProto.FLOAT), axis2])
+        centred = b.op("Sub", [codes, z])
+    s = b.op("Unsqueeze", [b.op("Gather", [_scales_const(b, scales), ids], axis=0), axis2])
+    values = b.op("Mul", [centred, s])
+    shape = b.op("Concat", [b.op("Shape", [node.input[0]]), b.const("width", np.array([k], np.int64))], axis=0)
+    b.op("Reshape", [values, shape], outputs=[node.output[0]])
 
 
 def _expand_dequantize_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:

@@ -55,7 +55,7 @@ class Compiled:
             self.program, Path(path),
             opset=opset or onnx_spec.opset,
             dynamic=onnx_spec.dynamic if dynamic is None else dynamic,
-            external_data=onnx_spec.external_data,
+            external_data=onnx_spec.external_data, debug_metadata=onnx_spec.debug_metadata,
             verify=verify, verify_inputs=batches, rtol=self.spec.verify.backend_rtol,
         )
         self.report.exports.append(record)

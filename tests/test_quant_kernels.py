@@ -88,17 +88,17 @@ def test_linear_a8_dynamic_matches_onnx_definition():
 
 
 class _AllOps(torch.nn.Module):
-    def __init__(self, bits: int, g: int, k: int = 64, n: int = 48):
+    def __init__(self, bits: int, g: int, k: int = 64, n: int = 48, symmetric: bool = False):
         super().__init__()
         gen = torch.Generator().manual_seed(bits * 100 + g)
         w = torch.randn(n, k, generator=gen)
-        q, s, z = kq.quantize_groups(w, bits, g)
+        q, s, z = kq.quantize_groups(w, bits, g, symmetric)
         self.register_buffer("qw", kq.pack(q, bits))
         self.register_buffer("sc", s)
         self.register_buffer("z", z)
         self.bias = torch.nn.Parameter(torch.randn(n, generator=gen))
         e = torch.randn(50, k, generator=gen)
-        q, s, z = kq.quantize_groups(e, bits, g)
+        q, s, z = kq.quantize_groups(e, bits, g, symmetric)
         self.register_buffer("eq", kq.pack(q, bits))
         self.register_buffer("es", s)
         self.register_buffer("ez", z)
@@ -116,6 +116,51 @@ class _AllOps(torch.nn.Module):
         a = torch.ops.rewrite.linear_a8_dynamic(h, self.wi, self.ws, self.bias)
         c = torch.ops.rewrite.linear_a8_static(h @ w[:, :48], self.wi, self.ws, self.xs, self.xz, None)
         return h, a, c
+
+
+def _lower(m: torch.nn.Module, ids: torch.Tensor):
+    ep = torch.export.export(m, (ids,))
+    with contextlib.redirect_stdout(io.StringIO()):
+        prog = torch.onnx.export(ep, dynamo=True, opset_version=21, optimize=True,
+                                 custom_translation_table=dict(registry.ONNX_TRANSLATIONS))
+    proto = prog.model_proto
+    for post in registry.ONNX_POSTPROCESS:
+        post(proto)
+    return proto
+
+
+def _assert_onnxruntime_matches(proto, m, ids, path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.save(proto, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
+    with torch.no_grad():
+        ref = m(ids)
+    for g_, r in zip(got, ref):
+        r = r.numpy()
+        assert np.abs(g_ - r).max() <= 1e-5 * np.abs(r).max()
+
+
+@pytest.mark.parametrize("bits,g", [(4, 32), (4, 8), (8, 8), (3, 16)])
+def test_symmetric_lowering_stores_no_zero_points(bits, g, tmp_path):
+    import onnx
+
+    registry.load_all()
+    m = _AllOps(bits, g, symmetric=True).eval()
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(2))
+    proto = _lower(m, ids)
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            assert len(node.input) == 3  # onnxruntime's default zero point is the midpoint
+        if node.op_type == "DequantizeLinear" and bits in (4, 8):
+            assert len(node.input) == 2
+    types = {t.data_type for t in proto.graph.initializer}
+    if bits == 4 and g == 8:  # blocked DequantizeLinear on signed codes
+        assert onnx.TensorProto.INT4 in types and onnx.TensorProto.UINT4 not in types
+    assert not any("zero" in t.name for t in proto.graph.initializer)
+    _assert_onnxruntime_matches(proto, m, ids, tmp_path / "m.onnx")
 
 
 @pytest.mark.parametrize("bits,g,expect", [(2, 16, "BitShift"), (3, 16, "BitwiseOr"), (4, 32, "MatMulNBits"),

@@ -83,8 +83,14 @@ def test_w4_pass_report_cost_and_onnx(tmp_path):
     assert e.verified and e.rel_error <= 1e-4
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "w4.onnx")).graph.node}
-    assert "MatMulNBits" in ops and "DequantizeLinear" in ops
+    m = onnx.load(str(tmp_path / "w4.onnx"))
+    ops = {n.op_type for n in m.graph.node}
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+    # the 4-bit tables are gathered in packed form, then only the gathered rows are decoded
+    inits = {t.name: t for t in m.graph.initializer}
+    gathered = [inits[n.input[0]] for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    cfg = z.model.config
+    assert [cfg.vocab_size, cfg.n_embd // 2] in [list(t.dims) for t in gathered if t.data_type == onnx.TensorProto.UINT8]
 
 
 def test_mixed_spec_gptq_block_influence(tmp_path):
