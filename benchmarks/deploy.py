@@ -117,12 +117,22 @@ def peer_rows(fp32_path: Path, out: Path, tok, pairs: int | None) -> list[Row]:
 
 
 SINGLE = {
-    "skip 2 blocks (greedy fidelity)": {"passes": [{"kind": "skip", "layers": 2, "search": "greedy", "importance": "fidelity_drop"}]},
+    "skip 2 blocks (beam fidelity)": {"passes": [{"kind": "skip", "layers": 2, "search": "beam", "importance": "fidelity_drop"}]},
     "block influence skip 2 (ShortGPT, peer)": {"passes": [{"kind": "skip", "layers": 2, "search": "oneshot", "importance": "block_influence"}]},
     "prune heads+FFN 25%": {"passes": [{"kind": "prune", "granularity": "head", "amount": 0.25, "compensate": "lstsq"},
                                         {"kind": "prune", "granularity": "neuron", "amount": 0.25, "compensate": "lstsq"}]},
     "tokens keep 0.7 after layer 2": {"passes": [{"kind": "token", "keep": 0.7, "after": [2]}]},
     "W4 + 4-bit embeddings (AWQ)": {"passes": [{"kind": "quantize", "method": "awq", "weights": {"bits": 4, "group_size": 32}, "embeddings": 4}]},
+}
+
+
+AT_HALF_LATENCY = {  # each single technique at the setting that brings latency near 0.5: the budget row's competitors
+    "skip 3 blocks (beam fidelity)": {"passes": [{"kind": "skip", "layers": 3, "search": "beam", "importance": "fidelity_drop"}]},
+    "prune heads+FFN 50%": {"passes": [{"kind": "prune", "granularity": "head", "amount": 0.5, "compensate": "lstsq"},
+                                        {"kind": "prune", "granularity": "neuron", "amount": 0.5, "compensate": "lstsq"}]},
+    "tokens keep 0.3 after layer 1": {"passes": [{"kind": "token", "keep": 0.3, "after": [1], "importance": "norm"}]},
+    "W8A8 dynamic": {"passes": [{"kind": "quantize", "weights": None, "activations": {"mode": "dynamic"}, "embeddings": 8}],
+                     "verify": {"backend_rtol": 0.15}},
 }
 
 
@@ -161,6 +171,12 @@ def main() -> None:
             spec = rewrite.Spec.from_yaml(ROOT / "specs" / "minilm-deploy.yaml").model_dump()
             rows.append(compile_row("deploy spec (specs/minilm-deploy.yaml)", spec, model, tok, calib, out, args.pairs))
         if "budget" in want:
+            for name, spec in AT_HALF_LATENCY.items():
+                try:
+                    rows.append(compile_row(name, spec, model, tok, calib, out, args.pairs))
+                    print(f"{name}: {rows[-1].spearman:.2f}", flush=True)
+                except Exception as exc:  # noqa: BLE001
+                    print(f"({name} failed: {exc})", file=sys.stderr)
             rows.append(compile_row("budget: latency 0.5", {"passes": [{"kind": "cleanup"}], "budget": {"latency": 0.5}},
                                     model, tok, calib, out, args.pairs))
         ids = torch.randint(1000, 20000, (BATCH, SEQ))
