@@ -23,7 +23,8 @@ from .errors import RewriteError
 
 # The example specs live in the repo's specs/ folder (an editable install finds them).
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
-DEFAULT_SPEC = SPECS_DIR / "default.yaml"
+DEFAULT_SPEC = SPECS_DIR / "minilm-deploy.yaml"
+"""`rewrite compile` with no spec: every rewrite composed for the default model (all-MiniLM-L6-v2)."""
 
 
 def _load_factory(ref: str) -> tuple[Any, Any, Any]:

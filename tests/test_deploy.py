@@ -1,24 +1,22 @@
-"""specs/minilm-deploy.yaml: every rewrite composed on the real model, exported and verified."""
-from pathlib import Path
+"""The CLI default: specs/minilm-deploy.yaml composes every rewrite on the real model, exported and verified."""
+import json
 
 import pytest
 
-import rewrite
-
-SPEC = Path(__file__).resolve().parent.parent / "specs" / "minilm-deploy.yaml"
+from rewrite.cli import main
 
 
 @pytest.mark.slow
-def test_deploy_spec_composes_exports_and_matches(minilm, tmp_path):
-    from rewrite import demo
-
-    model, tok = minilm
-    calib = demo.calibration_batches(tok, samples=48, batch_size=16)
-    out = rewrite.compile(model, SPEC, example_inputs=demo.example_inputs(tok), calibration=calib)
-    kinds = [p.kind for p in out.report.passes]
+def test_cli_default_compiles_the_deploy_spec(minilm, tmp_path):
+    assert main(["compile", "--out", str(tmp_path), "--eval-pairs", "200"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    kinds = [p["kind"] for p in report["passes"]]
     assert kinds == ["cleanup", "skip", "prune", "prune", "token", "quantize"]
-    assert len(out.program.blocks()) == 4  # two of six blocks skipped
-    assert out.report.after.flops < 0.5 * out.report.before.flops
-    rec = out.export(tmp_path / "deploy.onnx", verify_inputs=out.verification_batches())
-    assert rec.verified
-    assert rec.bytes < 10e6, rec.bytes  # fp32 is 91 MB
+    assert len(report["passes"][1]["details"]["removed"]) == 2  # two of six blocks skipped
+    assert report["after"]["flops"] < 0.5 * report["before"]["flops"]
+    export = report["exports"][0]
+    assert export["verified"] and export["bytes"] < 10e6, export  # fp32 is 91 MB
+    assert (tmp_path / "model.onnx").stat().st_size == export["bytes"]
+    metrics = report["metrics"]
+    assert metrics["stsb_dev_spearman_rewritten"] > metrics["stsb_dev_spearman_original"] - 5.0
+    assert (tmp_path / "report.md").read_text().startswith("# rewrite report")
