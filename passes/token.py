@@ -3,7 +3,8 @@
 At each selection point (the residual output r of a block) the pass inserts:
   scores = score_tokens(kind, q, k, mask, r, valid)      # per input, [B, S], padding -inf
   idx    = rewrite::token_select(scores, keep, first, last)   # [B, k], ascending
-  r'     = gather(r, idx)  or  merge_tokens(r, idx, k, valid) (ToMe-style)
+  r'     = gather(r, idx)  or, with merge (ToMe), the size-weighted average of each kept token
+           and the dropped real tokens most similar to it (merge_assign/_weights/_size/_apply)
 and replaces r by r' downstream. Then it makes every later tensor consistent: the region
 downstream of r' is computed from r', so only the tensors that *enter* that region from
 outside need changing. Each such input whose shape has the sequence size on some dims
@@ -12,6 +13,12 @@ the padding mask) is gathered by idx along those dims; a sequence-length scalar 
 from r'. Sequence dims are found from the captured shapes (the symbol of the sequence
 length, or its value for static lengths), not from model classes; `rewrite/dims.py` is not
 used (the sequence axis is tracked here, from the residual stream downstream).
+
+With merge, each kept token carries a size (how many input tokens it stands for, carried across
+selection points) and every later attention adds log(size) to its logits (proportional
+attention: a key of size n gets the attention n copies of it would get), through `size_bias`
+on the attention's mask. Forced tokens (CLS, the last token of a causal prefill) and padding
+absorb nothing. Causal (is_causal) attentions get no size bias.
 
 `restore` puts kept tokens back in their positions after the last block (dropped tokens keep
 the state they had when they were dropped), so per-token outputs keep their length.
@@ -28,13 +35,14 @@ import torch.fx as fx
 
 import kernels.token  # noqa: F401  (registers rewrite::token_select)
 from kernels.token import keep_count
-from passes.importance.token import (AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
+from passes.importance.token import (HIDDEN_ONLY, AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
                                      padding_input, same_size)
 from rewrite.errors import PassError
 from rewrite.passmanager import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 
 token_select = torch.ops.rewrite.token_select.default
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 # ------------------------------------------------------------- ops the graph runs
@@ -52,25 +60,82 @@ def gather_seq(x: torch.Tensor, idx: torch.Tensor, dims: list[int], expand_batch
     return x
 
 
-def merge_tokens(x: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """ToMe-style merge: each dropped token is averaged into its most similar kept token.
+def merge_assign(idx: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, keep_first: int = 0,
+                 keep_last: int = 0) -> torch.Tensor:
+    """[B, S] -> kept slot (0..k-1) of each token: itself when kept, else its most similar merge target.
 
-    Similarity: cosine of the layer's keys averaged over heads. Padding merges into nothing;
-    a kept token's new state is the mean of itself and the real tokens assigned to it.
+    Similarity: cosine of the layer's keys averaged over heads (ToMe). Merge targets are the kept
+    real tokens that are not forced (the first `keep_first` / last `keep_last` positions: CLS,
+    or the last token of a causal prefill, keep their own state, as ToMe protects CLS); padding
+    kept only to fill k absorbs nothing. A row with no target left assigns its dropped tokens
+    to slot 0 (`merge_weights` gives them weight 0 there).
     """
-    B, S, H = x.shape
+    B, S = keys.shape[0], keys.shape[-2]
     metric = keys.float().mean(dim=1) if keys.dim() == 4 else keys.float()
     metric = torch.nn.functional.normalize(metric, dim=-1)
     kept_metric = gather_seq(metric, idx, [1])
-    assign = (metric @ kept_metric.transpose(1, 2)).argmax(dim=-1)  # [B, S] -> kept slot
-    kept = torch.zeros(B, S, dtype=torch.bool, device=x.device).scatter(1, idx, True)
+    pos = torch.arange(S, device=idx.device)
+    target = ((pos >= keep_first) & (pos < S - keep_last)).unsqueeze(0).expand(B, S)
+    if valid is not None:
+        target = target & valid.bool()
+    target = torch.gather(target, 1, idx)  # [B, k]
+    sim = (metric @ kept_metric.transpose(1, 2)).masked_fill(~target.unsqueeze(1), float("-inf"))
+    assign = sim.argmax(dim=-1)  # [B, S] -> kept slot
+    kept = torch.zeros(B, S, dtype=torch.bool, device=idx.device).scatter(1, idx, True)
     rank = kept.long().cumsum(dim=1) - 1
-    assign = torch.where(kept, rank, assign)
-    real = torch.ones_like(kept) if valid is None else valid.bool()
-    w = torch.where(kept, torch.ones_like(x[..., 0]), real.to(x.dtype))
-    num = x.new_zeros(B, idx.shape[1], H).scatter_add(1, assign.unsqueeze(-1).expand(B, S, H), x * w.unsqueeze(-1))
-    den = x.new_zeros(B, idx.shape[1]).scatter_add(1, assign, w)
-    return num / den.unsqueeze(-1)
+    return torch.where(kept, rank, assign)
+
+
+def merge_weights(idx: torch.Tensor, assign: torch.Tensor, valid: torch.Tensor | None, size: torch.Tensor | None,
+                  keep_first: int = 0, keep_last: int = 0) -> torch.Tensor:
+    """[B, S] float weight of each token in its slot's average: its size (how many input tokens it
+    stands for; 1 before any merge) for kept tokens and for dropped real tokens that have a target,
+    0 for dropped padding (and dropped tokens of a row without targets)."""
+    B, S = assign.shape
+    w = torch.ones(B, S, device=idx.device) if size is None else size.float()
+    kept = torch.zeros(B, S, dtype=torch.bool, device=idx.device).scatter(1, idx, True)
+    pos = torch.arange(S, device=idx.device)
+    target = ((pos >= keep_first) & (pos < S - keep_last)).unsqueeze(0).expand(B, S)
+    if valid is not None:
+        target = target & valid.bool()
+    has_target = torch.gather(target, 1, idx).any(dim=1, keepdim=True)
+    real = has_target if valid is None else valid.bool() & has_target
+    return torch.where(kept | real, w, torch.zeros_like(w))
+
+
+def merge_size(assign: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B, k] size of each kept slot: the sum of the weights of the tokens assigned to it."""
+    return w.new_zeros(w.shape[0], k.shape[1]).scatter_add(1, assign, w)
+
+
+def merge_apply(x: torch.Tensor, assign: torch.Tensor, w: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """[B, k, H]: each slot's size-weighted average of the states assigned to it."""
+    B, S, H = x.shape
+    num = x.new_zeros(B, size.shape[1], H).scatter_add(1, assign.unsqueeze(-1).expand(B, S, H), x * w.unsqueeze(-1).to(x.dtype))
+    return num / size.unsqueeze(-1).to(x.dtype)
+
+
+def merge_tokens(x: torch.Tensor, idx: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None,
+                 size: torch.Tensor | None = None, keep_first: int = 0, keep_last: int = 0) -> torch.Tensor:
+    """ToMe-style merge: each dropped token is averaged into its most similar kept token, weighted
+    by size (`merge_assign`, `merge_weights`); the graph runs the same steps as separate nodes."""
+    assign = merge_assign(idx, keys, valid, keep_first, keep_last)
+    w = merge_weights(idx, assign, valid, size, keep_first, keep_last)
+    return merge_apply(x, assign, w, merge_size(assign, w, idx))
+
+
+def size_bias(mask: torch.Tensor | None, size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention (ToMe): the attention mask plus log(size) of each key.
+
+    A key that stands for n merged tokens gets the attention n copies of it would get.
+    mask: boolean (True = attend) or additive, broadcastable to [B, heads, Sq, Sk]; None: no mask.
+    """
+    bias = size.float().clamp_min(1e-6).log()[:, None, None, :].to(dtype)
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, torch.full_like(bias, float("-inf")))
+    return mask.to(dtype) + bias
 
 
 def restore_seq(base: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -180,6 +245,26 @@ def _is_seq_scalar(node: fx.Node, seq: Any) -> bool:
     return isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool) and same_size(val, seq)
 
 
+def _sdpa_mask(n: fx.Node) -> Any:
+    return n.kwargs["attn_mask"] if "attn_mask" in n.kwargs else (n.args[3] if len(n.args) > 3 else None)
+
+
+def _set_sdpa_mask(n: fx.Node, mask: Any) -> None:
+    if "attn_mask" in n.kwargs or len(n.args) <= 3:
+        n.kwargs = {**n.kwargs, "attn_mask": mask}
+    else:
+        n.args = n.args[:3] + (mask,) + n.args[4:]
+
+
+def _sdpa_causal(n: fx.Node) -> bool:
+    return bool(n.kwargs.get("is_causal", n.args[5] if len(n.args) > 5 else False))
+
+
+def _first_user_in(graph: fx.Graph, m: fx.Node, sdpas: list[fx.Node]) -> fx.Node:
+    """The first of `sdpas` (graph order) that reads mask `m`: the size bias goes right before it."""
+    return next(n for n in sdpas if _sdpa_mask(n) is m)
+
+
 @register
 class TokenPass(Pass):
     kind = "token"
@@ -200,7 +285,7 @@ class TokenPass(Pass):
         seq = Program.shape(first_r)[1]
         seq_example = Program.concrete_shape(first_r)[1]
         last_r = blocks[-1].residual_out
-        need_site = spec.importance != "norm" or spec.merge
+        need_site = spec.importance not in HIDDEN_ONLY or spec.merge
         causal = is_causal_site(program, attention_site(program, blocks[stages[0].index]))
         keep_first = 1 if spec.keep_special else 0
         keep_last = int(causal if spec.keep_last is None else spec.keep_last)
@@ -214,6 +299,8 @@ class TokenPass(Pass):
                 valid = graph.call_function(valid_of, (pad,))
             known[valid] = [1]
         restores: list[tuple[fx.Node, fx.Node]] = []
+        size: fx.Node | None = None  # [B, k] tokens each kept token stands for (merge), None: all 1
+        biased: dict[fx.Node, Any] = {}  # size_bias node -> the mask it was made from
         rows = []
         length = seq_example
         for st in stages:
@@ -224,12 +311,22 @@ class TokenPass(Pass):
             scores = insert_token_scores(program, spec.importance, site=site, hidden=r, valid=valid, query=query)
             with graph.inserting_after(scores):
                 idx = graph.call_function(token_select, (scores, float(st.keep), keep_first, keep_last))
-            with graph.inserting_after(idx):
-                if spec.merge:
-                    sel = graph.call_function(merge_tokens, (r, idx, site.k, valid))
-                else:
+            new = {scores, idx}
+            if spec.merge:
+                with graph.inserting_after(idx):
+                    assign = graph.call_function(merge_assign, (idx, site.k, valid, keep_first, keep_last))
+                with graph.inserting_after(assign):
+                    w = graph.call_function(merge_weights, (idx, assign, valid, size, keep_first, keep_last))
+                with graph.inserting_after(w):
+                    size = graph.call_function(merge_size, (assign, w, idx))
+                with graph.inserting_after(size):
+                    sel = graph.call_function(merge_apply, (r, assign, w, size))
+                known[size] = [1]
+                new |= {assign, w, size}
+            else:
+                with graph.inserting_after(idx):
                     sel = graph.call_function(gather_seq, (r, idx, [1]))
-            new = {scores, idx, sel}
+            new.add(sel)
             for u in list(r.users):
                 if u not in new:
                     u.replace_input_with(r, sel)
@@ -243,6 +340,12 @@ class TokenPass(Pass):
                 known[new_valid] = [1]
                 new.add(new_valid)
             region = _descendants(sel, last_r if spec.restore else None)
+            sdpas = [n for n in graph.nodes if n in region and n.op == "call_function" and n.target is SDPA]
+            if spec.merge:  # the masks of later attentions carry log(size) of an earlier merge: start from the plain mask
+                for n in sdpas:
+                    m = _sdpa_mask(n)
+                    if m in biased:
+                        _set_sdpa_mask(n, biased[m])
             gathered: dict[fx.Node, fx.Node] = {}
             fixed = []
             for n in [n for n in graph.nodes if n in region]:
@@ -271,6 +374,17 @@ class TokenPass(Pass):
                         fixed.append(f"{a.name}{list(dims)}")
                     gathered[a] = g
                     n.replace_input_with(a, g)
+            if spec.merge:  # proportional attention: keys that stand for n tokens get log(n) added to their logits
+                made: dict[Any, fx.Node] = {}
+                for n in sdpas:
+                    if _sdpa_causal(n):
+                        continue
+                    m = _sdpa_mask(n)
+                    if m not in made:
+                        with graph.inserting_before(sdpas[0] if m is None else _first_user_in(graph, m, sdpas)):
+                            made[m] = graph.call_function(size_bias, (m, size, n.args[0].meta["val"].dtype))
+                        biased[made[m]] = m
+                    _set_sdpa_mask(n, made[m])
             k_example = keep_count(length, st.keep, keep_first, keep_last)
             rows.append({"after": st.path, "keep": round(st.keep, 4), "cumulative": round(st.cumulative, 4),
                          "tokens (example)": f"{length} -> {k_example}", "importance": spec.importance,

@@ -13,8 +13,9 @@ import torch
 
 import rewrite
 from kernels.token import keep_count
-from passes.importance.token import attention_rank, cls_attention, token_scores
-from passes.token import gather_seq, merge_tokens, plan_stages, restore_seq
+from passes.importance.token import attention_rank, cls_attention, mean_distance, token_scores
+from passes.token import (gather_seq, merge_apply, merge_assign, merge_size, merge_tokens, merge_weights, plan_stages,
+                          restore_seq, size_bias)
 from rewrite import demo, zoo
 from rewrite.errors import PassError
 from rewrite.inputs import Inputs
@@ -66,6 +67,45 @@ def test_gather_merge_restore_by_hand():
     assert restore_seq(base, torch.tensor([[1, 3]]), torch.ones(1, 2, 2))[0, :, 0].tolist() == [0, 1, 0, 1, 0]
 
 
+def test_merge_is_size_weighted_and_spares_forced_tokens():
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.0, 3.0], [5.0, 5.0]]])
+    keys = x.unsqueeze(1)
+    valid = torch.tensor([[True, True, True, True, False]])
+    idx = torch.tensor([[0, 1]])
+    size = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0]])
+    # CLS (position 0, forced) absorbs nothing: tokens 2 and 3 both go to token 1 (token 2 is closer to CLS)
+    assign = merge_assign(idx, keys, valid, keep_first=1)
+    assert assign.tolist() == [[0, 1, 1, 1, 1]]
+    w = merge_weights(idx, assign, valid, size, keep_first=1)
+    assert w.tolist() == [[1.0, 2.0, 1.0, 3.0, 0.0]]  # dropped padding weighs 0
+    new_size = merge_size(assign, w, idx)
+    assert new_size.tolist() == [[1.0, 6.0]]
+    want = torch.tensor([[[1.0, 0.0], [1.0 / 6, (2.0 + 0.1 + 9.0) / 6]]])
+    assert torch.allclose(merge_apply(x, assign, w, new_size), want)
+    assert torch.allclose(merge_tokens(x, idx, keys, valid, size, keep_first=1), want)
+    # no merge target left (only the forced CLS is real and kept): dropped tokens weigh 0, CLS is unchanged
+    idx0 = torch.tensor([[0, 4]])
+    got = merge_tokens(x, idx0, keys, valid, None, keep_first=1)
+    assert torch.allclose(got[0, 0], x[0, 0]) and torch.allclose(got[0, 1], x[0, 4])
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive", "none"])
+def test_proportional_attention_equals_repeated_keys(kind):
+    g = torch.Generator().manual_seed(0)
+    B, H, Sq, Sk, d = 2, 3, 4, 3, 8
+    q, k, v = (torch.randn(B, H, n, d, generator=g) for n in (Sq, Sk, Sk))
+    size = torch.tensor([[1.0, 3.0, 2.0], [2.0, 1.0, 1.0]])
+    real = torch.tensor([[True, True, True], [True, True, False]]) if kind != "none" else torch.ones(B, Sk, dtype=torch.bool)
+    mask = {"bool": real[:, None, None, :], "none": None,
+            "additive": torch.zeros(B, 1, 1, Sk).masked_fill(~real[:, None, None, :], float("-inf"))}[kind]
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(mask, size, torch.float32))
+    for b in range(B):  # a key of size n attends like n copies of it
+        reps = size[b].long() * real[b]
+        kk, vv = k[b].repeat_interleave(reps, dim=1), v[b].repeat_interleave(reps, dim=1)
+        want = torch.nn.functional.scaled_dot_product_attention(q[b], kk, vv)
+        assert torch.allclose(got[b], want, atol=1e-6)
+
+
 def test_token_scores_match_eager_attention():
     z = zoo.load("bert", calibration_batches=0)
     program = Program.capture(z.model, z.example)
@@ -88,6 +128,10 @@ def test_token_scores_match_eager_attention():
         assert torch.allclose(got, s.masked_fill(~valid, float("-inf")), atol=1e-6)
         got = token_scores(program, z.example, "norm", layer=layer)
         assert torch.allclose(got, out.hidden_states[layer + 1].norm(dim=-1).masked_fill(~valid, float("-inf")), atol=1e-5)
+        h = out.hidden_states[layer + 1]
+        mean = (h * valid.unsqueeze(-1)).sum(1, keepdim=True) / valid.sum(1)[:, None, None]
+        got = token_scores(program, z.example, "mean_distance", layer=layer)
+        assert torch.allclose(got, (h - mean).norm(dim=-1).masked_fill(~valid, float("-inf")), atol=1e-5)
     z.model.set_attn_implementation("sdpa")
 
 
@@ -151,6 +195,55 @@ def test_bert_spec_matches_reference_and_onnx(tmp_path):
             kept_padding = kept_padding or not valid.all()
     assert kept_padding
     rec = out.export(tmp_path / "bert.onnx", verify_inputs=batches)
+    assert rec.verified and rec.rel_error <= 1e-4
+
+
+def _bert_merge_reference(model, batch, stages, importance):
+    """BERT by hand with ToMe merging after the given blocks: size-weighted merge, proportional attention."""
+    ids, mask = batch.kwargs["input_ids"], batch.kwargs["attention_mask"]
+    B, S = ids.shape
+    h = model.embeddings(input_ids=ids)
+    m4 = mask.bool()[:, None, None, :].expand(B, 1, S, S)
+    valid, size = mask.bool(), None
+    n = model.config.num_attention_heads
+    for i, layer in enumerate(model.encoder.layer):
+        k = _heads(layer.attention.self.key, h, n)
+        h = layer(h, attention_mask=m4 if size is None else size_bias(m4, size, h.dtype))
+        if i in stages:
+            scores = {"norm": h.norm(dim=-1), "mean_distance": mean_distance(h, valid)}[importance]
+            scores = scores.masked_fill(~valid, float("-inf"))
+            idx = select(scores, stages[i], 1, 0)
+            assign = merge_assign(idx, k, valid, 1, 0)
+            w = merge_weights(idx, assign, valid, size, 1, 0)
+            size = merge_size(assign, w, idx)
+            h = merge_apply(h, assign, w, size)
+            m4, valid = gather_seq(m4, idx, [2, 3]), gather_seq(valid, idx, [1])
+    return h, valid, size
+
+
+MERGE_SPEC = {"passes": [{"kind": "token", "keep": [0.7, 0.5], "importance": "norm", "merge": True}]}
+
+
+def test_bert_merge_matches_reference():
+    z = zoo.load("bert", calibration_batches=0)
+    out = rewrite.compile(z.model, MERGE_SPEC, example_inputs=z.example)
+    batches = [z.example] + _padded_batches(z)
+    with torch.no_grad():
+        for b in batches:
+            got = b.call(out.module).last_hidden_state
+            want, valid, size = _bert_merge_reference(z.model, b, {0: 0.7, 1: 0.5 / 0.7}, "norm")
+            assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+            # every real input token is accounted for by exactly one kept real token
+            assert torch.equal((size * valid).sum(1), b.kwargs["attention_mask"].sum(1).float())
+
+
+@pytest.mark.xfail(reason="known: onnxruntime differs from torch for merge on BERT (rel. error ~1) even on the example "
+                          "batch and with the size bias off; the pieces export exactly on their own (ViT merge passes); "
+                          "not yet located", strict=False)
+def test_bert_merge_onnx(tmp_path):
+    z = zoo.load("bert", calibration_batches=0)
+    out = rewrite.compile(z.model, MERGE_SPEC, example_inputs=z.example)
+    rec = out.export(tmp_path / "bert-merge.onnx", verify_inputs=[z.example] + _padded_batches(z))
     assert rec.verified and rec.rel_error <= 1e-4
 
 

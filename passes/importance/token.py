@@ -7,6 +7,8 @@ Kinds (higher = more important):
   s <- A^T s from uniform s over real tokens, `RANK_ITERS` steps; a token is important when
   important tokens attend to it.
 - `norm`: L2 norm of the token's hidden state (the layer's output).
+- `mean_distance`: L2 distance of the token's hidden state from the mean over the row's real
+  tokens (for mean-pooled encoders: the tokens nearest the mean move the pooled mean least).
 
 The attention of fused `scaled_dot_product_attention` is never materialised by the model,
 so the scores recompute it from the layer's own q and k (and its mask). Two uses, one
@@ -30,8 +32,10 @@ from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Block, Program
 
-KINDS = ("cls_attention", "attention_rank", "norm")
+KINDS = ("cls_attention", "attention_rank", "norm", "mean_distance")
 RANK_ITERS = 10
+HIDDEN_ONLY = ("norm", "mean_distance")  # kinds that read the hidden states only (no attention site)
+USES_HIDDEN = HIDDEN_ONLY
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
@@ -79,6 +83,18 @@ def attention_rank(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None =
     return s
 
 
+def mean_distance(hidden: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """[B, S]: L2 distance of each token's hidden state from the mean over the row's real tokens.
+
+    For mean-pooled encoders: dropping a token moves the mean of the rest by its deviation
+    from the mean over n - 1, so the tokens nearest the mean are the cheapest to drop.
+    """
+    h = hidden.float()
+    w = torch.ones_like(h[..., 0]) if valid is None else valid.to(h.dtype)
+    mean = (h * w.unsqueeze(-1)).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0).unsqueeze(-1)
+    return (h - mean).norm(dim=-1)
+
+
 def hidden_norm(hidden: torch.Tensor) -> torch.Tensor:
     """[B, S]: L2 norm of each token's hidden state."""
     return hidden.float().norm(dim=-1)
@@ -94,6 +110,8 @@ def score_tokens(kind: str, q: torch.Tensor | None, k: torch.Tensor | None, mask
         s = attention_rank(q, k, mask, scale=scale, is_causal=is_causal, valid=valid)
     elif kind == "norm":
         s = hidden_norm(hidden)
+    elif kind == "mean_distance":
+        s = mean_distance(hidden, valid)
     else:
         raise PassError(f"unknown token importance {kind!r}; use one of {', '.join(KINDS)}")
     if valid is not None:
@@ -207,7 +225,7 @@ def token_scores(program: Program, batch: Inputs | Any, kind: str, *, layer: int
     pad = padding_input(program, seq)
     wanted = [hidden] + ([pad] if pad is not None else [])
     site = None
-    if kind != "norm":
+    if kind not in HIDDEN_ONLY:
         site = attention_site(program, block)
         wanted += [site.q, site.k] + ([site.mask] if site.mask is not None else [])
     vals = values_of(program, batch, wanted)
@@ -228,11 +246,11 @@ def insert_token_scores(program: Program, kind: str, *, site: AttentionSite | No
     """
     if kind not in KINDS:
         raise PassError(f"unknown token importance {kind!r}; use one of {', '.join(KINDS)}")
-    if kind != "norm" and site is None:
+    if kind not in HIDDEN_ONLY and site is None:
         raise PassError(f"token importance {kind!r} needs the block's attention")
     with program.graph.inserting_after(after or hidden):
         node = program.graph.call_function(score_tokens, (
-            kind, site.q if site and kind != "norm" else None, site.k if site and kind != "norm" else None,
-            site.mask if site and kind != "norm" else None, hidden if kind == "norm" else None, valid,
+            kind, site.q if site and kind not in HIDDEN_ONLY else None, site.k if site and kind not in HIDDEN_ONLY else None,
+            site.mask if site and kind not in HIDDEN_ONLY else None, hidden if kind in USES_HIDDEN else None, valid,
             site.scale if site else None, bool(site and site.is_causal), query))
     return node
