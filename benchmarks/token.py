@@ -99,14 +99,8 @@ def token_program(base, spec: dict):
     from rewrite.passmanager import pass_for
     from rewrite.spec import Spec
 
-    from rewrite.spec import TokenSpec
-
     program = base.clone()
-    p = spec["passes"][0]
-    try:
-        token = Spec.parse(spec).passes[0]
-    except Exception:  # noqa: BLE001 - an importance kind the spec schema does not list yet (mean_distance)
-        token = TokenSpec.model_construct(**{**TokenSpec().model_dump(), **p})
+    token = Spec.parse(spec).passes[0]
     result = pass_for(token).run(program, None)
     result.program.finalize()
     return result.program

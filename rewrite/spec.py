@@ -24,7 +24,7 @@ TOKEN_IMPORTANCE = ("cls_attention", "attention_rank", "norm")
 
 WeightImportance = Literal["magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation", "wina"]
 LayerImportance = Literal["block_influence", "outlier_fraction", "fidelity_drop"]
-TokenImportance = Literal["cls_attention", "attention_rank", "norm"]
+TokenImportance = Literal["cls_attention", "attention_rank", "norm", "mean_distance"]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 OpenFraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
