@@ -92,6 +92,18 @@ def compile_row(name: str, spec: dict, model, tok, calib, out: Path, pairs: int 
     return Row(name, "ours", score, rec.bytes / 1e6, path, time.perf_counter() - t0)
 
 
+def compile_rows(specs: dict[str, dict], model, tok, calib, out: Path, pairs: int | None) -> list[Row]:
+    """One row per spec; a spec that fails is reported and left out, the table goes on."""
+    rows = []
+    for name, spec in specs.items():
+        try:
+            rows.append(compile_row(name, spec, model, tok, calib, out, pairs))
+            print(f"{name}: {rows[-1].spearman:.2f}", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"({name} failed: {exc})", file=sys.stderr)
+    return rows
+
+
 def peer_rows(fp32_path: Path, out: Path, tok, pairs: int | None) -> list[Row]:
     rows = []
     try:
@@ -156,12 +168,7 @@ def main() -> None:
         rows.append(base)
         print(f"fp32: {base.spearman:.2f}", flush=True)
         if "single" in want:
-            for name, spec in SINGLE.items():
-                try:
-                    rows.append(compile_row(name, spec, model, tok, calib, out, args.pairs))
-                    print(f"{name}: {rows[-1].spearman:.2f}", flush=True)
-                except Exception as exc:  # noqa: BLE001
-                    print(f"({name} failed: {exc})", file=sys.stderr)
+            rows += compile_rows(SINGLE, model, tok, calib, out, args.pairs)
             for r in rows:
                 if "ShortGPT" in r.name:
                     r.kind = "peer"
@@ -171,12 +178,7 @@ def main() -> None:
             spec = rewrite.Spec.from_yaml(ROOT / "specs" / "minilm-deploy.yaml").model_dump()
             rows.append(compile_row("deploy spec (specs/minilm-deploy.yaml)", spec, model, tok, calib, out, args.pairs))
         if "budget" in want:
-            for name, spec in AT_HALF_LATENCY.items():
-                try:
-                    rows.append(compile_row(name, spec, model, tok, calib, out, args.pairs))
-                    print(f"{name}: {rows[-1].spearman:.2f}", flush=True)
-                except Exception as exc:  # noqa: BLE001
-                    print(f"({name} failed: {exc})", file=sys.stderr)
+            rows += compile_rows(AT_HALF_LATENCY, model, tok, calib, out, args.pairs)
             rows.append(compile_row("budget: latency 0.5", {"passes": [{"kind": "cleanup"}], "budget": {"latency": 0.5}},
                                     model, tok, calib, out, args.pairs))
         ids = torch.randint(1000, 20000, (BATCH, SEQ))

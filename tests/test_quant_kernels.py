@@ -166,30 +166,13 @@ def test_symmetric_lowering_stores_no_zero_points(bits, g, tmp_path):
 @pytest.mark.parametrize("bits,g,expect", [(2, 16, "BitShift"), (3, 16, "BitwiseOr"), (4, 32, "MatMulNBits"),
                                            (4, 8, "DequantizeLinear"), (8, 32, "MatMulNBits")])
 def test_onnx_lowering_matches_reference(bits, g, expect, tmp_path):
-    import onnx
-    import onnxruntime as ort
-
     registry.load_all()
     m = _AllOps(bits, g).eval()
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
-    ep = torch.export.export(m, (ids,))
-    with contextlib.redirect_stdout(io.StringIO()):
-        prog = torch.onnx.export(ep, dynamo=True, opset_version=21, optimize=True,
-                                 custom_translation_table=dict(registry.ONNX_TRANSLATIONS))
-    proto = prog.model_proto
-    for post in registry.ONNX_POSTPROCESS:
-        post(proto)
+    proto = _lower(m, ids)
     ops = {n.op_type for n in proto.graph.node}
     assert expect in ops and not any(n.domain == "rewrite.quant" for n in proto.graph.node)
-    path = tmp_path / "m.onnx"
-    onnx.save(proto, path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
-    with torch.no_grad():
-        ref = m(ids)
-    for g_, r in zip(got, ref):
-        r = r.numpy()
-        assert np.abs(g_ - r).max() <= 1e-5 * np.abs(r).max()
+    _assert_onnxruntime_matches(proto, m, ids, tmp_path / "m.onnx")
     # the packed bytes are what the file stores: low-bit weights do not widen on disk beyond uint8 rows
     if bits in (2, 3):
         sizes = {t.name: len(t.raw_data) for t in proto.graph.initializer}
