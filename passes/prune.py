@@ -30,6 +30,12 @@ from .prune_plan import (DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, 
                          unit_scores)
 
 aten = torch.ops.aten
+LSTSQ = "sequential"
+"""How `compensate: lstsq` refits: "sequential" (layer by layer on the current program, towards the
+original's outputs; `prune_compensate.compensate_sequential`) or "oneshot" (all consumers at once from
+statistics of the unpruned program; `prune_compensate.compensate`)."""
+LSTSQ_RESIDUAL = True
+LSTSQ_TARGET = "original"
 SPARSE_NOTE = ("unstructured and N:M pruning only zero weights: the model keeps its size and ONNX Runtime runs it "
                "at the same speed (dense kernels); the zeros pay off only when stored sparse or run by a sparse "
                "(e.g. 2:4 tensor-core) kernel")
@@ -101,10 +107,14 @@ class PrunePass(Pass):
                 removal[(m.param, m.dim)].update(m.indices[units].reshape(-1).tolist())
         comp_rows: list[dict[str, Any]] = []
         if s.compensate and removal:
-            from .prune_compensate import compensate
+            from .prune_compensate import compensate, compensate_sequential
 
-            mode = "lstsq" if s.compensate == "lstsq" else "bias"
-            comp_rows, cnotes = compensate(program, removal, batches, mode)
+            if s.compensate == "lstsq" and LSTSQ == "sequential":
+                comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=ctx.original,
+                                                          residual=LSTSQ_RESIDUAL, target=LSTSQ_TARGET)
+            else:
+                mode = "lstsq" if s.compensate == "lstsq" else "bias"
+                comp_rows, cnotes = compensate(program, removal, batches, mode)
             notes += cnotes
         removed_labels = [by_id[gid].labels[u] for gid, us in removed.items() for u in us]
         new_sizes = kept_sizes(dg, removed_labels)

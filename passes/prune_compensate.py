@@ -9,7 +9,13 @@ by W[:, R] x_R. Two refits, both from calibration statistics of the consumer's i
 - `lstsq`: least squares of the consumer's output on the kept features plus a constant,
   min E|| W x + b - W' x_K - b' ||^2, solved from E[x x^T] and E[x] with a small ridge:
   the kept columns absorb what the removed ones carried when they are correlated
-  (linear / x @ W consumers; convs fall back to `bias`).
+  (linear / x @ W consumers; convs fall back to `bias`). This one-shot refit is kept as
+  `passes.prune.LSTSQ = "oneshot"`.
+- `compensate_sequential` (what `compensate: lstsq` runs): consumers in graph order, each refit
+  on its input in the current program (earlier consumers already refit, their removed inputs
+  zeroed) towards the original model's output (+ residual, when the output is only added to
+  one), so errors do not accumulate through the depth. On all-MiniLM-L6-v2 (heads + FFN,
+  wanda, STS-B dev) the drop goes 0.86 -> 0.67 at 25% and 4.10 -> 2.88 at 50%.
 """
 from __future__ import annotations
 
@@ -173,3 +179,195 @@ def _add_bias(program: Program, op: ConsumerOp, bias: torch.Tensor) -> str:
     args[op.bias_index] = node
     op.node.args = tuple(args)
     return name
+
+
+# ----------------------------------------------------------------------------- sequential refit
+class _Stop(Exception):
+    pass
+
+
+class _Capture(fx.Interpreter):
+    """Run until every wanted node has a value, then stop (the rest of the graph is skipped)."""
+
+    def __init__(self, module: fx.GraphModule, wanted: list[fx.Node]):
+        super().__init__(module, garbage_collect_values=True)
+        self.wanted = set(wanted)
+        self.got: dict[fx.Node, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n in self.wanted:
+            self.got[n] = value
+            if len(self.got) == len(self.wanted):
+                raise _Stop
+        return value
+
+
+def _capture(program: Program, batch: Inputs, nodes: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    interp = _Capture(program.module, nodes)
+    try:
+        with torch.no_grad():
+            interp.run(*program.flat_inputs(batch))
+    except _Stop:
+        pass
+    return interp.got
+
+
+def _rows(value: torch.Tensor, kind: str, batch: Inputs) -> torch.Tensor:
+    """Tokens (or pixels) x features, padded tokens excluded (as `_Stats.update`)."""
+    if kind == "conv":
+        return value.movedim(1, -1).reshape(-1, value.shape[1])
+    rows = value.reshape(-1, value.shape[-1])
+    mask = batch.kwargs.get("attention_mask") if batch is not None else None
+    if value.dim() == 3 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(value.shape[:2]):
+        rows = rows[mask.reshape(-1).bool()]
+    return rows
+
+
+def _residual(node: fx.Node) -> fx.Node | None:
+    """The other operand when the op's only use is `out + residual` (same shape; eval dropout skipped)."""
+    users = list(node.users)
+    while len(users) == 1 and users[0].target == aten.dropout.default and users[0].args[2] is False:
+        node, users = users[0], list(users[0].users)
+    if len(users) != 1 or users[0].target != aten.add.Tensor:
+        return None
+    add = users[0]
+    others = [a for a in add.args[:2] if a is not node]
+    if len(others) != 1 or not isinstance(others[0], fx.Node):
+        return None
+    va, vb = others[0].meta.get("val"), node.meta.get("val")
+    if not isinstance(va, torch.Tensor) or not isinstance(vb, torch.Tensor) or va.shape != vb.shape:
+        return None
+    return others[0]
+
+
+def _reference_node(ref: Program, op: ConsumerOp, program: Program) -> fx.Node | None:
+    """The op reading the same weight (same shape) in the reference program."""
+    try:
+        w_ref = ref.param(op.param)
+    except AttributeError:
+        return None
+    if tuple(w_ref.shape) != tuple(program.param(op.param).shape):
+        return None
+    w_pos = 2 if op.kind == "matmul" else 1
+    for n in ref.graph.nodes:
+        if n.op == "call_function" and n.target == op.node.target and len(n.args) > w_pos:
+            w = n.args[w_pos]
+            if getattr(w, "op", None) == "get_attr" and str(w.target) == op.param:
+                return n
+    return None
+
+
+def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[int]], batches: list[Inputs],
+                          reference: Program | None = None, ridge: float = 1e-2, residual: bool = True,
+                          target: str = "original",
+                          ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Layer-by-layer refit: each consumer, in graph order, is refit on its input in the
+    current program (where the earlier consumers are already refit and their removed inputs
+    zeroed, exactly as slicing will leave them) against its output in the reference program
+    (the original when it has the same weight, else the program as this pass found it), so it
+    absorbs the error of everything pruned before it. When the op's output is only added to a
+    residual, the target is the reference sum minus the current residual (the refit also
+    absorbs the error carried by the residual stream). Convs get the `bias` shift, from
+    current-program statistics."""
+    ops = consumer_ops(program, removal)
+    if not ops:
+        return [], []
+    entry = program.clone()
+    notes: list[str] = []
+    # targets per op: node in its reference program (+ residual node there) and the residual here
+    plan = []
+    from_original = 0
+    for op in ops:
+        ref, rnode = entry, None
+        if reference is not None and target == "original":
+            rnode = _reference_node(reference, op, program)
+            if rnode is not None:
+                ref = reference
+                from_original += 1
+        if rnode is None:
+            rnode = _reference_node(entry, op, program)
+        res_cur = _residual(op.node) if residual and op.kind != "conv" and target == "original" else None
+        res_ref = _residual(rnode) if res_cur is not None else None
+        if res_ref is None:
+            res_cur = None
+        plan.append((op, ref, rnode, res_cur, res_ref))
+    # reference targets, once per batch (float32 rows, padding excluded)
+    targets: list[list[torch.Tensor]] = [[] for _ in ops]
+    for batch in batches if target == "original" else []:
+        by_ref: dict[int, list[int]] = {}
+        for i, (_, ref, _, _, _) in enumerate(plan):
+            by_ref.setdefault(id(ref), []).append(i)
+        for idxs in by_ref.values():
+            ref = plan[idxs[0]][1]
+            want = [plan[i][2] for i in idxs] + [plan[i][4] for i in idxs if plan[i][4] is not None]
+            got = _capture(ref, batch, want)
+            for i in idxs:
+                op, _, rnode, _, rres = plan[i]
+                if op.kind == "conv":
+                    continue
+                y = got[rnode]
+                if rres is not None:
+                    y = y + got[rres]
+                targets[i].append(_rows(y, op.kind, batch).float())
+    rows = []
+    for i, (op, ref, rnode, res_cur, _) in enumerate(plan):
+        w = program.param(op.param).detach().double()
+        width = w.shape[op.in_dim]
+        gone = sorted(removal[(op.param, op.in_dim)])
+        keep = [j for j in range(width) if j not in set(gone)]
+        kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
+        bias_node = op.node.args[op.bias_index] if len(op.node.args) > op.bias_index else None
+        b = program.param(bias_node).detach().double() if isinstance(bias_node, fx.Node) else None
+        out_features = w.shape[1] if op.kind == "matmul" else w.shape[0]
+        b0 = b if b is not None else torch.zeros(out_features, dtype=torch.float64)
+        k = len(keep)
+        a = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+        c = torch.zeros(k + 1, out_features, dtype=torch.float64)
+        s_r = torch.zeros(len(gone), dtype=torch.float64)
+        n = 0
+        for bi, batch in enumerate(batches):
+            want = [op.input] + ([res_cur] if res_cur is not None else []) + ([op.node] if target == "current" else [])
+            got = _capture(program, batch, want)
+            x = _rows(got[op.input], op.kind, batch).double()
+            n += x.shape[0]
+            if op.kind == "conv":
+                s_r += x[:, rr].sum(0)
+                continue
+            xk = torch.cat([x[:, kk], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+            t = (targets[i][bi] if target == "original" else _rows(got[op.node], op.kind, batch)).double()
+            if res_cur is not None:
+                t = t - _rows(got[res_cur], op.kind, batch).double()
+            a += xk.T @ xk
+            c += xk.T @ t
+        n = max(n, 1)
+        if op.kind == "conv":
+            method = "bias"
+            new_b = b0 + w[:, rr].flatten(2).sum(2) @ (s_r / n)
+            new_w = w.clone()
+            new_w[:, rr] = 0
+        else:
+            method = "lstsq (sequential" + (", residual)" if res_cur is not None else ")")
+            a, c = a / n, c / n
+            lam = ridge * a.diagonal().mean()
+            theta = torch.linalg.solve(a + lam * torch.eye(k + 1, dtype=torch.float64), c)
+            wt = (w if op.kind == "matmul" else w.T).clone()  # [in, out]
+            wt[kk] = theta[:-1]
+            wt[rr] = 0.0
+            new_b = theta[-1]
+            new_w = wt if op.kind == "matmul" else wt.T
+        dtype = program.param(op.param).dtype
+        program.set_param(op.param, new_w.to(dtype).contiguous())
+        if isinstance(bias_node, fx.Node):
+            program.set_param(str(bias_node.target), new_b.to(dtype))
+        else:
+            name = _add_bias(program, op, new_b.to(dtype))
+            out_dim = 1 if op.kind == "matmul" else 0
+            if (op.param, out_dim) in removal:
+                removal[(name, 0)] = set(removal[(op.param, out_dim)])
+        targets[i] = []
+        rows.append({"layer": program.module_path(op.node), "method": method, "inputs removed": len(gone),
+                     "bias shift (L2)": round(float((new_b - b0).norm()), 4)})
+    if from_original:
+        notes.append(f"compensation: {from_original} of {len(ops)} consumers refit towards the original model's outputs")
+    return rows, notes
