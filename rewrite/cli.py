@@ -25,6 +25,8 @@ from .errors import RewriteError
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
 DEFAULT_SPEC = SPECS_DIR / "minilm-deploy.yaml"
 """`rewrite compile` with no spec: every rewrite composed for the default model (all-MiniLM-L6-v2)."""
+MODEL_DEFAULT_SPEC = SPECS_DIR / "cleanup.yaml"
+"""With --model and no spec: capture, clean up and export (the deploy spec is tuned for MiniLM)."""
 
 
 def _load_factory(ref: str) -> tuple[Any, Any, Any]:
@@ -61,7 +63,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from .compiler import compile as rewrite_compile
     from .spec import Spec
 
-    spec = Spec.load(args.spec or (DEFAULT_SPEC if DEFAULT_SPEC.exists() else None))
+    default = MODEL_DEFAULT_SPEC if args.model else DEFAULT_SPEC
+    spec_path = args.spec or (default if default.exists() else None)
+    spec = Spec.load(spec_path)
+    if not args.spec and spec_path is not None:
+        print(f"no spec given: using {spec_path.name}", file=sys.stderr)
     out_dir = Path(args.out)
     tokenizer = None
     if args.model:
@@ -119,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     c = sub.add_parser("compile", help="compile a model with a spec and export it")
-    c.add_argument("spec", nargs="?", help="spec file (YAML or JSON); default: the built-in deploy spec")
+    c.add_argument("spec", nargs="?", help="spec file (YAML or JSON); default: specs/minilm-deploy.yaml for the built-in model, "
+                   "specs/cleanup.yaml with --model")
     c.add_argument("--model", help="MODULE:FACTORY returning (model, example_inputs[, calibration]); default: all-MiniLM-L6-v2")
     c.add_argument("--out", default="out", help="output folder (default: out)")
     c.add_argument("--backend", choices=["onnx", "tvm", "all"], default="onnx")

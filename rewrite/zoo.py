@@ -145,17 +145,25 @@ def _seeded(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
 
 
 def _lived_in(model: nn.Module) -> nn.Module:
-    """Give norm layers trained-looking statistics: fresh inits (zero-init last BN, unit
-    running stats) make some random models output ~0, which hides numeric errors."""
+    """Give norm layers trained-looking statistics and affine weights.
+
+    Fresh inits (zero-init last BN, unit running stats) make some random models output ~0,
+    which hides numeric errors; and a LayerNorm / RMSNorm with unit weight and zero bias
+    gives every token the same norm (sqrt(width)), so anything that ranks tokens by norm
+    sees exact ties that float noise breaks differently in torch and onnxruntime.
+    """
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
+            is_norm = isinstance(m, nn.modules.batchnorm._BatchNorm) or "Norm" in type(m).__name__
+            weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+            if is_norm and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+                weight.copy_(torch.rand(weight.shape, generator=g) + 0.5)
+                if isinstance(bias, torch.Tensor):
+                    bias.copy_(torch.rand(bias.shape, generator=g) * 0.2 - 0.1)
     return model
 
 

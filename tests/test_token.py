@@ -237,10 +237,6 @@ def test_bert_merge_matches_reference():
             assert torch.equal((size * valid).sum(1), b.kwargs["attention_mask"].sum(1).float())
 
 
-@pytest.mark.xfail(reason="known: onnxruntime differs from torch for merge on BERT (rel. error ~1) even on the example "
-                          "batch, with the size bias off, and with the merge code before size weighting (same error): the pieces "
-                          "export exactly on their own (ViT merge passes); "
-                          "not yet located", strict=False)
 def test_bert_merge_onnx(tmp_path):
     z = zoo.load("bert", calibration_batches=0)
     out = rewrite.compile(z.model, MERGE_SPEC, example_inputs=z.example)
