@@ -217,3 +217,22 @@ def test_sequential_refit_beats_oneshot_and_exports(tmp_path, monkeypatch):
     methods = {r["method"] for p in seq.report.passes for r in p.details["compensation"]}
     assert all(m.startswith("lstsq (sequential") for m in methods), methods
     assert seq.export(tmp_path / "seq.onnx").verified
+
+
+def test_sequential_refit_aims_at_the_original_only_while_its_blocks_remain():
+    from passes.prune import refit_reference
+    from passes.skip import SkipPass
+    from rewrite import Program, Spec
+    from rewrite.calibration import CalibrationData
+    from rewrite.passmanager import PassContext
+
+    z = zoo.load("bert", 2)
+    original = Program.capture(z.model, z.example)
+    spec = Spec.parse({"passes": [{"kind": "skip", "layers": ["encoder.layer.1"]}]})
+    ctx = PassContext(spec=spec, calibration=CalibrationData.from_user(z.calibration, z.example), original=original)
+    assert refit_reference(original.clone(), ctx) is original
+    skipped = SkipPass(spec.passes[0]).run(original.clone(), ctx).program
+    assert len(skipped.blocks()) == len(original.blocks()) - 1
+    assert refit_reference(skipped, ctx) is None  # the original's outputs are out of reach
+    ctx.state.add("tokens-pruned")
+    assert refit_reference(original.clone(), ctx) is None
