@@ -34,8 +34,6 @@ LSTSQ = "sequential"
 """How `compensate: lstsq` refits: "sequential" (layer by layer on the current program, towards the
 original's outputs; `prune_compensate.compensate_sequential`) or "oneshot" (all consumers at once from
 statistics of the unpruned program; `prune_compensate.compensate`)."""
-LSTSQ_RESIDUAL = True
-LSTSQ_TARGET = "original"
 LSTSQ_RIDGE = 1e-2
 """Ridge of the sequential refit, relative to the mean diagonal of the input second moment (MiniLM 50%:
 0.01 -> drop 2.88, 0.1 -> 2.57, 0.3 -> 3.30; 0.1 loses to the one-shot refit on the gpt2 zoo model, so 0.01 stays)."""
@@ -127,7 +125,6 @@ class PrunePass(Pass):
 
             if s.compensate == "lstsq" and LSTSQ == "sequential":
                 comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
-                                                          residual=LSTSQ_RESIDUAL, target=LSTSQ_TARGET,
                                                           ridge=LSTSQ_RIDGE)
             else:
                 mode = "lstsq" if s.compensate == "lstsq" else "bias"

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from rewrite.calibration import observe
+from rewrite.calibration import capture, observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
 
@@ -68,6 +68,17 @@ def consumer_ops(program: Program, removal: dict[tuple[str, int], set[int]]) -> 
     return out
 
 
+def _rows(value: torch.Tensor, kind: str, batch: Inputs) -> torch.Tensor:
+    """Tokens (or pixels) x features, padded tokens excluded."""
+    if kind == "conv":
+        return value.movedim(1, -1).reshape(-1, value.shape[1])
+    rows = value.reshape(-1, value.shape[-1])
+    mask = batch.kwargs.get("attention_mask") if batch is not None else None
+    if value.dim() == 3 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(value.shape[:2]):
+        rows = rows[mask.reshape(-1).bool()]
+    return rows
+
+
 class _Stats:
     """Running E[x] and (optionally) E[x x^T] over tokens of each watched input."""
 
@@ -84,15 +95,7 @@ class _Stats:
     def update(self, node: fx.Node, value: Any, batch: Inputs) -> None:
         if not isinstance(value, torch.Tensor):
             return
-        if self.kind[node] == "conv":
-            rows = value.movedim(1, -1).reshape(-1, value.shape[1])
-        else:
-            rows = value.reshape(-1, value.shape[-1])
-            mask = batch.kwargs.get("attention_mask") if batch is not None else None
-            if (value.dim() == 3 and isinstance(mask, torch.Tensor) and mask.dim() == 2
-                    and tuple(mask.shape) == tuple(value.shape[:2])):
-                rows = rows[mask.reshape(-1).bool()]
-        rows = rows.detach().double()
+        rows = _rows(value, self.kind[node], batch).detach().double()
         self.n[node] = self.n.get(node, 0) + rows.shape[0]
         s = rows.sum(0)
         self.sum[node] = s if node not in self.sum else self.sum[node] + s
@@ -114,14 +117,8 @@ def compensate(program: Program, removal: dict[tuple[str, int], set[int]], batch
         x = op.input
         n = max(stats.n.get(x, 0), 1)
         mu = stats.sum[x] / n
-        w = program.param(op.param).detach().double()
-        width = w.shape[op.in_dim]
-        gone = sorted(removal[(op.param, op.in_dim)])
-        keep = [i for i in range(width) if i not in set(gone)]
-        bias_node = op.node.args[op.bias_index] if len(op.node.args) > op.bias_index else None
-        b = program.param(bias_node).detach().double() if isinstance(bias_node, fx.Node) else None
-        out_features = w.shape[1] if op.kind == "matmul" else w.shape[0]
-        b0 = b if b is not None else torch.zeros(out_features, dtype=torch.float64)
+        w, keep, gone, b0 = _consumer_weights(program, op, removal)
+        out_features = b0.shape[0]
         method = mode
         if mode == "lstsq" and op.kind != "conv":
             wt = w if op.kind == "matmul" else w.T  # [in, out]
@@ -151,18 +148,44 @@ def compensate(program: Program, removal: dict[tuple[str, int], set[int]], batch
             else:
                 delta = w[:, r].flatten(2).sum(2) @ mu[r]
             new_w, new_b = w, b0 + delta
-        dtype = program.param(op.param).dtype
-        program.set_param(op.param, new_w.to(dtype))
-        if isinstance(bias_node, fx.Node):
-            program.set_param(str(bias_node.target), new_b.to(dtype))
-        else:
-            name = _add_bias(program, op, new_b.to(dtype))
-            out_dim = 1 if op.kind == "matmul" else 0
-            if (op.param, out_dim) in removal:  # the new bias follows the op's own pruned outputs
-                removal[(name, 0)] = set(removal[(op.param, out_dim)])
-        rows.append({"layer": program.module_path(op.node), "method": method, "inputs removed": len(gone),
-                     "bias shift (L2)": round(float((new_b - b0).norm()), 4)})
+        rows.append(_write_back(program, op, removal, new_w, new_b, b0, method))
     return rows, notes
+
+
+def _consumer_weights(program: Program, op: ConsumerOp, removal: dict[tuple[str, int], set[int]]
+                      ) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
+    """(weight, kept input indices, removed input indices, bias or zeros), weight and bias in float64."""
+    w = program.param(op.param).detach().double()
+    gone = sorted(removal[(op.param, op.in_dim)])
+    removed = set(gone)
+    keep = [j for j in range(w.shape[op.in_dim]) if j not in removed]
+    bias_node = _bias_node(op)
+    out_features = w.shape[1] if op.kind == "matmul" else w.shape[0]
+    b0 = (program.param(bias_node).detach().double() if bias_node is not None
+          else torch.zeros(out_features, dtype=torch.float64))
+    return w, keep, gone, b0
+
+
+def _bias_node(op: ConsumerOp) -> fx.Node | None:
+    node = op.node.args[op.bias_index] if len(op.node.args) > op.bias_index else None
+    return node if isinstance(node, fx.Node) else None
+
+
+def _write_back(program: Program, op: ConsumerOp, removal: dict[tuple[str, int], set[int]], new_w: torch.Tensor,
+                new_b: torch.Tensor, b0: torch.Tensor, method: str) -> dict[str, Any]:
+    """Store the refit weight and bias (adding a bias where the op had none); the report row."""
+    dtype = program.param(op.param).dtype
+    program.set_param(op.param, new_w.to(dtype).contiguous())
+    bias_node = _bias_node(op)
+    if bias_node is not None:
+        program.set_param(str(bias_node.target), new_b.to(dtype))
+    else:
+        name = _add_bias(program, op, new_b.to(dtype))
+        out_dim = 1 if op.kind == "matmul" else 0
+        if (op.param, out_dim) in removal:  # the new bias follows the op's own pruned outputs
+            removal[(name, 0)] = set(removal[(op.param, out_dim)])
+    return {"layer": program.module_path(op.node), "method": method, "inputs removed": len(removal[(op.param, op.in_dim)]),
+            "bias shift (L2)": round(float((new_b - b0).norm()), 4)}
 
 
 def _add_bias(program: Program, op: ConsumerOp, bias: torch.Tensor) -> str:
@@ -182,48 +205,6 @@ def _add_bias(program: Program, op: ConsumerOp, bias: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- sequential refit
-class _Stop(Exception):
-    pass
-
-
-class _Capture(fx.Interpreter):
-    """Run until every wanted node has a value, then stop (the rest of the graph is skipped)."""
-
-    def __init__(self, module: fx.GraphModule, wanted: list[fx.Node]):
-        super().__init__(module, garbage_collect_values=True)
-        self.wanted = set(wanted)
-        self.got: dict[fx.Node, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n in self.wanted:
-            self.got[n] = value
-            if len(self.got) == len(self.wanted):
-                raise _Stop
-        return value
-
-
-def _capture(program: Program, batch: Inputs, nodes: list[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    interp = _Capture(program.module, nodes)
-    try:
-        with torch.no_grad():
-            interp.run(*program.flat_inputs(batch))
-    except _Stop:
-        pass
-    return interp.got
-
-
-def _rows(value: torch.Tensor, kind: str, batch: Inputs) -> torch.Tensor:
-    """Tokens (or pixels) x features, padded tokens excluded (as `_Stats.update`)."""
-    if kind == "conv":
-        return value.movedim(1, -1).reshape(-1, value.shape[1])
-    rows = value.reshape(-1, value.shape[-1])
-    mask = batch.kwargs.get("attention_mask") if batch is not None else None
-    if value.dim() == 3 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(value.shape[:2]):
-        rows = rows[mask.reshape(-1).bool()]
-    return rows
-
-
 def _residual(node: fx.Node) -> fx.Node | None:
     """The other operand when the op's only use is `out + residual` (same shape; eval dropout skipped)."""
     users = list(node.users)
@@ -260,7 +241,6 @@ def _reference_node(ref: Program, op: ConsumerOp, program: Program) -> fx.Node |
 
 def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[int]], batches: list[Inputs],
                           reference: Program | None = None, ridge: float = 1e-2, residual: bool = True,
-                          target: str = "original",
                           ) -> tuple[list[dict[str, Any]], list[str]]:
     """Layer-by-layer refit: each consumer, in graph order, is refit on its input in the
     current program (where the earlier consumers are already refit and their removed inputs
@@ -280,28 +260,28 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
     from_original = 0
     for op in ops:
         ref, rnode = entry, None
-        if reference is not None and target == "original":
+        if reference is not None:
             rnode = _reference_node(reference, op, program)
             if rnode is not None:
                 ref = reference
                 from_original += 1
         if rnode is None:
             rnode = _reference_node(entry, op, program)
-        res_cur = _residual(op.node) if residual and op.kind != "conv" and target == "original" else None
+        res_cur = _residual(op.node) if residual and op.kind != "conv" else None
         res_ref = _residual(rnode) if res_cur is not None else None
         if res_ref is None:
             res_cur = None
         plan.append((op, ref, rnode, res_cur, res_ref))
     # reference targets, once per batch (float32 rows, padding excluded)
     targets: list[list[torch.Tensor]] = [[] for _ in ops]
-    for batch in batches if target == "original" else []:
+    for batch in batches:
         by_ref: dict[int, list[int]] = {}
         for i, (_, ref, _, _, _) in enumerate(plan):
             by_ref.setdefault(id(ref), []).append(i)
         for idxs in by_ref.values():
             ref = plan[idxs[0]][1]
             want = [plan[i][2] for i in idxs] + [plan[i][4] for i in idxs if plan[i][4] is not None]
-            got = _capture(ref, batch, want)
+            got = capture(ref, batch, want)
             for i in idxs:
                 op, _, rnode, _, rres = plan[i]
                 if op.kind == "conv":
@@ -312,30 +292,24 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
                 targets[i].append(_rows(y, op.kind, batch).float())
     rows = []
     for i, (op, ref, rnode, res_cur, _) in enumerate(plan):
-        w = program.param(op.param).detach().double()
-        width = w.shape[op.in_dim]
-        gone = sorted(removal[(op.param, op.in_dim)])
-        keep = [j for j in range(width) if j not in set(gone)]
+        w, keep, gone, b0 = _consumer_weights(program, op, removal)
+        out_features = b0.shape[0]
         kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
-        bias_node = op.node.args[op.bias_index] if len(op.node.args) > op.bias_index else None
-        b = program.param(bias_node).detach().double() if isinstance(bias_node, fx.Node) else None
-        out_features = w.shape[1] if op.kind == "matmul" else w.shape[0]
-        b0 = b if b is not None else torch.zeros(out_features, dtype=torch.float64)
         k = len(keep)
         a = torch.zeros(k + 1, k + 1, dtype=torch.float64)
         c = torch.zeros(k + 1, out_features, dtype=torch.float64)
         s_r = torch.zeros(len(gone), dtype=torch.float64)
         n = 0
         for bi, batch in enumerate(batches):
-            want = [op.input] + ([res_cur] if res_cur is not None else []) + ([op.node] if target == "current" else [])
-            got = _capture(program, batch, want)
+            want = [op.input] + ([res_cur] if res_cur is not None else [])
+            got = capture(program, batch, want)
             x = _rows(got[op.input], op.kind, batch).double()
             n += x.shape[0]
             if op.kind == "conv":
                 s_r += x[:, rr].sum(0)
                 continue
             xk = torch.cat([x[:, kk], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-            t = (targets[i][bi] if target == "original" else _rows(got[op.node], op.kind, batch)).double()
+            t = targets[i][bi].double()
             if res_cur is not None:
                 t = t - _rows(got[res_cur], op.kind, batch).double()
             a += xk.T @ xk
@@ -356,18 +330,8 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
             wt[rr] = 0.0
             new_b = theta[-1]
             new_w = wt if op.kind == "matmul" else wt.T
-        dtype = program.param(op.param).dtype
-        program.set_param(op.param, new_w.to(dtype).contiguous())
-        if isinstance(bias_node, fx.Node):
-            program.set_param(str(bias_node.target), new_b.to(dtype))
-        else:
-            name = _add_bias(program, op, new_b.to(dtype))
-            out_dim = 1 if op.kind == "matmul" else 0
-            if (op.param, out_dim) in removal:
-                removal[(name, 0)] = set(removal[(op.param, out_dim)])
         targets[i] = []
-        rows.append({"layer": program.module_path(op.node), "method": method, "inputs removed": len(gone),
-                     "bias shift (L2)": round(float((new_b - b0).norm()), 4)})
+        rows.append(_write_back(program, op, removal, new_w, new_b, b0, method))
     if from_original:
         notes.append(f"compensation: {from_original} of {len(ops)} consumers refit towards the original model's outputs")
     return rows, notes

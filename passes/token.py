@@ -35,14 +35,13 @@ import torch.fx as fx
 
 import kernels.token  # noqa: F401  (registers rewrite::token_select)
 from kernels.token import keep_count
-from passes.importance.token import (HIDDEN_ONLY, AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
+from passes.importance.token import (HIDDEN_ONLY, SDPA, AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
                                      padding_input, same_size)
 from rewrite.errors import PassError
 from rewrite.passmanager import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 
 token_select = torch.ops.rewrite.token_select.default
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
 # ------------------------------------------------------------- ops the graph runs
@@ -60,6 +59,16 @@ def gather_seq(x: torch.Tensor, idx: torch.Tensor, dims: list[int], expand_batch
     return x
 
 
+def _merge_targets(idx: torch.Tensor, B: int, S: int, valid: torch.Tensor | None, keep_first: int,
+                   keep_last: int) -> torch.Tensor:
+    """[B, k]: which kept slots may absorb dropped tokens (real, and not a forced first/last position)."""
+    pos = torch.arange(S, device=idx.device)
+    target = ((pos >= keep_first) & (pos < S - keep_last)).unsqueeze(0).expand(B, S)
+    if valid is not None:
+        target = target & valid.bool()
+    return torch.gather(target, 1, idx)
+
+
 def merge_assign(idx: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | None, keep_first: int = 0,
                  keep_last: int = 0) -> torch.Tensor:
     """[B, S] -> kept slot (0..k-1) of each token: itself when kept, else its most similar merge target.
@@ -74,11 +83,7 @@ def merge_assign(idx: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor | No
     metric = keys.float().mean(dim=1) if keys.dim() == 4 else keys.float()
     metric = torch.nn.functional.normalize(metric, dim=-1)
     kept_metric = gather_seq(metric, idx, [1])
-    pos = torch.arange(S, device=idx.device)
-    target = ((pos >= keep_first) & (pos < S - keep_last)).unsqueeze(0).expand(B, S)
-    if valid is not None:
-        target = target & valid.bool()
-    target = torch.gather(target, 1, idx)  # [B, k]
+    target = _merge_targets(idx, B, S, valid, keep_first, keep_last)
     sim = (metric @ kept_metric.transpose(1, 2)).masked_fill(~target.unsqueeze(1), float("-inf"))
     assign = sim.argmax(dim=-1)  # [B, S] -> kept slot
     kept = torch.zeros(B, S, dtype=torch.bool, device=idx.device).scatter(1, idx, True)
@@ -94,11 +99,7 @@ def merge_weights(idx: torch.Tensor, assign: torch.Tensor, valid: torch.Tensor |
     B, S = assign.shape
     w = torch.ones(B, S, device=idx.device) if size is None else size.float()
     kept = torch.zeros(B, S, dtype=torch.bool, device=idx.device).scatter(1, idx, True)
-    pos = torch.arange(S, device=idx.device)
-    target = ((pos >= keep_first) & (pos < S - keep_last)).unsqueeze(0).expand(B, S)
-    if valid is not None:
-        target = target & valid.bool()
-    has_target = torch.gather(target, 1, idx).any(dim=1, keepdim=True)
+    has_target = _merge_targets(idx, B, S, valid, keep_first, keep_last).any(dim=1, keepdim=True)
     real = has_target if valid is None else valid.bool() & has_target
     return torch.where(kept | real, w, torch.zeros_like(w))
 
@@ -260,7 +261,7 @@ def _sdpa_causal(n: fx.Node) -> bool:
     return bool(n.kwargs.get("is_causal", n.args[5] if len(n.args) > 5 else False))
 
 
-def _first_user_in(graph: fx.Graph, m: fx.Node, sdpas: list[fx.Node]) -> fx.Node:
+def _first_user_in(m: fx.Node, sdpas: list[fx.Node]) -> fx.Node:
     """The first of `sdpas` (graph order) that reads mask `m`: the size bias goes right before it."""
     return next(n for n in sdpas if _sdpa_mask(n) is m)
 
@@ -381,7 +382,7 @@ class TokenPass(Pass):
                         continue
                     m = _sdpa_mask(n)
                     if m not in made:
-                        with graph.inserting_before(sdpas[0] if m is None else _first_user_in(graph, m, sdpas)):
+                        with graph.inserting_before(sdpas[0] if m is None else _first_user_in(m, sdpas)):
                             made[m] = graph.call_function(size_bias, (m, size, n.args[0].meta["val"].dtype))
                         biased[made[m]] = m
                     _set_sdpa_mask(n, made[m])

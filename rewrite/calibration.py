@@ -108,6 +108,38 @@ def observe(program: Program, batches: list[Inputs], subscribers: list[Subscribe
     return []
 
 
+class _AllCaptured(Exception):
+    """Stops a `capture` run once every wanted value is known (the rest of the graph is skipped)."""
+
+
+def capture(program: Program, batch: Inputs | Any, nodes: Iterable[fx.Node]) -> dict[fx.Node, Any]:
+    """The values of `nodes` when the program runs on one batch; the run stops at the last of them."""
+    wanted = set(nodes)
+    got: dict[fx.Node, Any] = {}
+
+    class _Recorder:
+        def nodes(self, program: Program) -> list[fx.Node]:
+            return list(wanted)
+
+        def update(self, node: fx.Node, value: Any, batch: Inputs) -> None:
+            got[node] = value
+            if len(got) == len(wanted):
+                raise _AllCaptured
+
+    if not wanted:
+        return got
+    recorder = _Recorder()
+    interp = _ObservingInterpreter(program.module, {n: [recorder] for n in wanted})
+    batch = Inputs.of(batch)
+    interp.batch = batch
+    try:
+        with torch.no_grad():
+            interp.run(*program.flat_inputs(batch))
+    except _AllCaptured:
+        pass
+    return got
+
+
 def _show_progress(progress: bool | None, n: int) -> bool:
     if progress is not None:
         return progress

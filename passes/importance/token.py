@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from rewrite.calibration import capture
 from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Block, Program
@@ -35,7 +36,6 @@ from rewrite.program import Block, Program
 KINDS = ("cls_attention", "attention_rank", "norm", "mean_distance")
 RANK_ITERS = 10
 HIDDEN_ONLY = ("norm", "mean_distance")  # kinds that read the hidden states only (no attention site)
-USES_HIDDEN = HIDDEN_ONLY
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
@@ -183,20 +183,8 @@ def same_size(a: Any, b: Any) -> bool:
 
 
 def values_of(program: Program, batch: Inputs, nodes: list[fx.Node]) -> dict[fx.Node, Any]:
-    """Run the graph once on `batch` and return the values of `nodes` (no change to the graph)."""
-    wanted = set(nodes)
-    got: dict[fx.Node, Any] = {}
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n in wanted:
-                got[n] = out
-            return out
-
-    with torch.no_grad():
-        Recorder(program.module).run(*program.flat_inputs(Inputs.of(batch)))
-    return got
+    """The values of `nodes` on `batch` (no change to the graph)."""
+    return capture(program, batch, nodes)
 
 
 def is_causal_site(program: Program, site: AttentionSite, batch: Inputs | None = None) -> bool:
@@ -251,6 +239,6 @@ def insert_token_scores(program: Program, kind: str, *, site: AttentionSite | No
     with program.graph.inserting_after(after or hidden):
         node = program.graph.call_function(score_tokens, (
             kind, site.q if site and kind not in HIDDEN_ONLY else None, site.k if site and kind not in HIDDEN_ONLY else None,
-            site.mask if site and kind not in HIDDEN_ONLY else None, hidden if kind in USES_HIDDEN else None, valid,
+            site.mask if site and kind not in HIDDEN_ONLY else None, hidden if kind in HIDDEN_ONLY else None, valid,
             site.scale if site else None, bool(site and site.is_causal), query))
     return node
