@@ -89,6 +89,10 @@ def compile_row(name: str, spec: dict, model, tok, calib, out: Path, pairs: int 
     path = out / f"{name.replace(' ', '_').replace('/', '_')}.onnx"
     rec = compiled.export(path, verify_inputs=compiled.verification_batches())
     score = demo.sts_score(compiled.module, tok, limit=pairs)
+    for record in compiled.report.passes:  # the budget allocator's plan, for the notes
+        for plan in record.details.get("plans (chosen and rejected)", []) if record.kind == "budget" else []:
+            print(f"  {name}: {' + '.join(plan['knobs'])}: {plan['verdict']} (predicted latency "
+                  f"{plan['predicted_latency']:.2f}, measured {plan['measured_latency']})", flush=True)
     return Row(name, "ours", score, rec.bytes / 1e6, path, time.perf_counter() - t0)
 
 
@@ -135,6 +139,9 @@ SINGLE = {
                                         {"kind": "prune", "granularity": "neuron", "amount": 0.25, "compensate": "lstsq"}]},
     "tokens keep 0.7 after layer 2": {"passes": [{"kind": "token", "keep": 0.7, "after": [2]}]},
     "W4 + 4-bit embeddings (AWQ)": {"passes": [{"kind": "quantize", "method": "awq", "weights": {"bits": 4, "group_size": 32}, "embeddings": 4}]},
+    "W4A8 (GPTQ, int8 compute) + 4-bit embeddings": {"passes": [{
+        "kind": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 64, "symmetric": True},
+        "activations": {"mode": "dynamic"}, "embeddings": 4, "embeddings_group_size": 128}]},
 }
 
 
@@ -143,8 +150,7 @@ AT_HALF_LATENCY = {  # each single technique at the setting that brings latency 
     "prune heads+FFN 50%": {"passes": [{"kind": "prune", "granularity": "head", "amount": 0.5, "compensate": "lstsq"},
                                         {"kind": "prune", "granularity": "neuron", "amount": 0.5, "compensate": "lstsq"}]},
     "tokens keep 0.3 after layer 1": {"passes": [{"kind": "token", "keep": 0.3, "after": [1], "importance": "norm"}]},
-    "W8A8 dynamic": {"passes": [{"kind": "quantize", "weights": None, "activations": {"mode": "dynamic"}, "embeddings": 8}],
-                     "verify": {"backend_rtol": 0.15}},
+    "W8A8 dynamic": {"passes": [{"kind": "quantize", "weights": None, "activations": {"mode": "dynamic"}, "embeddings": 8}]},
 }
 
 

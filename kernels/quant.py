@@ -19,6 +19,11 @@ straddle two bytes. Symmetric quantization stores zeros = 2**(bits-1). g divides
   range widened to include 0), int8 symmetric per-channel weights, exact integer accumulation.
 - `linear_a8_static(x, qweight, w_scale, x_scale: f32[], x_zero: u8[], bias)`: the same with a
   calibrated per-tensor scale and zero point (ONNX QuantizeLinear).
+- `linear_qa8_dynamic(x, qweight, scales, zeros, w_scale: f32[N], bias, bits, group_size)`: low-bit
+  storage, int8 compute. The packed weight W (as in `linear_q`) is requantized per output channel
+  to int8, `clamp(round(W / w_scale[n]), -127, 127)`, and multiplied like `linear_a8_dynamic`.
+  A file holds the 2..8-bit codes; a runtime folds the requantization once at load and runs its
+  int8 GEMM (weight-only 4-bit kernels on CPU compute in float and are no faster than fp32).
 
 The ONNX lowering lives in `kernels/quant_onnx.py`.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 
 # ----------------------------------------------------------------------------- packing
 
@@ -201,8 +207,7 @@ def _int8_matmul(xq: torch.Tensor, x_zero: torch.Tensor, qweight: torch.Tensor) 
     return (a @ qweight.to(torch.float64).T).to(torch.float32)
 
 
-@torch.library.custom_op("rewrite::linear_a8_dynamic", mutates_args=())
-def linear_a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     scale, zero = dynamic_activation_params(x)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     xq = torch.clamp(torch.round(x / safe) + zero.to(torch.float32), 0, 255)
@@ -210,8 +215,30 @@ def linear_a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Ten
     return y + bias if bias is not None else y
 
 
+def requantize_int8(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """i8[N, K] codes of a float weight on a given per-channel scale (the int8 compute weight)."""
+    return torch.clamp(torch.round(w / w_scale.unsqueeze(-1)), -127, 127).to(torch.int8)
+
+
+@torch.library.custom_op("rewrite::linear_a8_dynamic", mutates_args=())
+def linear_a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _a8_dynamic(x, qweight, w_scale, bias)
+
+
 @linear_a8_dynamic.register_fake
 def _linear_a8_dynamic_fake(x, qweight, w_scale, bias):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("rewrite::linear_qa8_dynamic", mutates_args=())
+def linear_qa8_dynamic(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       w_scale: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    w = dequantize(qweight, scales, zeros, bits, group_size, x.shape[-1])
+    return _a8_dynamic(x, requantize_int8(w, w_scale), w_scale, bias)
+
+
+@linear_qa8_dynamic.register_fake
+def _linear_qa8_dynamic_fake(x, qweight, scales, zeros, w_scale, bias, bits, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -228,13 +255,30 @@ def _linear_a8_static_fake(x, qweight, w_scale, x_scale, x_zero, bias):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+INT8_ACTIVATION_CHECK = (0.05, 0.99)
+"""Default backend check (relative tolerance, fraction of output values within it) for graphs
+that quantize activations. Each int8 op matches its reference exactly in onnxruntime
+(tests/test_quant_kernels.py), but the graph is piecewise constant: a 1e-7 difference in an
+earlier float op (layer norm, GELU, softmax) can flip one activation's rounding, the flips add
+up over layers, and after a top-k token selection one flip can swap a kept token, which moves a
+whole row of the output. A lowering bug moves most values; rounding flips move a few."""
+
+
+def rounds_activations(graph: torch.fx.Graph) -> bool:
+    """Whether the graph quantizes activations (int8-compute linears)."""
+    ops = torch.ops.rewrite
+    targets = {ops.linear_a8_dynamic.default, ops.linear_qa8_dynamic.default, ops.linear_a8_static.default}
+    return any(n.op == "call_function" and n.target in targets for n in graph.nodes)
+
+
 def _register_flops() -> None:
     """Count the quantized linears like the float ones they replace (FLOPs are logical work)."""
     try:
         from torch.utils.flop_counter import register_flop_formula
     except ImportError:  # pragma: no cover
         return
-    for op in (torch.ops.rewrite.linear_q, torch.ops.rewrite.linear_a8_dynamic, torch.ops.rewrite.linear_a8_static):
+    ops = torch.ops.rewrite
+    for op in (ops.linear_q, ops.linear_a8_dynamic, ops.linear_qa8_dynamic, ops.linear_a8_static):
         try:
             register_flop_formula(op)(lambda x_shape, w_shape, *a, out_shape=None, **k: 2 * math.prod(x_shape) * w_shape[0])
         except Exception:  # noqa: BLE001 - already registered on re-import

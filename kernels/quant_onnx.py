@@ -15,11 +15,16 @@ needs its weights re-laid out:
      the packed bytes by Gather + BitShift + BitwiseAnd (+ BitwiseOr for values that straddle
      two bytes), then (q - zero) * scale. All of it depends only on initializers, so
      onnxruntime folds it once at session start and the file keeps the packed bytes.
-   - embedding_q: Gather the packed rows, scales and zeros of the ids, then decode those
-     rows only (the table is never dequantized at run time).
+   - embedding_q: tables up to `DECODE_TABLE_AT_LOAD_BYTES` are decoded by foldable ops (once,
+     at session start) and gathered as floats; larger ones Gather the packed rows, scales and
+     zeros of the ids, then decode those rows only.
    - linear_a8_dynamic: DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add), the
      pattern onnxruntime fuses into its int8 kernels (as `quantize_dynamic` emits it);
      linear_a8_static: QuantizeLinear with the calibrated scale instead.
+   - linear_qa8_dynamic: the packed codes are decoded and requantized to int8 by standard
+     ops on initializers only (Gather/BitShift/.../Div/Round/Clip/Cast), which onnxruntime
+     folds at session start into the int8 weight of the same fused int8 pattern: the file
+     keeps 2..8-bit codes, the runtime runs its int8 GEMM.
 """
 from __future__ import annotations
 
@@ -35,6 +40,11 @@ DOMAIN = "rewrite.quant"
 MS_DOMAIN = "com.microsoft"
 USE_MATMULNBITS = {4, 8}
 """Bit widths lowered to MatMulNBits (module-level switch: tests and benchmarks compare paths)."""
+DECODE_TABLE_AT_LOAD_BYTES = 256 * 2**20
+"""Embedding tables up to this many float32 bytes are decoded once at session start: the file
+keeps the packed codes, memory holds the float table, and a call is a plain Gather (decoding the
+gathered rows on every call cost MiniLM ~7% of its throughput at 32 x 128 tokens). Larger tables
+(LLM vocabularies) gather packed rows and decode those per call. 0 turns decoding at load off."""
 
 
 # -------------------------------------------------------------------- 1. placeholders
@@ -63,6 +73,8 @@ def _register_schemas() -> None:
            ["bits", "group_size"])
     schema("DequantizeQ", [("qweight", u8, False), ("scales", f, False), ("zeros", u8, False)], ["bits", "group_size"])
     schema("LinearA8Dynamic", [("x", f, False), ("qweight", i8, False), ("w_scale", f, False), ("bias", f, True)], [])
+    schema("LinearQA8Dynamic", [("x", f, False), ("qweight", u8, False), ("scales", f, False), ("zeros", u8, False),
+                                ("w_scale", f, False), ("bias", f, True)], ["bits", "group_size"])
     schema("LinearA8Static", [("x", f, False), ("qweight", i8, False), ("w_scale", f, False), ("x_scale", f, False),
                               ("x_zero", u8, False), ("bias", f, True)], [])
 
@@ -87,12 +99,16 @@ def _register_translations() -> None:
     def linear_a8_static(x, qweight, w_scale, x_scale, x_zero, bias=None):
         return rq.LinearA8Static(x, qweight, w_scale, x_scale, x_zero, bias)
 
+    def linear_qa8_dynamic(x, qweight, scales, zeros, w_scale, bias=None, bits: int = 4, group_size: int = 128):
+        return rq.LinearQA8Dynamic(x, qweight, scales, zeros, w_scale, bias, bits=bits, group_size=group_size)
+
     ops = torch.ops.rewrite
     ONNX_TRANSLATIONS[ops.linear_q.default] = linear_q
     ONNX_TRANSLATIONS[ops.embedding_q.default] = embedding_q
     ONNX_TRANSLATIONS[ops.dequantize_q.default] = dequantize_q
     ONNX_TRANSLATIONS[ops.linear_a8_dynamic.default] = linear_a8_dynamic
     ONNX_TRANSLATIONS[ops.linear_a8_static.default] = linear_a8_static
+    ONNX_TRANSLATIONS[ops.linear_qa8_dynamic.default] = linear_qa8_dynamic
 
 
 # ------------------------------------------------------------------------ 2. expansion
@@ -215,14 +231,19 @@ def _scales_const(b: _Builder, scales: np.ndarray) -> str:
     return b.const("scales", scales.astype(np.float32))
 
 
-def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, g: int) -> str:
-    """Graph value f32[N, K] equal to kernels.quant.dequantize (exact same arithmetic)."""
+def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, g: int,
+                        foldable: bool = False) -> str:
+    """Graph value f32[N, K] equal to kernels.quant.dequantize (exact same arithmetic).
+
+    `foldable`: use only ops that onnxruntime constant-folds (not DequantizeLinear, which it
+    keeps on purpose), for weights that feed a computation it should see as a constant.
+    """
     from onnx import TensorProto
 
     n, ngroups = scales.shape
     k = ngroups * g
     s_name = _scales_const(b, scales)
-    if bits in (4, 8):  # standard blocked DequantizeLinear
+    if bits in (4, 8) and not foldable:  # standard blocked DequantizeLinear
         if _symmetric(zeros, bits):
             # every zero point is the midpoint: store signed codes (q - mid) and no zero points
             # (a default of 0); flipping the top bit of each code is exactly that subtraction
@@ -284,11 +305,12 @@ def _expand_linear_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> N
 
 
 def _expand_embedding_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
-    """Gather the packed rows (and their scales / zeros) first, then decode only those rows.
+    """A table that decodes to at most `DECODE_TABLE_AT_LOAD_BYTES` is decoded by foldable ops
+    (onnxruntime decodes it once at session start, then each call is a float Gather); a larger
+    one gathers the packed rows (and their scales / zeros) first and decodes only those rows.
 
-    Dequantizing the table and then gathering would re-decode every row on every run:
-    onnxruntime does not constant-fold DequantizeLinear, and 30k x 384 values per call cost
-    more than the rest of a small encoder's embedding step.
+    Never dequantize-then-gather with DequantizeLinear: onnxruntime does not constant-fold it,
+    so every call would decode the whole table (30k x 384 values for MiniLM).
     """
     from onnx import TensorProto
 
@@ -296,6 +318,10 @@ def _expand_embedding_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -
     qweight, scales, zeros = (_need(consts, node, i) for i in (1, 2, 3))
     ngroups = scales.shape[1]
     k = ngroups * g
+    if qweight.shape[0] * k * 4 <= DECODE_TABLE_AT_LOAD_BYTES:
+        table = _dequantized_weight(b, qweight, scales, zeros, bits, g, foldable=True)
+        b.op("Gather", [table, node.input[0]], outputs=[node.output[0]], axis=0)
+        return
     ids = b.op("Reshape", [node.input[0], b.const("flat", np.array([-1], np.int64))])
     rows = b.op("Gather", [b.const("packed", qweight.astype(np.uint8)), ids], axis=0)
     codes = _decode_codes(b, rows, bits, k, qweight.shape[1])
@@ -320,22 +346,43 @@ def _expand_dequantize_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) 
     b.op("Identity", [w], outputs=[node.output[0]])
 
 
-def _expand_a8(b: _Builder, node: Any, consts: dict[str, np.ndarray], dynamic: bool) -> None:
+def _expand_qa8(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
+    """Packed codes -> int8 weight by folded ops, then the int8 pattern of `_expand_a8`."""
     from onnx import TensorProto
 
+    bits, g = _attr(node, "bits"), _attr(node, "group_size")
+    qweight, scales, zeros = (_need(consts, node, i) for i in (1, 2, 3))
+    w_scale = _need(consts, node, 4).astype(np.float32)
+    w = _dequantized_weight(b, qweight, scales, zeros, bits, g, foldable=True)
+    q = b.op("Div", [w, b.const("w_scale_col", w_scale.reshape(-1, 1))])
+    q = b.op("Clip", [b.op("Round", [q]), b.const("lo", np.array(-127, np.float32)), b.const("hi", np.array(127, np.float32))])
+    w_t = b.op("Transpose", [b.op("Cast", [q], to=TensorProto.INT8)], perm=[1, 0])
+    _int8_linear(b, node, w_t, w_scale, bias_at=5)
+
+
+def _expand_a8(b: _Builder, node: Any, consts: dict[str, np.ndarray], dynamic: bool) -> None:
     qweight = _need(consts, node, 1)
     w_scale = _need(consts, node, 2).astype(np.float32)
     w_t = b.const("w_t", np.ascontiguousarray(qweight.astype(np.int8).T))
     if dynamic:
+        _int8_linear(b, node, w_t, w_scale, bias_at=3)
+    else:
+        _int8_linear(b, node, w_t, w_scale, bias_at=5, x_scale=_need(consts, node, 3).astype(np.float32))
+
+
+def _int8_linear(b: _Builder, node: Any, w_t: str, w_scale: np.ndarray, bias_at: int,
+                 x_scale: np.ndarray | None = None) -> None:
+    """x (node input 0) quantized to uint8 (dynamic, or static at inputs 3/4 when x_scale is given),
+    MatMulInteger with the int8 [K, N] weight `w_t`, rescaled, plus the bias at `bias_at`."""
+    from onnx import TensorProto
+
+    if x_scale is None:
         xq, xs, xz = b.op("DynamicQuantizeLinear", [node.input[0]], outputs=3)
         scale = b.op("Mul", [xs, b.const("w_scale", w_scale)])
-        bias_at = 3
     else:
-        x_scale = _need(consts, node, 3).astype(np.float32)
         xs, xz = node.input[3], node.input[4]
         xq = b.op("QuantizeLinear", [node.input[0], xs, xz])
         scale = b.const("scale", (x_scale * w_scale).astype(np.float32))
-        bias_at = 5
     acc = b.op("MatMulInteger", [xq, w_t, xz])
     y = b.op("Mul", [b.op("Cast", [acc], to=TensorProto.FLOAT), scale])
     bias = node.input[bias_at] if len(node.input) > bias_at and node.input[bias_at] else ""
@@ -351,6 +398,7 @@ _EXPANDERS = {
     "DequantizeQ": _expand_dequantize_q,
     "LinearA8Dynamic": lambda b, n, c: _expand_a8(b, n, c, True),
     "LinearA8Static": lambda b, n, c: _expand_a8(b, n, c, False),
+    "LinearQA8Dynamic": _expand_qa8,
 }
 
 

@@ -194,11 +194,32 @@ def _int8_linear(importer: Any, x: Any, xq: Any, zero: Any, qweight: Any, scale:
 
 def convert_linear_a8_dynamic(node: Any, importer: Any) -> Any:
     """int8 activations with a per-call range (ONNX DynamicQuantizeLinear semantics)."""
+    x, qw, w_scale = (importer.env[a] for a in node.args[:3])
+    bias = _const_or_var(importer, node.args[3] if len(node.args) > 3 else None)
+    return _a8_dynamic(importer, x, qw, w_scale, bias)
+
+
+def convert_linear_qa8_dynamic(node: Any, importer: Any) -> Any:
+    """Packed low-bit weight decoded and requantized to int8 per channel, then the int8 dynamic linear."""
     from tvm import relax
 
     bb = importer.block_builder
-    x, qw, w_scale = (importer.env[a] for a in node.args[:3])
-    bias = _const_or_var(importer, node.args[3] if len(node.args) > 3 else None)
+    x, q, s, z, w_scale = (importer.env[a] for a in node.args[:5])
+    bias = _const_or_var(importer, node.args[5] if len(node.args) > 5 else None)
+    bits, group_size = int(node.args[6]), int(node.args[7])
+    k = int(_shape(s)[1]) * group_size
+    name = f"dequantize_w{bits}g{group_size}"
+    w = bb.emit_te(lambda qq, ss, zz: decode_te(qq, ss, zz, bits=bits, group_size=group_size, k=k), q, s, z,
+                   primfunc_name_hint=name, primfunc_attrs={KERNEL_ATTR: name})
+    col = bb.emit(relax.op.reshape(w_scale, [-1, 1]))
+    qw = bb.emit(relax.op.clip(relax.op.round(relax.op.divide(w, col)), -127, 127))
+    return _a8_dynamic(importer, x, qw, w_scale, bias)
+
+
+def _a8_dynamic(importer: Any, x: Any, qw: Any, w_scale: Any, bias: Any) -> Any:
+    from tvm import relax
+
+    bb = importer.block_builder
     zero_f = relax.const(0.0, "float32")
     lo = bb.emit(relax.op.minimum(relax.op.min(x), zero_f))
     hi = bb.emit(relax.op.maximum(relax.op.max(x), zero_f))
@@ -234,4 +255,5 @@ registry.TVM_CONVERTERS.update({
     "embedding_q.default": convert_embedding_q,
     "linear_a8_dynamic.default": convert_linear_a8_dynamic,
     "linear_a8_static.default": convert_linear_a8_static,
+    "linear_qa8_dynamic.default": convert_linear_qa8_dynamic,
 })

@@ -3,8 +3,14 @@
 What it rewrites (ops from `kernels.quant`, lowered to ONNX by `kernels.quant_onnx`):
 - `aten.linear` (and GPT-2's `addmm` Conv1D) -> `rewrite::linear_q` with packed weights;
 - `aten.conv1d/2d` -> `rewrite::dequantize_q` + reshape feeding the same conv (weight-only);
-- `aten.embedding` -> `rewrite::embedding_q` (`embeddings: 4 | 8`);
-- with `activations`, linears -> `rewrite::linear_a8_dynamic` / `linear_a8_static` (W8A8).
+- `aten.embedding` -> `rewrite::embedding_q` (`embeddings: 2 | 3 | 4 | 8`);
+- with `activations` and no `weights`, linears -> `rewrite::linear_a8_dynamic` /
+  `linear_a8_static` (W8A8, int8 per-channel weights);
+- with `activations: {mode: dynamic}` and `weights`, linears -> `rewrite::linear_qa8_dynamic`:
+  the weights are quantized as without activations (any width, method, mixed precision) and
+  stored packed; the runtime requantizes them per channel to int8 once and runs its int8 GEMM.
+  That is how low-bit weights get faster on CPU: onnxruntime's weight-only 4-bit MatMulNBits
+  computes in float and is no faster than the fp32 model at encoder batch sizes.
 
 Mixed precision (`allocate: layerwise`, the Layer-Wise Quantization method): layers (the
 model's repeated blocks) are ranked by a layer importance (`passes.importance.layer`);
@@ -208,7 +214,7 @@ class QuantizePass(Pass):
         s = self.spec
         w = s.weights
         needs_data = []
-        if w is not None and s.method in ("awq", "gptq") and s.activations is None:
+        if w is not None and s.method in ("awq", "gptq"):
             needs_data.append(f"method {s.method}")
         if s.activations is not None and (s.activations.mode == "static" or s.activations.smoothquant is not None):
             needs_data.append("static activation ranges / smoothquant")
@@ -221,9 +227,12 @@ class QuantizePass(Pass):
                             "(bits: 4) or set allocate: layerwise with an average")
         if s.allocate == "layerwise" and (w is None or w.average is None):
             raise PassError("allocate 'layerwise' needs weights.average (the target average bits, e.g. 3.5)")
-        if s.activations is not None and w is not None and (w.bits != 8 or s.allocate != "uniform"):
-            raise PassError("int8 activations use int8 per-channel weights: set weights.bits: 8 (uniform) "
-                            "or leave weights out")
+        if s.activations is not None and w is not None and s.activations.mode != "dynamic":
+            raise PassError("static int8 activations run with int8 per-channel weights only: leave weights out "
+                            "(weights: null), or use activations.mode: dynamic to run low-bit weights in int8")
+        if s.activations is not None and s.activations.smoothquant is not None and w is not None and s.method == "awq":
+            raise PassError("smoothquant and method 'awq' both rescale input channels: choose one "
+                            "(method: rtn or gptq with smoothquant, or drop smoothquant)")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         s = self.spec
@@ -241,8 +250,8 @@ class QuantizePass(Pass):
         rows: list[dict[str, Any]] = []
         assignment: list[dict[str, Any]] = []
 
-        # -- widths per layer
-        if s.activations is not None:
+        # -- widths per layer (int8 activations without `weights`: plain int8 per-channel weights)
+        if s.activations is not None and s.weights is None:
             for t in layers:
                 t.bits, t.group_size = 8, t.k
         elif s.allocate == "layerwise":
@@ -273,22 +282,22 @@ class QuantizePass(Pass):
 
         # -- calibration statistics (one run) for AWQ / GPTQ / activations
         stats: dict[fx.Node, qm.InputStats] = {}
-        want_stats = (s.method in ("awq", "gptq") and s.activations is None) or s.activations is not None
+        want_stats = (s.weights is not None and s.method in ("awq", "gptq")) or s.activations is not None
         if want_stats and not ctx.calibration.from_example:
             inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
             stats = qm.collect_input_stats(program, list(ctx.calibration.batches), inputs,
-                                           want_gram=s.method == "gptq" or s.activations is None)
+                                           want_gram=s.weights is not None)
         for t in layers:
             if t.kind in ("linear", "addmm"):
                 t.stats_of = self._input(t)
-        if s.method in ("awq", "gptq") and s.activations is None and any(t.kind == "conv" for t in layers):
+        if s.weights is not None and s.method in ("awq", "gptq") and any(t.kind == "conv" for t in layers):
             notes.append(f"convolutions use RTN ({s.method} statistics are collected for linear inputs only)")
 
         # -- input-channel scaling (AWQ, SmoothQuant): one scale vector per shared input
         scaled: dict[str, torch.Tensor] = {}
-        if stats and ((s.method == "awq" and s.activations is None) or (s.activations is not None and s.activations.smoothquant is not None)):
+        if stats and (self._awq() or self._smoothquant()):
             scaled, fold_counts = self._channel_scaling(program, layers, stats, notes)
-            notes.append(f"{'AWQ' if s.activations is None else 'SmoothQuant'} scales: {fold_counts['folded']} inputs folded into "
+            notes.append(f"{'AWQ' if self._awq() else 'SmoothQuant'} scales: {fold_counts['folded']} inputs folded into "
                          f"the preceding layer_norm/linear, {fold_counts['inserted']} by an inserted mul")
 
         # -- quantize and rewrite each layer
@@ -300,7 +309,9 @@ class QuantizePass(Pass):
             else:
                 w_eff = w
             before = program.param(t.weight).numel() * program.param(t.weight).element_size()
-            if s.activations is not None and t.kind in ("linear", "addmm"):
+            int8_compute = s.activations is not None and t.kind in ("linear", "addmm")
+            if int8_compute and (s.weights is None or (t.bits == 8 and s.method == "rtn")):
+                # plain W8A8 (8-bit RTN weights stored per channel directly: same bytes, one rounding)
                 qw, ws = kq.quantize_int8_channel(w_eff)
                 w_hat = (qw.float() * ws.unsqueeze(1))
                 after = self._rewrite_a8(program, t, qw, ws, st, s.activations.mode)
@@ -316,7 +327,13 @@ class QuantizePass(Pass):
                     qz = qm.rtn(w_eff, t.bits, t.group_size, symmetric)
                     method = "rtn"
                 w_hat = qz.weight()
-                after = self._rewrite_weight(program, t, qz)
+                if int8_compute:  # stored at t.bits, run as int8 x int8 (the weight requantized per channel)
+                    _, ws = kq.quantize_int8_channel(w_hat)
+                    w_hat = kq.requantize_int8(w_hat, ws).float() * ws.unsqueeze(1)
+                    after = self._rewrite_qa8(program, t, qz, ws)
+                    method += ", int8 compute (activations dynamic)"
+                else:
+                    after = self._rewrite_weight(program, t, qz)
             if t.module in scaled:
                 w_hat = w_hat / scaled[t.module]
             rows.append({"module": t.module, "op": t.kind, "bits": t.bits, "group": t.group_size, "method": method,
@@ -400,6 +417,26 @@ class QuantizePass(Pass):
                     graph.erase_node(old_w)
         return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel()
 
+    def _rewrite_qa8(self, program: Program, t: Target, qz: qm.Quantized, w_scale: torch.Tensor) -> int:
+        tensors = {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros, "wscale": w_scale}
+        nodes = self._buffers(program, t, tensors, {"q": t.numel})
+        node = t.node
+        bias = (node.args[2] if len(node.args) > 2 else None) if t.kind == "linear" else node.args[0]
+        with program.graph.inserting_before(node):
+            new = program.graph.call_function(torch.ops.rewrite.linear_qa8_dynamic.default,
+                                              (self._input(t), nodes["q"], nodes["scales"], nodes["zeros"],
+                                               nodes["wscale"], bias, qz.bits, qz.group_size))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        program.graph.erase_node(node)
+        return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel() + w_scale.numel() * 4
+
+    def _awq(self) -> bool:
+        return self.spec.weights is not None and self.spec.method == "awq"
+
+    def _smoothquant(self) -> bool:
+        return self.spec.activations is not None and self.spec.activations.smoothquant is not None
+
     def _rewrite_embedding(self, program: Program, t: Target, qz: qm.Quantized) -> int:
         nodes = self._buffers(program, t, {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros}, {"q": t.numel})
         node = t.node
@@ -454,7 +491,7 @@ class QuantizePass(Pass):
         counts = {"folded": 0, "inserted": 0}
         for x, group in by_input.items():
             weights = [float_weight(program, t) for t in group]
-            if s.activations is None:
+            if self._awq():
                 sc, alpha, ratio = qm.awq_scales(weights, stats[x], group[0].bits, group[0].group_size, s.weights.symmetric)
                 if alpha == 0.0:
                     continue  # no scaling helps: plain (clipped) RTN

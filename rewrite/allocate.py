@@ -87,14 +87,32 @@ def candidate_knobs(program: Program, budget: BudgetSpec) -> list[Knob]:
                           passes=[PruneSpec(granularity="head", amount=amount, compensate="lstsq").model_dump()]))
     if _has_sequence_input(program) and n_blocks >= 3:
         for keep in (0.7, 0.5):
-            for importance in ("norm", "cls_attention"):  # which suits the model is measured, not guessed
+            for importance in ("norm", "cls_attention", "mean_distance"):  # which suits the model is measured, not guessed
                 knobs.append(Knob(name=f"tokens keep {keep} ({importance})", technique="token",
                                   passes=[TokenSpec(keep=keep, after=[min(2, n_blocks - 2)], importance=importance).model_dump()]))
+    knobs += quantize_knobs(budget)
+    return knobs
+
+
+def quantize_knobs(budget: BudgetSpec) -> list[Knob]:
+    """int8 compute (W8A8, and 4-bit storage with int8 compute) for latency; weight-only 4-bit for size.
+
+    Weight-only low-bit linears run as float matmuls in onnxruntime (no faster), so for a
+    latency budget only the int8-compute settings are candidates; a size-only budget also
+    gets weight-only W4, which keeps float activations.
+    """
+    if budget.size_mb is None and budget.latency is None:
+        return []  # FLOPs count the logical work: quantization does not change them
+    dynamic = {"mode": "dynamic"}
+    w4 = QuantWeightsSpec(bits=4, group_size=64, symmetric=True)
+    knobs = [Knob(name="W8A8 + emb8", technique="quantize",
+                  passes=[QuantizeSpec(weights=None, activations=dynamic, embeddings=8).model_dump()]),
+             Knob(name="W4A8 (GPTQ) + emb4", technique="quantize",
+                  passes=[QuantizeSpec(method="gptq", weights=w4, activations=dynamic, embeddings=4,
+                                       embeddings_group_size=128).model_dump()])]
     if budget.size_mb is not None:
-        for bits in (8, 4):
-            knobs.append(Knob(name=f"W{bits} + emb{min(bits, 8)}", technique="quantize",
-                              passes=[QuantizeSpec(weights=QuantWeightsSpec(bits=bits, group_size=32),
-                                                   embeddings=4 if bits == 4 else 8).model_dump()]))
+        knobs.append(Knob(name="W4 (GPTQ) + emb4", technique="quantize",
+                          passes=[QuantizeSpec(method="gptq", weights=w4, embeddings=4, embeddings_group_size=128).model_dump()]))
     return knobs
 
 

@@ -17,3 +17,19 @@ def test_flops_budget_is_met_and_the_plan_is_reported(tmp_path):
     assert chosen[0]["predicted_drop"] <= min(p["predicted_drop"] for p in plans)
     assert {k["technique"] for k in record.details["cost table (each setting alone)"]} >= {"skip", "neuron", "head", "token"}
     assert out.export(tmp_path / "b.onnx").verified
+
+
+def test_quantize_knobs_follow_the_budget_kind():
+    """Latency budgets get only int8-compute settings (weight-only low-bit runs as float matmuls);
+    size budgets also weight-only W4; FLOPs budgets none (quantization does not change logical FLOPs)."""
+    from rewrite.allocate import quantize_knobs
+    from rewrite.spec import BudgetSpec
+
+    def names(**budget):
+        return [k.name for k in quantize_knobs(BudgetSpec(**budget))]
+
+    assert names(latency=0.5) == ["W8A8 + emb8", "W4A8 (GPTQ) + emb4"]
+    assert names(size_mb=10) == ["W8A8 + emb8", "W4A8 (GPTQ) + emb4", "W4 (GPTQ) + emb4"]
+    assert names(flops=0.5) == []
+    for knob in quantize_knobs(BudgetSpec(latency=0.5)):
+        assert knob.passes[0]["activations"] == {"mode": "dynamic", "bits": 8, "smoothquant": None}

@@ -87,6 +87,19 @@ def test_linear_a8_dynamic_matches_onnx_definition():
     assert torch.allclose(y, x @ w.T, atol=0.05)
 
 
+def test_linear_qa8_dynamic_is_requantized_int8_linear():
+    # 4-bit codes, per-channel symmetric: requantizing on the 4-bit scale gives the codes back exactly
+    torch.manual_seed(0)
+    w = torch.randn(6, 32)
+    q, s, z = kq.quantize_groups(w, 4, 32, symmetric=True)
+    qw = kq.pack(q, 4)
+    x = torch.randn(3, 32)
+    y = torch.ops.rewrite.linear_qa8_dynamic(x, qw, s, z, s[:, 0], None, 4, 32)
+    codes = q.to(torch.int8) - 8
+    assert torch.equal(kq.requantize_int8(kq.dequantize(qw, s, z, 4, 32, 32), s[:, 0]), codes)
+    assert torch.equal(y, torch.ops.rewrite.linear_a8_dynamic(x, codes, s[:, 0], None))
+
+
 class _AllOps(torch.nn.Module):
     def __init__(self, bits: int, g: int, k: int = 64, n: int = 48, symmetric: bool = False):
         super().__init__()
@@ -105,6 +118,8 @@ class _AllOps(torch.nn.Module):
         wi, ws = kq.quantize_int8_channel(torch.randn(n, n, generator=gen))
         self.register_buffer("wi", wi)
         self.register_buffer("ws", ws)
+        w8_scale = kq.dequantize(self.qw, self.sc, self.z, bits, g, k).abs().amax(-1) / 127.0
+        self.register_buffer("w8s", w8_scale)
         self.register_buffer("xs", torch.tensor(0.05))
         self.register_buffer("xz", torch.tensor(128, dtype=torch.uint8))
         self.bits, self.g = bits, g
@@ -115,7 +130,8 @@ class _AllOps(torch.nn.Module):
         w = torch.ops.rewrite.dequantize_q(self.qw, self.sc, self.z, self.bits, self.g)
         a = torch.ops.rewrite.linear_a8_dynamic(h, self.wi, self.ws, self.bias)
         c = torch.ops.rewrite.linear_a8_static(h @ w[:, :48], self.wi, self.ws, self.xs, self.xz, None)
-        return h, a, c
+        d = torch.ops.rewrite.linear_qa8_dynamic(h @ w, self.qw, self.sc, self.z, self.w8s, self.bias, self.bits, self.g)
+        return h, a, c, d
 
 
 def _lower(m: torch.nn.Module, ids: torch.Tensor):
@@ -177,3 +193,30 @@ def test_onnx_lowering_matches_reference(bits, g, expect, tmp_path):
     if bits in (2, 3):
         sizes = {t.name: len(t.raw_data) for t in proto.graph.initializer}
         assert any(v == m.qw.numel() for v in sizes.values())
+    # the int8-compute linear keeps its packed codes on disk; only the folded int8 weight feeds MatMulInteger
+    stored = {t.name for t in proto.graph.initializer}
+    assert [n.input[1] in stored for n in proto.graph.node if n.op_type == "MatMulInteger"] == [True, True, False]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_embedding_tables_decode_at_load_or_per_call(bits, tmp_path, monkeypatch):
+    """Small tables decode once (folded: a float Gather per call); above the limit, packed rows are gathered first."""
+    import kernels.quant_onnx as qo
+
+    registry.load_all()
+    m = _AllOps(bits, 16, symmetric=True).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(3))
+
+    def gathers_packed_rows(proto) -> bool:
+        packed = {t.name for t in proto.graph.initializer if t.data_type == 2 and list(t.dims[:1]) == [50]}  # uint8 [50, row bytes]
+        row_gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in packed
+                       and all(a.i == 0 for a in n.attribute if a.name == "axis")]
+        return bool(row_gathers)
+
+    proto = _lower(m, ids)
+    assert not gathers_packed_rows(proto)
+    _assert_onnxruntime_matches(proto, m, ids, tmp_path / "load.onnx")
+    monkeypatch.setattr(qo, "DECODE_TABLE_AT_LOAD_BYTES", 0)
+    proto = _lower(m, ids)
+    assert gathers_packed_rows(proto)
+    _assert_onnxruntime_matches(proto, m, ids, tmp_path / "per_call.onnx")

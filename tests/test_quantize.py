@@ -120,11 +120,37 @@ def test_w8a8_spec(tmp_path):
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
 
 
+def test_low_bit_weights_with_int8_compute(tmp_path):
+    """weights + activations dynamic: mixed 4/8-bit GPTQ weights stored packed, run as int8 x int8 in onnxruntime."""
+    import onnx
+
+    spec = {"passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": [4, 8], "average": 6.0, "group_size": 16},
+                        "allocate": "layerwise", "activations": {"mode": "dynamic"}, "embeddings": 3}]}
+    z, out = _compile("bert", spec)
+    code = str(out.module.code)
+    assert "linear_qa8_dynamic" in code and "embedding_q" in code and "aten.linear" not in code
+    layers = [r for r in out.report.passes[-1].details["layers"] if r["op"] == "linear"]
+    assert {r["bits"] for r in layers} == {4, 8}
+    assert all(r["method"] == "gptq, int8 compute (activations dynamic)" for r in layers if r["bits"] == 4)
+    assert out.report.fidelity.cosine > 0.98  # tiny random model, 3-bit embeddings: mostly embedding error
+    e = out.export(tmp_path / "w4a8.onnx", verify_inputs=[z.example, z.batch(5)])
+    assert e.verified and any("int8 activations" in n for n in e.notes)  # the looser default check is reported
+    graph = onnx.load(str(tmp_path / "w4a8.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == len(layers) and "MatMulNBits" not in ops
+    # on disk the 4-bit layers keep their packed codes: no int8 or float copy of their weights
+    stored = sum(t.ByteSize() for t in graph.initializer)
+    w4 = sum(r["bytes_after"] for r in out.report.passes[-1].details["layers"])
+    assert stored < 1.3 * w4 + 64 * 1024
+
+
 def test_static_activations_smoothquant_awq_errors():
     z, out = _compile("mlp", {"passes": [{"kind": "quantize", "weights": None,
                                           "activations": {"mode": "static", "smoothquant": 0.5}}]})
     assert "linear_a8_static" in str(out.module.code)
     assert out.report.fidelity.cosine > 0.99
+    with pytest.raises(rewrite.errors.PassError, match="mode: dynamic"):
+        _compile("mlp", {"passes": [{"kind": "quantize", "weights": {"bits": 4}, "activations": {"mode": "static"}}]})
     with pytest.raises(rewrite.errors.PassError, match="allocate: layerwise"):
         _compile("mlp", {"passes": [{"kind": "quantize", "weights": {"bits": [2, 4]}}]})
     with pytest.raises(rewrite.errors.CalibrationError, match="calibration"):

@@ -69,6 +69,30 @@ def test_custom_ops_graph_matches_and_saves(tmp_path) -> None:
     _same(program.module(x2), again(x2))
 
 
+class W4A8Net(nn.Module):
+    """A 4-bit packed linear run as int8 x int8 (rewrite::linear_qa8_dynamic)."""
+
+    def __init__(self, d: int = 64, n: int = 32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        q, s, z = quant.quantize_groups(torch.randn(n, d, generator=gen), 4, 16, symmetric=True)
+        self.register_buffer("q", quant.pack(q, 4))
+        self.register_buffer("s", s)
+        self.register_buffer("z", z)
+        self.register_buffer("ws", quant.dequantize(self.q, s, z, 4, 16, d).abs().amax(-1) / 127)
+        self.register_buffer("b", torch.randn(n, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.rewrite.linear_qa8_dynamic(x, self.q, self.s, self.z, self.ws, self.b, 4, 16)
+
+
+def test_low_bit_int8_compute_linear_matches() -> None:
+    x = torch.randn(2, 5, 64)
+    program = Program.capture(W4A8Net().eval(), (x,))
+    built = build_tvm(program, "llvm")
+    _same(program.module(x), built(x))
+
+
 def test_unsupported_op_names_op_and_module() -> None:
     @torch.library.custom_op("rewrite_test::mystery", mutates_args=())
     def mystery(x: torch.Tensor) -> torch.Tensor:
