@@ -372,6 +372,11 @@ class QuantizePass(Pass):
         return t.node.args[1] if t.kind == "addmm" else t.node.args[0]
 
     @staticmethod
+    def _bias(t: Target) -> fx.Node | None:
+        args = t.node.args
+        return (args[2] if len(args) > 2 else None) if t.kind == "linear" else args[0]
+
+    @staticmethod
     def _buffers(program: Program, t: Target, tensors: dict[str, torch.Tensor], logical: dict[str, int]) -> dict[str, fx.Node]:
         """Register the quantized tensors next to the weight (same module) and read them with get_attr."""
         owner_path = t.weight.rsplit(".", 1)[0] if "." in t.weight else ""
@@ -398,7 +403,7 @@ class QuantizePass(Pass):
         with graph.inserting_before(node):
             if t.kind in ("linear", "addmm"):
                 x = self._input(t)
-                bias = (node.args[2] if len(node.args) > 2 else None) if t.kind == "linear" else node.args[0]
+                bias = self._bias(t)
                 new = graph.call_function(torch.ops.rewrite.linear_q.default,
                                           (x, nodes["q"], nodes["scales"], nodes["zeros"], bias, qz.bits, qz.group_size))
                 new.meta = dict(node.meta)
@@ -421,7 +426,7 @@ class QuantizePass(Pass):
         tensors = {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros, "wscale": w_scale}
         nodes = self._buffers(program, t, tensors, {"q": t.numel})
         node = t.node
-        bias = (node.args[2] if len(node.args) > 2 else None) if t.kind == "linear" else node.args[0]
+        bias = self._bias(t)
         with program.graph.inserting_before(node):
             new = program.graph.call_function(torch.ops.rewrite.linear_qa8_dynamic.default,
                                               (self._input(t), nodes["q"], nodes["scales"], nodes["zeros"],
@@ -461,7 +466,7 @@ class QuantizePass(Pass):
         nodes = self._buffers(program, t, tensors, {"q": t.numel})
         node = t.node
         x = self._input(t)
-        bias = (node.args[2] if len(node.args) > 2 else None) if t.kind == "linear" else node.args[0]
+        bias = self._bias(t)
         with program.graph.inserting_before(node):
             if mode == "static":
                 new = program.graph.call_function(torch.ops.rewrite.linear_a8_static.default,
