@@ -58,9 +58,12 @@ def _fmt(v) -> str:
 
 
 def _prune_spec(ratio: float, importance: str, compensate, samples: int, batch_size: int = 16) -> dict:
+    """Heads then FFN neurons at `ratio`. With `obs`, heads are allocated globally (layers differ
+    most in how many heads they can lose; their OBS curves decide) and neurons uniformly."""
     common = {"kind": "prune", "amount": ratio, "importance": importance, "compensate": compensate}
+    heads = dict(common, granularity="head", allocation="global" if importance == "obs" else "uniform")
     return {"calibration": {"samples": samples, "batch_size": batch_size, "holdout": 0.0625},
-            "passes": [dict(common, granularity="head"), dict(common, granularity="neuron")]}
+            "passes": [heads, dict(common, granularity="neuron")]}
 
 
 # ----------------------------------------------------------------------------- Torch-Pruning
@@ -133,7 +136,8 @@ def accuracy(args) -> list[dict]:
             else:
                 out = rewrite.compile(model, _prune_spec(ratio, kind, comp, args.samples), example_inputs=ex, calibration=cal)
                 score = demo.sts_score(lambda **kw: out.module(**kw), tok)
-                rows.append({"model": "rewrite prune", "ratio": ratio, "importance": kind, "compensate": comp or "no",
+                label = "obs (heads global)" if kind == "obs" else kind
+                rows.append({"model": "rewrite prune", "ratio": ratio, "importance": label, "compensate": comp or "no",
                              "spearman": score, "drop": base - score, "params": out.report.after.params,
                              "seconds": time.time() - t})
             print(rows[-1], flush=True)
@@ -325,9 +329,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="coverage,digits,runtime,accuracy")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--kinds", default="wanda,magnitude,activation,hessian,wina", help="first one runs first")
+    ap.add_argument("--kinds", default="obs,wanda,magnitude,activation,hessian,wina", help="first one runs first")
     ap.add_argument("--plain", default="magnitude,wanda", help="kinds also run without compensation")
-    ap.add_argument("--samples", type=int, default=256, help="calibration sentences (STS-B train)")
+    ap.add_argument("--samples", type=int, default=1024, help="calibration sentences (STS-B train)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--peer-only", action="store_true", help="accuracy: only the uncompressed model and Torch-Pruning")
     args = ap.parse_args()

@@ -41,7 +41,7 @@ from rewrite import demo  # noqa: E402
 from rewrite.inputs import Inputs  # noqa: E402
 from rewrite.measure import count_flops  # noqa: E402
 
-KINDS = ("cls_attention", "attention_rank", "norm", "mean_distance")
+KINDS = ("cls_attention", "attention_rank", "norm", "mean_distance", "pooled_influence")
 VIT_VARIANTS = ("uncompressed", "keep 0.5 after 2")
 PROGRESSIVE = [1.0, 1.0, 0.8, 0.65, 0.5, 0.5]
 CONFIGS = [  # label, keep, after, target drop

@@ -26,7 +26,7 @@ from rewrite.passmanager import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 from rewrite.spec import PruneSpec
 
-from .prune_plan import (DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, op_positions, unit_flops,
+from .prune_plan import (DEFAULT_IMPORTANCE, _round_keep, allocate_global, allocate_uniform, candidates, op_positions, unit_flops,
                          unit_scores)
 
 aten = torch.ops.aten
@@ -90,6 +90,8 @@ class PrunePass(Pass):
             notes.append(f"no prunable {s.granularity} groups in scope (frozen groups: {why or 'none'})")
             return PassResult(program, summary=f"nothing to prune at granularity {s.granularity}", notes=notes)
         batches = list(ctx.calibration.batches)
+        if self.importance == "obs":
+            return self._obs(program, ctx, dg, groups, cands, batches)
         scores, snotes = unit_scores(program, cands, self.importance, batches, reduce=s.reduce, normalize=s.normalize,
                                      cache=ctx.cache, task_loss=ctx.task_loss, original=ctx.original)
         notes += snotes
@@ -114,11 +116,7 @@ class PrunePass(Pass):
         else:
             removed = allocate_uniform(cands, scores, s.amount, s.round_to)
         removed = {gid: us for gid, us in removed.items() if us}
-        by_id = {g.id: g for g in cands}
-        removal: dict[tuple[str, int], set[int]] = defaultdict(set)
-        for gid, units in removed.items():
-            for m in by_id[gid].members:
-                removal[(m.param, m.dim)].update(m.indices[units].reshape(-1).tolist())
+        removal = _removal(cands, removed)
         comp_rows: list[dict[str, Any]] = []
         if s.compensate and removal:
             from .prune_compensate import compensate, compensate_sequential
@@ -130,6 +128,59 @@ class PrunePass(Pass):
                 mode = "lstsq" if s.compensate == "lstsq" else "bias"
                 comp_rows, cnotes = compensate(program, removal, batches, mode)
             notes += cnotes
+        return self._apply(program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
+                           positions, before_params, before_flops)
+
+    def _obs(self, program: Program, ctx: PassContext, dg, groups, cands, batches) -> PassResult:
+        """importance `obs`: the sequential least-squares refit picks the removed units itself,
+        layer by layer (`prune_compensate.obs_select`), so each layer loses what its refit recovers best."""
+        from .prune_compensate import UnitSelection, compensate_sequential, consumer_ops, obs_curves
+
+        s = self.spec
+        if s.budget is not None:
+            raise PassError("prune: importance 'obs' chooses units layer by layer while refitting, so it takes "
+                            "`amount` (uniform or global); use wanda or hessian for a params or FLOPs budget")
+        positions = op_positions(program)
+        before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
+        before_flops = count_flops(program)
+        plan = allocate_uniform(cands, {g.id: torch.zeros(g.size) for g in cands}, s.amount, s.round_to)
+        select: dict[str, UnitSelection] = {}
+        removal: dict[tuple[str, int], set[int]] = defaultdict(set)
+        linear_inputs = {(op.param, op.in_dim) for op in consumer_ops(program, _AllKeys()) if op.kind != "conv"}
+        for g in cands:
+            readers = [m for m in g.consumers if (m.param, m.dim) in linear_inputs]
+            if len(readers) != 1 or len(g.consumers) != 1 or readers[0].param in select:
+                raise PassError(f"prune: importance 'obs' needs every group to be read by exactly one linear layer; "
+                                f"group {g.id} ({g.kind}, {g.layer or ','.join(g.ops[:2])}) is read by "
+                                f"{[m.module for m in g.consumers] or 'no linear layer'}; use importance wanda for it")
+            m = readers[0]
+            select[m.param] = UnitSelection(g.id, m.indices.long(), len(plan[g.id]))
+            removal[(m.param, m.dim)] = set()
+        notes: list[str] = []
+        if s.allocation == "global":
+            counts = _global_counts(cands, obs_curves(program, select, batches, LSTSQ_RIDGE), select, s)
+            for sel in select.values():
+                sel.remove = counts[sel.group]
+            notes.append("obs global allocation, units removed per layer: "
+                         + ", ".join(f"{g.layer or g.id}: {counts[g.id]}" for g in cands))
+        comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
+                                                  ridge=LSTSQ_RIDGE, select=select)
+        notes += cnotes
+        if s.compensate not in ("lstsq", False):
+            notes.append("importance 'obs' always refits the consumers by least squares (compensate: lstsq)")
+        removed = {sel.group: sorted(sel.removed) for sel in select.values() if sel.removed}
+        # the report's scores: the error increase of each unit's removal (higher = keep)
+        scores = {sel.group: sel.cost.float() for sel in select.values()}
+        for key, gone in _removal(cands, removed).items():  # keeps the keys of biases the refit added
+            removal[key] |= gone
+        return self._apply(program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
+                           positions, before_params, before_flops)
+
+    def _apply(self, program: Program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
+               positions, before_params, before_flops) -> PassResult:
+        """Slice every member, rewrite shape constants, and report."""
+        s = self.spec
+        by_id = {g.id: g for g in cands}
         removed_labels = [by_id[gid].labels[u] for gid, us in removed.items() for u in us]
         new_sizes = kept_sizes(dg, removed_labels)
         for target in sorted({p for p, _ in removal}):
@@ -211,6 +262,40 @@ class PrunePass(Pass):
         what = f"{s.n}:{s.m}" if s.granularity == "n:m" else f"{amount:.0%} unstructured"
         return PassResult(program, summary=f"{what} masks on {len(rows)} weights ({total} zeros); size and latency unchanged",
                           details={"importance": self.importance, "weights": rows}, notes=notes)
+
+
+def _global_counts(cands, curves: dict[str, torch.Tensor], select, spec: PruneSpec) -> dict[int, int]:
+    """Units to remove per group: the cheapest next removal model-wide (relative error increase of
+    its layer's OBS curve), `amount` of all units in total, at most `max_per_layer` of a group."""
+    curve = {sel.group: curves[param] for param, sel in select.items()}
+    by_id = {g.id: g for g in cands}
+    target = int(math.floor(spec.amount * sum(g.size for g in cands) + 1e-9))
+    counts = {g.id: 0 for g in cands}
+    cap = {g.id: min(g.size - 1, int(math.floor(spec.max_per_layer * g.size))) for g in cands}
+    for _ in range(target):
+        open_ = [gid for gid in counts if counts[gid] < cap[gid]]
+        if not open_:
+            break
+        gid = min(open_, key=lambda i: float(curve[i][counts[i] + 1] - curve[i][counts[i]]))
+        counts[gid] += 1
+    return {gid: by_id[gid].size - _round_keep(by_id[gid], by_id[gid].size - n, spec.round_to) for gid, n in counts.items()}
+
+
+def _removal(cands, removed: dict[int, list[int]]) -> dict[tuple[str, int], set[int]]:
+    """(param, dim) -> indices to slice away, from the removed units of each group."""
+    by_id = {g.id: g for g in cands}
+    removal: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for gid, units in removed.items():
+        for m in by_id[gid].members:
+            removal[(m.param, m.dim)].update(m.indices[units].reshape(-1).tolist())
+    return removal
+
+
+class _AllKeys:
+    """A removal map that contains every (param, dim): `consumer_ops` then lists every linear consumer."""
+
+    def __contains__(self, key) -> bool:
+        return True
 
 
 def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) -> list[dict[str, Any]]:

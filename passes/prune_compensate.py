@@ -19,7 +19,7 @@ by W[:, R] x_R. Two refits, both from calibration statistics of the consumer's i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -239,8 +239,89 @@ def _reference_node(ref: Program, op: ConsumerOp, program: Program) -> fx.Node |
     return None
 
 
+@dataclass
+class UnitSelection:
+    """Units of one group the sequential refit chooses itself (structured OBS), read by one consumer.
+
+    `columns[u]` are the consumer's input columns of unit u; `remove` units go. Filled in by
+    `compensate_sequential`: `removed` (in removal order) and `cost` per unit (the increase of the
+    consumer's squared output error its removal caused, or would cause for kept units)."""
+
+    group: int
+    columns: torch.Tensor
+    remove: int
+    removed: list[int] = field(default_factory=list)
+    cost: torch.Tensor | None = None
+
+
+def obs_select(a: torch.Tensor, c: torch.Tensor, columns: torch.Tensor, remove: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy structured Optimal Brain Surgeon on the least-squares problem min E||t - x theta||^2
+    with (regularised) normal matrix `a` and right-hand side `c`: repeatedly remove the unit (a set
+    of columns) whose removal, with the remaining columns re-solved, raises the error least
+    (tr(theta_S^T [A^-1]_SS^-1 theta_S)), then update A^-1 and theta for the removal (ZipLM-style).
+    Returns the removed units in order and every unit's cost (at its removal, or at the end)."""
+    hinv = torch.linalg.inv(a)
+    theta = hinv @ c
+    units = columns.shape[0]
+    alive = list(range(units))
+    cost = torch.zeros(units, dtype=torch.float64)
+    removed: list[int] = []
+
+    def costs(us: list[int]) -> torch.Tensor:
+        idx = columns[us]  # [n, w]
+        th = theta[idx]  # [n, w, out]
+        if idx.shape[1] == 1:
+            return (th[:, 0] ** 2).sum(-1) / hinv[idx[:, 0], idx[:, 0]].clamp_min(1e-30)
+        hs = hinv[idx[:, :, None], idx[:, None, :]]
+        return (th * torch.linalg.solve(hs, th)).sum((1, 2))
+
+    for _ in range(remove):
+        v = costs(alive)
+        j = int(torch.argmin(v))
+        u = alive.pop(j)
+        cost[u] = v[j]
+        removed.append(u)
+        s = columns[u]
+        m = torch.linalg.inv(hinv[s][:, s])
+        col = hinv[:, s]
+        theta -= col @ (m @ theta[s])
+        hinv -= col @ m @ hinv[s, :]
+    if alive:
+        cost[alive] = costs(alive)
+    return removed, cost
+
+
+def obs_curves(program: Program, select: dict[str, UnitSelection], batches: list[Inputs], ridge: float = 1e-2
+               ) -> dict[str, torch.Tensor]:
+    """Consumer weight -> relative error of its output after removing 0, 1, ... all-but-one units
+    (greedy OBS on the unpruned program's statistics, each removal refit): comparable across layers,
+    so a global allocation can take units where they cost least."""
+    ops = [op for op in consumer_ops(program, {(p, 1) for p in select} | {(p, 0) for p in select})
+           if op.param in select and op.kind != "conv"]
+    stats = _Stats(ops, second_moment=True)
+    observe(program, batches, [stats], desc="prune: obs curves")
+    curves = {}
+    for op in ops:
+        sel = select[op.param]
+        x = op.input
+        n = max(stats.n.get(x, 0), 1)
+        g, mu = stats.xtx[x] / n, stats.sum[x] / n
+        w, _, _, b0 = _consumer_weights(program, op, {(op.param, op.in_dim): set()})
+        theta0 = torch.cat([w if op.kind == "matmul" else w.T, b0[None]], 0)  # [in + 1, out]
+        k = theta0.shape[0] - 1
+        a = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+        a[:-1, :-1], a[:-1, -1], a[-1, :-1], a[-1, -1] = g, mu, mu, 1.0
+        c = a @ theta0  # the target is the layer's own output
+        energy = float((theta0 * c).sum()).__abs__() or 1.0
+        a = a + ridge * a.diagonal().mean() * torch.eye(k + 1, dtype=torch.float64)
+        order, cost = obs_select(a, c, sel.columns, sel.columns.shape[0] - 1)
+        curves[op.param] = torch.cat([torch.zeros(1, dtype=torch.float64), cost[order].cumsum(0)]) / energy
+    return curves
+
+
 def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[int]], batches: list[Inputs],
                           reference: Program | None = None, ridge: float = 1e-2, residual: bool = True,
+                          select: dict[str, UnitSelection] | None = None,
                           ) -> tuple[list[dict[str, Any]], list[str]]:
     """Layer-by-layer refit: each consumer, in graph order, is refit on its input in the
     current program (where the earlier consumers are already refit and their removed inputs
@@ -249,7 +330,12 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
     absorbs the error of everything pruned before it. When the op's output is only added to a
     residual, the target is the reference sum minus the current residual (the refit also
     absorbs the error carried by the residual stream). Convs get the `bias` shift, from
-    current-program statistics."""
+    current-program statistics.
+
+    `select` (consumer weight -> `UnitSelection`): for those consumers the removed inputs are not
+    given but chosen here, on the same statistics, by `obs_select` (their `removal` entry, empty
+    on entry, is filled in before the refit)."""
+    select = select or {}
     ops = consumer_ops(program, removal)
     if not ops:
         return [], []
@@ -323,8 +409,19 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
         else:
             method = "lstsq (sequential" + (", residual)" if res_cur is not None else ")")
             a, c = a / n, c / n
-            lam = ridge * a.diagonal().mean()
-            theta = torch.linalg.solve(a + lam * torch.eye(k + 1, dtype=torch.float64), c)
+            a = a + ridge * a.diagonal().mean() * torch.eye(k + 1, dtype=torch.float64)
+            sel = select.get(op.param)
+            if sel is not None:  # choose the removed units on these statistics, then refit the rest
+                assert not gone, "a selected consumer starts with all of its inputs"
+                sel.removed, sel.cost = obs_select(a, c, sel.columns, sel.remove)
+                gone = sorted(sel.columns[sel.removed].reshape(-1).tolist()) if sel.removed else []
+                removal[(op.param, op.in_dim)] = set(gone)
+                keep = [j for j in range(k) if j not in set(gone)]
+                kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
+                sub = torch.cat([kk, torch.tensor([k])])
+                a, c = a[sub][:, sub], c[sub]
+                method = "obs + " + method
+            theta = torch.linalg.solve(a, c)
             wt = (w if op.kind == "matmul" else w.T).clone()  # [in, out]
             wt[kk] = theta[:-1]
             wt[rr] = 0.0

@@ -24,7 +24,7 @@ TOKEN_IMPORTANCE = ("cls_attention", "attention_rank", "norm")
 
 WeightImportance = Literal["magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation", "wina"]
 LayerImportance = Literal["block_influence", "outlier_fraction", "fidelity_drop"]
-TokenImportance = Literal["cls_attention", "attention_rank", "norm", "mean_distance"]
+TokenImportance = Literal["cls_attention", "attention_rank", "norm", "mean_distance", "pooled_influence"]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 OpenFraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
@@ -120,8 +120,10 @@ class PruneSpec(StrictModel):
     amount: Annotated[float | None, Field(ge=0.0, lt=1.0)] = None
     """Fraction removed within scope."""
     budget: PruneBudget | None = None
-    importance: WeightImportance | None = None
-    """Defaults per granularity: wanda for neuron/head/unstructured/n:m, magnitude for channel."""
+    importance: WeightImportance | Literal["obs"] | None = None
+    """Defaults per granularity: wanda for neuron/head/unstructured/n:m, magnitude for channel.
+    `obs` (heads and neurons read by a linear layer): structured Optimal Brain Surgeon, each layer
+    drops the units its least-squares refit recovers best (implies compensate: lstsq)."""
     scope: list[str] | None = None
     """Module globs; default: everything prunable except embeddings, output head and residual width."""
     exclude: list[str] = []
@@ -145,6 +147,12 @@ class PruneSpec(StrictModel):
                 raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
         elif (self.amount is None) == (self.budget is None):
             raise ValueError("give exactly one of amount (a fraction) or budget (params or flops)")
+        if self.importance == "obs":
+            if self.granularity not in ("head", "neuron"):
+                raise ValueError("importance 'obs' chooses heads or neurons by refitting the linear layer that reads "
+                                 f"them; granularity {self.granularity!r} needs another importance (e.g. wanda)")
+            if self.compensate not in (False, "lstsq"):
+                raise ValueError("importance 'obs' refits by least squares; use compensate: lstsq (or leave it out)")
         return self
 
 

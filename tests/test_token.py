@@ -132,6 +132,11 @@ def test_token_scores_match_eager_attention():
         mean = (h * valid.unsqueeze(-1)).sum(1, keepdim=True) / valid.sum(1)[:, None, None]
         got = token_scores(program, z.example, "mean_distance", layer=layer)
         assert torch.allclose(got, (h - mean).norm(dim=-1).masked_fill(~valid, float("-inf")), atol=1e-5)
+        # pooled_influence: the distance, times 1 + the attention each token receives from the real queries
+        received = (Am * valid[:, :, None]).sum(1)
+        got = token_scores(program, z.example, "pooled_influence", layer=layer)
+        want = ((h - mean).norm(dim=-1) * (1 + received)).masked_fill(~valid, float("-inf"))
+        assert torch.allclose(got, want, atol=1e-5)
     z.model.set_attn_implementation("sdpa")
 
 
@@ -241,6 +246,19 @@ def test_bert_merge_onnx(tmp_path):
     z = zoo.load("bert", calibration_batches=0)
     out = rewrite.compile(z.model, MERGE_SPEC, example_inputs=z.example)
     rec = out.export(tmp_path / "bert-merge.onnx", verify_inputs=[z.example] + _padded_batches(z))
+    assert rec.verified and rec.rel_error <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_pooled_influence_exports_with_padding(name, tmp_path):
+    """The score that reads both the attention (q, k, mask) and the hidden states, in the graph:
+    onnxruntime matches it on padded batches, for an encoder and a causal decoder (prefill)."""
+    z = zoo.load(name, calibration_batches=0)
+    spec = {"passes": [{"kind": "token", "keep": 0.5, "after": [1], "importance": "pooled_influence"}]}
+    out = rewrite.compile(z.model, spec, example_inputs=z.example)
+    S = z.example.kwargs["input_ids"].shape[1]
+    assert out.module(**z.example.kwargs)[0].shape[1] == S // 2
+    rec = out.export(tmp_path / f"{name}.onnx", verify_inputs=[z.example] + _padded_batches(z))
     assert rec.verified and rec.rel_error <= 1e-4
 
 

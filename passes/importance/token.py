@@ -9,6 +9,8 @@ Kinds (higher = more important):
 - `norm`: L2 norm of the token's hidden state (the layer's output).
 - `mean_distance`: L2 distance of the token's hidden state from the mean over the row's real
   tokens (for mean-pooled encoders: the tokens nearest the mean move the pooled mean least).
+- `pooled_influence`: `mean_distance` x (1 + attention the token receives from the real
+  queries): also counts how much the other tokens read it (the choice for mean-pooled encoders).
 
 The attention of fused `scaled_dot_product_attention` is never materialised by the model,
 so the scores recompute it from the layer's own q and k (and its mask). Two uses, one
@@ -33,9 +35,12 @@ from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Block, Program
 
-KINDS = ("cls_attention", "attention_rank", "norm", "mean_distance")
+KINDS = ("cls_attention", "attention_rank", "norm", "mean_distance", "pooled_influence")
 RANK_ITERS = 10
 HIDDEN_ONLY = ("norm", "mean_distance")  # kinds that read the hidden states only (no attention site)
+READS_HIDDEN = HIDDEN_ONLY + ("pooled_influence",)
+INFLUENCE_WEIGHT = 1.0
+"""Weight of the attention a token receives in `pooled_influence` (each real token receives 1 on average)."""
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
@@ -95,6 +100,28 @@ def mean_distance(hidden: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
     return (h - mean).norm(dim=-1)
 
 
+def pooled_influence(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, hidden: torch.Tensor,
+                     valid: torch.Tensor | None, *, scale: float | None = None, is_causal: bool = False,
+                     weight: float | None = None) -> torch.Tensor:
+    """[B, S]: `mean_distance` x (1 + weight x attention the token receives, summed over the real
+    queries, mean over heads).
+
+    For mean-pooled encoders, to first order: dropping token j moves the pooled mean directly by
+    its deviation h_j - mean, and again through every later attention, where each query i loses
+    the share A_ij it paid to j (pulling its output by about A_ij (h_j - o_i)); summed over the
+    queries that is the attention j receives times a similar deviation. `mean_distance` alone
+    keeps only the first term; tokens near the mean that others attend to (separators,
+    punctuation) are then dropped too readily. all-MiniLM-L6-v2, keep 0.5 after layer 2:
+    STS-B train drop 2.19 -> 0.69 (weight 0.5: 0.79, 1: 0.69, 2: 0.93).
+    """
+    weight = INFLUENCE_WEIGHT if weight is None else weight
+    A = torch.softmax(_logits(q, k, mask, scale, is_causal), dim=-1).nan_to_num(0.0).mean(dim=1)  # [B, Sq, Sk]
+    if valid is not None:
+        A = A * valid.to(A.dtype).unsqueeze(-1)
+    received = A.sum(dim=1)
+    return mean_distance(hidden, valid) * (1.0 + weight * received)
+
+
 def hidden_norm(hidden: torch.Tensor) -> torch.Tensor:
     """[B, S]: L2 norm of each token's hidden state."""
     return hidden.float().norm(dim=-1)
@@ -112,6 +139,8 @@ def score_tokens(kind: str, q: torch.Tensor | None, k: torch.Tensor | None, mask
         s = hidden_norm(hidden)
     elif kind == "mean_distance":
         s = mean_distance(hidden, valid)
+    elif kind == "pooled_influence":
+        s = pooled_influence(q, k, mask, hidden, valid, scale=scale, is_causal=is_causal)
     else:
         raise PassError(f"unknown token importance {kind!r}; use one of {', '.join(KINDS)}")
     if valid is not None:
@@ -239,6 +268,6 @@ def insert_token_scores(program: Program, kind: str, *, site: AttentionSite | No
     with program.graph.inserting_after(after or hidden):
         node = program.graph.call_function(score_tokens, (
             kind, site.q if site and kind not in HIDDEN_ONLY else None, site.k if site and kind not in HIDDEN_ONLY else None,
-            site.mask if site and kind not in HIDDEN_ONLY else None, hidden if kind in HIDDEN_ONLY else None, valid,
+            site.mask if site and kind not in HIDDEN_ONLY else None, hidden if kind in READS_HIDDEN else None, valid,
             site.scale if site else None, bool(site and site.is_causal), query))
     return node
