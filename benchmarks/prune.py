@@ -196,14 +196,17 @@ def runtime(args) -> list[dict]:
         orig = rewrite.compile(model, {"calibration": {"samples": 16, "batch_size": 16}, "passes": []}, example_inputs=ex)
         orig.export(f"{d}/minilm.onnx", verify_inputs=[ex])
         f0 = rewrite.measure.count_flops(orig.program, big)
-        for ratio in (0.25, 0.5):
-            out = rewrite.compile(model, _prune_spec(ratio, "magnitude", False, 64), example_inputs=ex, calibration=cal)
-            p = f"{d}/minilm_{ratio}.onnx"
+        # uniform magnitude pruning, and obs with heads allocated globally (uneven heads per layer)
+        for ratio, kind in ((0.25, "magnitude"), (0.5, "magnitude"), (0.5, "obs")):
+            out = rewrite.compile(model, _prune_spec(ratio, kind, kind == "obs" and "lstsq", 64), example_inputs=ex,
+                                  calibration=cal)
+            p = f"{d}/minilm_{ratio}_{kind}.onnx"
             out.export(p, verify_inputs=[ex])
             f1 = rewrite.measure.count_flops(out.program, big)
             lat = _ort_latency({"orig": f"{d}/minilm.onnx", "pruned": p},
                                {"orig": _feeds(f"{d}/minilm.onnx", big), "pruned": _feeds(p, big)}, args.repeats)
-            rows.append(_runtime_row(f"MiniLM heads+FFN {ratio:.0%} (32x128)", f0, f1, lat))
+            label = "" if kind == "magnitude" else ", obs heads global"
+            rows.append(_runtime_row(f"MiniLM heads+FFN {ratio:.0%}{label} (32x128)", f0, f1, lat))
             print(rows[-1], flush=True)
         # a ResNet-18-style CNN from transformers at 50% channels
         from transformers import ResNetConfig, ResNetModel
