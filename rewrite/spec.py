@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,11 +20,11 @@ from .errors import SpecError
 WEIGHT_IMPORTANCE = ("magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation")
 NEURON_IMPORTANCE = ("wina",)
 LAYER_IMPORTANCE = ("block_influence", "outlier_fraction", "fidelity_drop")
-TOKEN_IMPORTANCE = ("cls_attention", "attention_rank", "norm")
 
 WeightImportance = Literal["magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation", "wina"]
 LayerImportance = Literal["block_influence", "outlier_fraction", "fidelity_drop"]
 TokenImportance = Literal["cls_attention", "attention_rank", "norm", "mean_distance", "pooled_influence"]
+TOKEN_IMPORTANCE = get_args(TokenImportance)
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 OpenFraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 

@@ -303,6 +303,11 @@ def test_inspect_kinds_from_spec_and_flags():
     assert kinds_from(None, ["hessian", "norm"]) == {"weight": ["hessian"], "layer": [], "token": ["norm"]}
     with pytest.raises(RewriteError, match="valid kinds"):
         kinds_from(None, ["nonsense"])
+    obs = Spec.parse({"passes": [{"kind": "prune", "granularity": "neuron", "amount": 0.2, "importance": "obs"},
+                                 {"kind": "token", "keep": 0.5, "importance": "pooled_influence"}]})
+    assert kinds_from(obs, None) == {"weight": [], "layer": [], "token": ["pooled_influence"]}
+    with pytest.raises(RewriteError, match="no standalone scores"):
+        kinds_from(None, ["obs"])
 
 
 def test_rewrite_inspect_writes_tables_and_plots(tmp_path, capsys):

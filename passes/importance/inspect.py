@@ -50,7 +50,7 @@ def kinds_from(spec: Spec | None, requested: Sequence[str] | None) -> dict[str, 
         asked = list(requested)
     elif spec is not None:
         for p in spec.passes:
-            if p.kind == "prune":
+            if p.kind == "prune" and p.importance != "obs":  # obs is chosen inside the prune pass's refit
                 asked.append(p.importance or ("magnitude" if p.granularity == "channel" else "wanda"))
             elif p.kind in ("skip", "quantize", "token"):
                 asked.append(p.importance)
@@ -59,6 +59,9 @@ def kinds_from(spec: Spec | None, requested: Sequence[str] | None) -> dict[str, 
     out: dict[str, list[str]] = {"weight": [], "layer": [], "token": []}
     for k in asked:
         group = "weight" if k in WEIGHT_KINDS else "layer" if k in LAYER_IMPORTANCE else "token" if k in TOKEN_IMPORTANCE else None
+        if group is None and k == "obs":
+            raise RewriteError("importance 'obs' has no standalone scores: the prune pass computes it while refitting "
+                               "each layer (its compile report lists every unit's cost); inspect wanda or hessian instead")
         if group is None:
             valid = ", ".join(list(WEIGHT_KINDS) + list(LAYER_IMPORTANCE) + list(TOKEN_IMPORTANCE))
             raise RewriteError(f"unknown importance kind {k!r}; valid kinds: {valid}")
