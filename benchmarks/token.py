@@ -191,6 +191,7 @@ def latency_part(reps: int, threads: int) -> list[dict]:
     variants = [("uncompressed", {"passes": []}),
                 ("keep 0.7 after 2", token_spec(0.7, [2])),
                 ("keep 0.5 after 2", token_spec(0.5, [2])),
+                ("keep 0.5 after 2, pooled_influence", token_spec(0.5, [2], "pooled_influence")),
                 ("keep 0.5 after 2 + merge", token_spec(0.5, [2], merge=True)),
                 ("progressive", token_spec(PROGRESSIVE, None))]
     rows = []

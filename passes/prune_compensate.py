@@ -254,6 +254,13 @@ class UnitSelection:
     cost: torch.Tensor | None = None
 
 
+OBS_UNITS_PER_STEP = 1024
+"""`obs_select` removes one unit per step up to this many units, then units // this per step (each
+step costs O(inputs^2): an LLM's 11008 neurons would otherwise take 5504 full updates per layer)."""
+OBS_GRAM_BYTES = 2 << 30
+"""`obs_curves` gathers input second moments for at most this many bytes of consumers per calibration run."""
+
+
 def obs_select(a: torch.Tensor, c: torch.Tensor, columns: torch.Tensor, remove: int) -> tuple[list[int], torch.Tensor]:
     """Greedy structured Optimal Brain Surgeon on the least-squares problem min E||t - x theta||^2
     with (regularised) normal matrix `a` and right-hand side `c`: repeatedly remove the unit (a set
@@ -275,13 +282,16 @@ def obs_select(a: torch.Tensor, c: torch.Tensor, columns: torch.Tensor, remove: 
         hs = hinv[idx[:, :, None], idx[:, None, :]]
         return (th * torch.linalg.solve(hs, th)).sum((1, 2))
 
-    for _ in range(remove):
+    per_step = max(1, units // OBS_UNITS_PER_STEP)
+    while len(removed) < remove:
         v = costs(alive)
-        j = int(torch.argmin(v))
-        u = alive.pop(j)
-        cost[u] = v[j]
-        removed.append(u)
-        s = columns[u]
+        picked = torch.argsort(v)[: min(per_step, remove - len(removed))].tolist()
+        us = [alive[j] for j in picked]
+        for j, u in zip(picked, us):
+            cost[u] = v[j]
+        removed += us
+        alive = [u for u in alive if u not in set(us)]
+        s = columns[us].reshape(-1)
         m = torch.linalg.inv(hinv[s][:, s])
         col = hinv[:, s]
         theta -= col @ (m @ theta[s])
@@ -298,6 +308,21 @@ def obs_curves(program: Program, select: dict[str, UnitSelection], batches: list
     so a global allocation can take units where they cost least."""
     ops = [op for op in consumer_ops(program, {(p, 1) for p in select} | {(p, 0) for p in select})
            if op.param in select and op.kind != "conv"]
+    curves: dict[str, torch.Tensor] = {}
+    chunk: list[ConsumerOp] = []
+    size = 0
+    for i, op in enumerate(ops):  # statistics for a chunk of consumers at a time, bounded in memory
+        width = program.param(op.param).shape[op.in_dim] + 1
+        chunk.append(op)
+        size += 8 * width * width
+        if size >= OBS_GRAM_BYTES or i == len(ops) - 1:
+            curves.update(_obs_curves_of(program, chunk, select, batches, ridge))
+            chunk, size = [], 0
+    return curves
+
+
+def _obs_curves_of(program: Program, ops: list[ConsumerOp], select: dict[str, UnitSelection], batches: list[Inputs],
+                   ridge: float) -> dict[str, torch.Tensor]:
     stats = _Stats(ops, second_moment=True)
     observe(program, batches, [stats], desc="prune: obs curves")
     curves = {}
