@@ -26,8 +26,8 @@ from rewrite.passmanager import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 from rewrite.spec import PruneSpec
 
-from .prune_plan import (DEFAULT_IMPORTANCE, _round_keep, allocate_global, allocate_uniform, candidates, op_positions, unit_flops,
-                         unit_scores)
+from .prune_plan import (DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
+                         op_positions, uniform_counts, unit_flops, unit_scores)
 
 aten = torch.ops.aten
 LSTSQ = "sequential"
@@ -143,31 +143,33 @@ class PrunePass(Pass):
         positions = op_positions(program)
         before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         before_flops = count_flops(program)
-        plan = allocate_uniform(cands, {g.id: torch.zeros(g.size) for g in cands}, s.amount, s.round_to)
-        select: dict[str, UnitSelection] = {}
         removal: dict[tuple[str, int], set[int]] = defaultdict(set)
-        linear_inputs = {(op.param, op.in_dim) for op in consumer_ops(program, _AllKeys()) if op.kind != "conv"}
+        readers = [m for g in cands for m in g.consumers]
+        linear_inputs = {(op.param, op.in_dim) for op in consumer_ops(program, {(m.param, m.dim) for m in readers})
+                         if op.kind != "conv"}
+        select: dict[str, UnitSelection] = {}
         for g in cands:
-            readers = [m for m in g.consumers if (m.param, m.dim) in linear_inputs]
-            if len(readers) != 1 or len(g.consumers) != 1 or readers[0].param in select:
+            m = g.consumers[0] if len(g.consumers) == 1 else None
+            if m is None or (m.param, m.dim) not in linear_inputs or m.param in select:
                 raise PassError(f"prune: importance 'obs' needs every group to be read by exactly one linear layer; "
                                 f"group {g.id} ({g.kind}, {g.layer or ','.join(g.ops[:2])}) is read by "
-                                f"{[m.module for m in g.consumers] or 'no linear layer'}; use importance wanda for it")
-            m = readers[0]
-            select[m.param] = UnitSelection(g.id, m.indices.long(), len(plan[g.id]))
+                                f"{[c.module for c in g.consumers] or 'no linear layer'}; use importance wanda for it")
+            select[m.param] = UnitSelection(g.id, m.indices.long(), 0)
             removal[(m.param, m.dim)] = set()
         notes: list[str] = []
         if s.allocation == "global":
-            counts = _global_counts(cands, obs_curves(program, select, batches, LSTSQ_RIDGE), select, s)
-            for sel in select.values():
-                sel.remove = counts[sel.group]
+            curves = obs_curves(program, removal, select, batches, LSTSQ_RIDGE)
+            counts = counts_from_curves(cands, {sel.group: curves[p] for p, sel in select.items()}, s.amount,
+                                        s.max_per_layer, s.round_to)
             notes.append("obs global allocation, units removed per layer: "
                          + ", ".join(f"{g.layer or g.id}: {counts[g.id]}" for g in cands))
+        else:
+            counts = uniform_counts(cands, s.amount, s.round_to)
+        for sel in select.values():
+            sel.remove = counts[sel.group]
         comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
                                                   ridge=LSTSQ_RIDGE, select=select)
         notes += cnotes
-        if s.compensate not in ("lstsq", False):
-            notes.append("importance 'obs' always refits the consumers by least squares (compensate: lstsq)")
         removed = {sel.group: sorted(sel.removed) for sel in select.values() if sel.removed}
         # the report's scores: the error increase of each unit's removal (higher = keep)
         scores = {sel.group: sel.cost.float() for sel in select.values()}
@@ -264,23 +266,6 @@ class PrunePass(Pass):
                           details={"importance": self.importance, "weights": rows}, notes=notes)
 
 
-def _global_counts(cands, curves: dict[str, torch.Tensor], select, spec: PruneSpec) -> dict[int, int]:
-    """Units to remove per group: the cheapest next removal model-wide (relative error increase of
-    its layer's OBS curve), `amount` of all units in total, at most `max_per_layer` of a group."""
-    curve = {sel.group: curves[param] for param, sel in select.items()}
-    by_id = {g.id: g for g in cands}
-    target = int(math.floor(spec.amount * sum(g.size for g in cands) + 1e-9))
-    counts = {g.id: 0 for g in cands}
-    cap = {g.id: min(g.size - 1, int(math.floor(spec.max_per_layer * g.size))) for g in cands}
-    for _ in range(target):
-        open_ = [gid for gid in counts if counts[gid] < cap[gid]]
-        if not open_:
-            break
-        gid = min(open_, key=lambda i: float(curve[i][counts[i] + 1] - curve[i][counts[i]]))
-        counts[gid] += 1
-    return {gid: by_id[gid].size - _round_keep(by_id[gid], by_id[gid].size - n, spec.round_to) for gid, n in counts.items()}
-
-
 def _removal(cands, removed: dict[int, list[int]]) -> dict[tuple[str, int], set[int]]:
     """(param, dim) -> indices to slice away, from the removed units of each group."""
     by_id = {g.id: g for g in cands}
@@ -289,13 +274,6 @@ def _removal(cands, removed: dict[int, list[int]]) -> dict[tuple[str, int], set[
         for m in by_id[gid].members:
             removal[(m.param, m.dim)].update(m.indices[units].reshape(-1).tolist())
     return removal
-
-
-class _AllKeys:
-    """A removal map that contains every (param, dim): `consumer_ops` then lists every linear consumer."""
-
-    def __contains__(self, key) -> bool:
-        return True
 
 
 def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) -> list[dict[str, Any]]:

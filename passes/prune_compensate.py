@@ -121,21 +121,12 @@ def compensate(program: Program, removal: dict[tuple[str, int], set[int]], batch
         out_features = b0.shape[0]
         method = mode
         if mode == "lstsq" and op.kind != "conv":
-            wt = w if op.kind == "matmul" else w.T  # [in, out]
-            g = stats.xtx[x] / n
-            kk = torch.tensor(keep)
-            a = torch.zeros(len(keep) + 1, len(keep) + 1, dtype=torch.float64)
-            a[:-1, :-1] = g[kk][:, kk]
-            a[:-1, -1] = mu[kk]
-            a[-1, :-1] = mu[kk]
-            a[-1, -1] = 1.0
-            c = torch.zeros(len(keep) + 1, out_features, dtype=torch.float64)
-            c[:-1] = g[kk] @ wt + mu[kk, None] * b0[None, :]
-            c[-1] = mu @ wt + b0
-            lam = ridge * a.diagonal().mean()
-            theta = torch.linalg.solve(a + lam * torch.eye(a.shape[0], dtype=torch.float64), c)
-            new_wt = wt.clone()
-            new_wt[kk] = theta[:-1]
+            theta0 = _stacked(w, b0, op.kind)
+            aug = _augmented(stats.xtx[x] / n, mu)
+            sub = torch.tensor(keep + [theta0.shape[0] - 1])
+            theta = torch.linalg.solve(_with_ridge(aug[sub][:, sub], ridge), aug[sub] @ theta0)
+            new_wt = theta0[:-1].clone()
+            new_wt[torch.tensor(keep)] = theta[:-1]
             new_b = theta[-1]
             new_w = new_wt if op.kind == "matmul" else new_wt.T
         else:
@@ -150,6 +141,24 @@ def compensate(program: Program, removal: dict[tuple[str, int], set[int]], batch
             new_w, new_b = w, b0 + delta
         rows.append(_write_back(program, op, removal, new_w, new_b, b0, method))
     return rows, notes
+
+
+def _augmented(g: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """E[[x, 1][x, 1]^T] from E[x x^T] and E[x]: the normal matrix of a refit with a bias."""
+    k = g.shape[0]
+    a = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    a[:-1, :-1], a[:-1, -1], a[-1, :-1], a[-1, -1] = g, mu, mu, 1.0
+    return a
+
+
+def _with_ridge(a: torch.Tensor, ridge: float) -> torch.Tensor:
+    """`a` + ridge x its mean diagonal x I."""
+    return a + ridge * a.diagonal().mean() * torch.eye(a.shape[0], dtype=a.dtype)
+
+
+def _stacked(w: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """[in + 1, out]: the weight as input rows, the bias as the last row."""
+    return torch.cat([w if kind == "matmul" else w.T, b[None]], 0)
 
 
 def _consumer_weights(program: Program, op: ConsumerOp, removal: dict[tuple[str, int], set[int]]
@@ -301,13 +310,13 @@ def obs_select(a: torch.Tensor, c: torch.Tensor, columns: torch.Tensor, remove: 
     return removed, cost
 
 
-def obs_curves(program: Program, select: dict[str, UnitSelection], batches: list[Inputs], ridge: float = 1e-2
-               ) -> dict[str, torch.Tensor]:
+def obs_curves(program: Program, removal: dict[tuple[str, int], set[int]], select: dict[str, UnitSelection],
+               batches: list[Inputs], ridge: float = 1e-2) -> dict[str, torch.Tensor]:
     """Consumer weight -> relative error of its output after removing 0, 1, ... all-but-one units
     (greedy OBS on the unpruned program's statistics, each removal refit): comparable across layers,
-    so a global allocation can take units where they cost least."""
-    ops = [op for op in consumer_ops(program, {(p, 1) for p in select} | {(p, 0) for p in select})
-           if op.param in select and op.kind != "conv"]
+    so a global allocation can take units where they cost least. `removal` names the consumers'
+    input dims, as for `compensate_sequential`."""
+    ops = [op for op in consumer_ops(program, removal) if op.param in select and op.kind != "conv"]
     curves: dict[str, torch.Tensor] = {}
     chunk: list[ConsumerOp] = []
     size = 0
@@ -328,18 +337,13 @@ def _obs_curves_of(program: Program, ops: list[ConsumerOp], select: dict[str, Un
     curves = {}
     for op in ops:
         sel = select[op.param]
-        x = op.input
-        n = max(stats.n.get(x, 0), 1)
-        g, mu = stats.xtx[x] / n, stats.sum[x] / n
+        n = max(stats.n.get(op.input, 0), 1)
         w, _, _, b0 = _consumer_weights(program, op, {(op.param, op.in_dim): set()})
-        theta0 = torch.cat([w if op.kind == "matmul" else w.T, b0[None]], 0)  # [in + 1, out]
-        k = theta0.shape[0] - 1
-        a = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-        a[:-1, :-1], a[:-1, -1], a[-1, :-1], a[-1, -1] = g, mu, mu, 1.0
+        theta0 = _stacked(w, b0, op.kind)
+        a = _augmented(stats.xtx[op.input] / n, stats.sum[op.input] / n)
         c = a @ theta0  # the target is the layer's own output
-        energy = float((theta0 * c).sum()).__abs__() or 1.0
-        a = a + ridge * a.diagonal().mean() * torch.eye(k + 1, dtype=torch.float64)
-        order, cost = obs_select(a, c, sel.columns, sel.columns.shape[0] - 1)
+        energy = abs(float((theta0 * c).sum())) or 1.0
+        order, cost = obs_select(_with_ridge(a, ridge), c, sel.columns, sel.columns.shape[0] - 1)
         curves[op.param] = torch.cat([torch.zeros(1, dtype=torch.float64), cost[order].cumsum(0)]) / energy
     return curves
 
@@ -434,7 +438,7 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
         else:
             method = "lstsq (sequential" + (", residual)" if res_cur is not None else ")")
             a, c = a / n, c / n
-            a = a + ridge * a.diagonal().mean() * torch.eye(k + 1, dtype=torch.float64)
+            a = _with_ridge(a, ridge)
             sel = select.get(op.param)
             if sel is not None:  # choose the removed units on these statistics, then refit the rest
                 assert not gone, "a selected consumer starts with all of its inputs"

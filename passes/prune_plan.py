@@ -103,13 +103,36 @@ def _round_keep(g: Group, keep: int, round_to: int) -> int:
     return keep
 
 
+def removal_count(g: Group, remove: int, round_to: int) -> int:
+    """Units to remove from `g` when `remove` are asked for: fewer when the kept count must round up."""
+    return g.size - _round_keep(g, g.size - remove, round_to)
+
+
+def uniform_counts(groups: list[Group], amount: float, round_to: int) -> dict[int, int]:
+    """`amount` of every group (rounded)."""
+    return {g.id: removal_count(g, int(math.floor(amount * g.size + 1e-9)), round_to) for g in groups}
+
+
 def allocate_uniform(groups: list[Group], scores: dict[int, torch.Tensor], amount: float, round_to: int) -> dict[int, list[int]]:
-    out = {}
-    for g in groups:
-        keep = _round_keep(g, g.size - int(math.floor(amount * g.size + 1e-9)), round_to)
-        order = torch.argsort(scores[g.id], stable=True)
-        out[g.id] = sorted(order[: g.size - keep].tolist())
-    return out
+    counts = uniform_counts(groups, amount, round_to)
+    return {g.id: sorted(torch.argsort(scores[g.id], stable=True)[: counts[g.id]].tolist()) for g in groups}
+
+
+def counts_from_curves(groups: list[Group], curves: dict[int, torch.Tensor], amount: float, cap: float,
+                       round_to: int) -> dict[int, int]:
+    """Units to remove per group: repeatedly the cheapest next removal model-wide (the increase of
+    its group's cost curve, curve[n] = cost of removing n units), `amount` of all units in total,
+    at most `cap` of one group."""
+    target = int(math.floor(amount * sum(g.size for g in groups) + 1e-9))
+    counts = {g.id: 0 for g in groups}
+    limit = {g.id: min(g.size - 1, int(math.floor(cap * g.size))) for g in groups}
+    for _ in range(target):
+        open_ = [gid for gid in counts if counts[gid] < limit[gid]]
+        if not open_:
+            break
+        gid = min(open_, key=lambda i: float(curves[i][counts[i] + 1] - curves[i][counts[i]]))
+        counts[gid] += 1
+    return {g.id: removal_count(g, counts[g.id], round_to) for g in groups}
 
 
 def allocate_global(groups: list[Group], scores: dict[int, torch.Tensor], cost: dict[int, float], target: float,

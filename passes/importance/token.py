@@ -64,16 +64,22 @@ def _logits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: 
     logits = (qr.float() @ k.float().transpose(-1, -2)) * scale
     if mask is not None:
         m = mask if rows is None or mask.shape[-2] == 1 else mask[..., rows, :]
-        if m.dtype == torch.bool:
-            bias = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill(~m, MASKED)
-        else:
-            bias = m.float().clamp_min(MASKED)
-        logits = logits + bias
+        logits = logits + (_bias(m) if m.dtype == torch.bool else m.float().clamp_min(MASKED))
     if is_causal:
         qi = torch.arange(q.shape[-2], device=q.device)[rows if rows is not None else slice(None)]
-        keep = qi.unsqueeze(-1) >= torch.arange(S, device=q.device).unsqueeze(0)
-        logits = logits + torch.zeros(keep.shape, dtype=logits.dtype, device=q.device).masked_fill(~keep, MASKED)
+        logits = logits + _bias(qi.unsqueeze(-1) >= torch.arange(S, device=q.device).unsqueeze(0))
     return logits
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    """Additive float32 bias of a boolean mask (True = may attend): 0 or `MASKED`."""
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, MASKED)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+               is_causal: bool) -> torch.Tensor:
+    """[B, Sq, Sk]: the softmax attention, averaged over heads."""
+    return torch.softmax(_logits(q, k, mask, scale, is_causal), dim=-1).mean(dim=1)
 
 
 def cls_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, *, scale: float | None = None,
@@ -87,7 +93,7 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = 
 def attention_rank(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None, *, scale: float | None = None,
                    is_causal: bool = False, valid: torch.Tensor | None = None, iters: int = RANK_ITERS) -> torch.Tensor:
     """[B, S]: weighted PageRank s <- A^T s over the head-averaged attention A [B, S, S] (Zero-TPrune)."""
-    A = torch.softmax(_logits(q, k, mask, scale, is_causal), dim=-1).mean(dim=1)  # [B, Sq, Sk]
+    A = _attention(q, k, mask, scale, is_causal)
     B, S = A.shape[0], A.shape[-1]
     w = torch.ones(B, S, dtype=A.dtype, device=A.device) if valid is None else valid.to(A.dtype)
     s = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)
@@ -124,7 +130,7 @@ def pooled_influence(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     STS-B train drop 2.19 -> 0.69 (weight 0.5: 0.79, 1: 0.69, 2: 0.93).
     """
     weight = INFLUENCE_WEIGHT if weight is None else weight
-    A = torch.softmax(_logits(q, k, mask, scale, is_causal), dim=-1).mean(dim=1)  # [B, Sq, Sk]
+    A = _attention(q, k, mask, scale, is_causal)
     if valid is not None:
         A = A * valid.to(A.dtype).unsqueeze(-1)
     received = A.sum(dim=1)
