@@ -108,10 +108,16 @@ def find_targets(program: Program, scope: list[str] | None, exclude: list[str], 
 
 
 def effective_group(k: int, group_size: int) -> int:
-    """The spec's group size when it divides K, else one group per row (per-channel)."""
-    if group_size == -1 or group_size >= k or k % group_size:
+    """The spec's group size when it divides K; else the largest power-of-two divisor of K below it
+    that is >= 16 (the block sizes onnxruntime's MatMulNBits takes); else one group per row.
+    SmolLM2's K = 576 with g = 128 fell back to per-channel scales before (groups of 64 now),
+    which cost W4 RTN and GPTQ most of their perplexity increase. -1 (or g >= K): one group per row."""
+    if group_size == -1 or group_size >= k:
         return k
-    return group_size
+    if k % group_size == 0:
+        return group_size
+    pow2 = [d for d in range(group_size, 15, -1) if k % d == 0 and d & (d - 1) == 0]
+    return pow2[0] if pow2 else k
 
 
 def float_weight(program: Program, t: Target) -> torch.Tensor:
@@ -279,14 +285,23 @@ class QuantizePass(Pass):
         for t in layers:
             if not t.group_size:
                 t.group_size = effective_group(t.k, group)
+        changed = sorted({(t.k, t.group_size) for t in layers if group != -1 and t.k > group and t.group_size != group})
+        if changed:
+            notes.append(f"group_size {group} does not divide K for some layers: " +
+                         ", ".join(f"K={k} uses groups of {g}" for k, g in changed))
 
         # -- calibration statistics (one run) for AWQ / GPTQ / activations
         stats: dict[fx.Node, qm.InputStats] = {}
+        pre: dict[fx.Node, qm.Quantized] = {}   # GPTQ results computed during the sequential calibration run
         want_stats = (s.weights is not None and s.method in ("awq", "gptq")) or s.activations is not None
         if want_stats and not ctx.calibration.from_example:
             inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
-            stats = qm.collect_input_stats(program, list(ctx.calibration.batches), inputs,
-                                           want_gram=s.weights is not None)
+            if s.weights is not None and s.method == "gptq" and s.gptq.sequential and not self._smoothquant():
+                stats, pre = self._sequential_gptq(program, ctx, layers, symmetric)
+                notes.append("GPTQ sequential: each layer's Hessian measured on the outputs of the already-quantized layers")
+            else:
+                stats = qm.collect_input_stats(program, list(ctx.calibration.batches), inputs,
+                                               want_gram=s.weights is not None)
         for t in layers:
             if t.kind in ("linear", "addmm"):
                 t.stats_of = self._input(t)
@@ -317,8 +332,10 @@ class QuantizePass(Pass):
                 after = self._rewrite_a8(program, t, qw, ws, st, s.activations.mode)
                 method = f"int8 per-channel, activations {s.activations.mode}"
             else:
-                if s.method == "gptq" and st is not None and st.gram is not None:
-                    qz = qm.gptq(w_eff, st.hessian, t.bits, t.group_size, symmetric)
+                if t.node in pre:
+                    qz, method = pre[t.node], "gptq"
+                elif s.method == "gptq" and st is not None and st.gram is not None:
+                    qz = qm.gptq(w_eff, st.hessian, t.bits, t.group_size, symmetric, **self._gptq_options())
                     method = "gptq"
                 elif s.method == "awq" and t.module in scaled:
                     qz = qm.rtn(w_eff, t.bits, t.group_size, symmetric, clip_search=True)
@@ -435,6 +452,27 @@ class QuantizePass(Pass):
         node.replace_all_uses_with(new)
         program.graph.erase_node(node)
         return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel() + w_scale.numel() * 4
+
+    def _gptq_options(self) -> dict[str, Any]:
+        g = self.spec.gptq
+        return {"act_order": g.act_order, "damp": g.damp, "clip_search": g.clip_search}
+
+    def _sequential_gptq(self, program: Program, ctx: PassContext, layers: list[Target],
+                         symmetric: bool) -> tuple[dict[fx.Node, qm.InputStats], dict[fx.Node, qm.Quantized]]:
+        """GPTQ layer after layer on the quantized prefix (see `qm.sequential_input_stats`)."""
+        by_node = {t.node: t for t in layers if t.kind in ("linear", "addmm")}
+        targets = {n: (self._input(t), n.args[2] if t.kind == "addmm" else n.args[1], t.k) for n, t in by_node.items()}
+        pre: dict[fx.Node, qm.Quantized] = {}
+
+        def requantize(node: fx.Node, st: qm.InputStats) -> torch.Tensor:
+            t = by_node[node]
+            qz = qm.gptq(float_weight(program, t), st.hessian, t.bits, t.group_size, symmetric, **self._gptq_options())
+            pre[node] = qz
+            w_hat = qz.weight()
+            return w_hat.T.contiguous() if t.kind == "addmm" else w_hat
+
+        stats = qm.sequential_input_stats(program, list(ctx.calibration.batches), targets, requantize)
+        return stats, pre
 
     def _awq(self) -> bool:
         return self.spec.weights is not None and self.spec.method == "awq"

@@ -3,13 +3,13 @@
 Pure functions on tensors: a weight `W: f32[N, K]` (output rows, input columns, as
 `aten.linear` stores it) goes in; integer levels, per-group scales and zero points come
 out (the layout of `kernels.quant.linear_q`). The statistics come from one streaming run
-over the calibration batches (`collect_input_stats`), on the float model (one shot: the
-inputs of later layers are not re-measured after earlier layers are quantized).
+over the calibration batches (`collect_input_stats`, on the float model), or, for GPTQ, from
+`sequential_input_stats`, which measures each layer's inputs on the already-quantized prefix.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -85,6 +85,72 @@ def collect_input_stats(program: Program, batches: list[Inputs], inputs: dict[fx
     return col.stats
 
 
+def _valid_rows(x: torch.Tensor, batch: Inputs) -> torch.Tensor:
+    """x[B, S, K] without the rows of padded tokens (attention_mask == 0), when the batch has such a mask."""
+    mask = batch.kwargs.get("attention_mask") if isinstance(batch.kwargs, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        return x[mask.bool()]
+    return x
+
+
+def sequential_input_stats(program: Program, batches: list[Inputs], targets: dict[fx.Node, tuple[fx.Node, fx.Node, int]],
+                           requantize: Callable[[fx.Node, InputStats], torch.Tensor]) -> dict[fx.Node, InputStats]:
+    """Statistics of each target's input measured on the ALREADY-QUANTIZED prefix of the graph.
+
+    GPTQ corrects a layer's rounding error for the inputs it will really see. Measured on the
+    float model (one shot), every layer's Hessian describes inputs that no longer occur once the
+    earlier layers are quantized, and the layer cannot absorb the drift they cause; the GPTQ
+    paper quantizes sequentially for that reason. Here the graph runs node by node over ALL
+    calibration batches at once (one forward's work in total): when a target linear is reached,
+    its input statistics are complete, `requantize(node, stats)` quantizes it and returns the
+    weight it stores (dequantized, in the stored layout), and that weight is used from then on.
+    Only the ancestors of the targets run (not the lm_head's logits); padded tokens are dropped.
+
+    `targets`: linear node -> (input node, weight get_attr node, K).
+    """
+    order = list(program.graph.nodes)
+    needed: set[fx.Node] = {n for n in order if n.op == "placeholder"}
+    stack = list(targets)
+    while stack:
+        n = stack.pop()
+        if n not in needed or n.op == "placeholder":
+            needed.add(n)
+            stack.extend(a for a in n.all_input_nodes if a not in needed)
+    last_use: dict[fx.Node, fx.Node] = {}
+    for n in order:
+        if n in needed:
+            for a in n.all_input_nodes:
+                last_use[a] = n
+    interps = []
+    for b in batches:
+        it = fx.Interpreter(program.module, garbage_collect_values=False)
+        it.args_iter = iter(program.flat_inputs(b))
+        it.env = {}
+        interps.append(it)
+    stats: dict[fx.Node, InputStats] = {}
+    with torch.no_grad():
+        for n in order:
+            if n not in needed:
+                continue
+            if n in targets:
+                x, w_node, k = targets[n]
+                if x not in stats:
+                    st = InputStats(k)
+                    for it, b in zip(interps, batches):
+                        st.update(_valid_rows(it.env[x], b), want_gram=True)
+                    stats[x] = st
+                w_new = requantize(n, stats[x])
+                for it in interps:
+                    it.env[w_node] = w_new
+            for it in interps:
+                it.env[n] = it.run_node(n)
+            for a in n.all_input_nodes:
+                if last_use.get(a) is n:
+                    for it in interps:
+                        it.env.pop(a, None)
+    return stats
+
+
 # ----------------------------------------------------------------------------- results
 @dataclass
 class Quantized:
@@ -142,27 +208,51 @@ def awq_scales(weights: list[torch.Tensor], stats: InputStats, bits: int, g: int
 
 
 # ----------------------------------------------------------------------------- GPTQ
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping more until it is positive definite."""
+    k = h.shape[0]
+    mean_diag = float(torch.diag(h).mean())
+    for d in (damp, 0.1, 1.0):
+        try:
+            hd = h + torch.eye(k, dtype=h.dtype) * d * mean_diag
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+        except RuntimeError:
+            continue
+    raise RuntimeError("GPTQ: the Hessian is not positive definite even with damping 1.0")
+
+
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: bool,
-         damp: float = 0.01, block: int = 128) -> Quantized:
-    """GPTQ: quantize column by column, spreading each column's error over the later columns
-    through the inverse Hessian's Cholesky factor (lazy batch updates of `block` columns).
-    Group scales are taken from the already-updated weights when a group starts."""
-    w = w.detach().to(torch.float32).clone()
+         damp: float = 0.01, block: int = 128, act_order: bool = False, clip_search: bool = False) -> Quantized:
+    """GPTQ: quantize column by column, spreading each column's error over the not yet quantized
+    columns through the inverse Hessian's Cholesky factor (lazy batch updates of `block` columns).
+
+    Group scales: without `act_order`, from the already-updated weights when a group starts
+    (the reference algorithm). With `act_order`, columns are processed in order of decreasing
+    Hessian diagonal (the most sensitive first, while there are many columns left to absorb
+    their error), but the groups stay the contiguous groups of the ORIGINAL column order (the
+    kernel's layout), so their scales are fixed up front from the float weights ("static
+    groups"); `clip_search` then shrinks each group's range by weight MSE first.
+    The Hessian is computed in float64 by the caller; the elimination runs in float64 too,
+    because at K >= 1536 float32 Cholesky of a nearly singular H loses the small columns.
+    """
+    w = w.detach().to(torch.float64).clone()
     n, k = w.shape
-    h = hessian.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float64).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += torch.eye(k) * damp * torch.diag(h).mean()
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # not positive definite even after damping: more damping
-        h += torch.eye(k) * 0.1 * torch.diag(h).mean()
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    scales = torch.zeros(n, k // g, dtype=torch.float64)
+    zeros = torch.zeros(n, k // g, dtype=torch.float64)
+    perm = torch.arange(k)
+    if act_order:
+        from kernels.quant import quantize_groups
+        _, s0, z0 = quantize_groups(w.float(), bits, g, symmetric, clip_search=clip_search)
+        scales, zeros = s0.double(), z0.double()
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_factor(h, damp)
     block = max(g, (block // g) * g) if g <= block else g
-    q_all = torch.zeros(n, k)
-    scales = torch.zeros(n, k // g)
-    zeros = torch.zeros(n, k // g)
+    q_all = torch.zeros(n, k, dtype=torch.float64)
     scale = zero = None
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -171,14 +261,17 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: b
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            orig = int(perm[col])
+            if act_order:
+                scale, zero = scales[:, orig // g], zeros[:, orig // g]
+            elif col % g == 0:
                 grp = w1[:, i:i + g] if i + g <= i2 - i1 else torch.cat([w1[:, i:], w[:, i2:col + g]], 1)
                 scale, zero = group_params(grp, bits, symmetric)
                 scales[:, col // g], zeros[:, col // g] = scale, zero
             wc = w1[:, i]
             q = quantize_with(wc.unsqueeze(-1), scale, zero, bits).squeeze(-1)
             wq = (q - zero) * scale
-            q_all[:, col] = q
+            q_all[:, orig] = q
             e = (wc - wq) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e

@@ -183,12 +183,27 @@ class ActivationQuantSpec(StrictModel):
     """Migration strength alpha of SmoothQuant; None disables it."""
 
 
+class GPTQSpec(StrictModel):
+    """Options of `method: gptq`."""
+
+    sequential: bool = True
+    """Measure each layer's Hessian on the outputs of the already-quantized layers (the GPTQ paper's
+    procedure); false: every Hessian from one run of the float model (cheaper, worse)."""
+    act_order: bool = False
+    """Quantize columns in order of decreasing Hessian diagonal (groups stay contiguous in the original order)."""
+    damp: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
+    """Added to the Hessian's diagonal, relative to its mean."""
+    clip_search: bool = False
+    """With act_order: shrink each group's range by weight MSE before the column sweep."""
+
+
 class QuantizeSpec(StrictModel):
     """Weight-only group-wise quantization (mixed precision optional), embeddings, activations."""
 
     kind: Literal["quantize"] = "quantize"
     weights: QuantWeightsSpec | None = QuantWeightsSpec()
     method: Literal["rtn", "awq", "gptq"] = "rtn"
+    gptq: GPTQSpec = GPTQSpec()
     allocate: Literal["uniform", "layerwise"] = "uniform"
     importance: LayerImportance = "outlier_fraction"
     order: Literal["importance", "random", "reverse"] = "importance"

@@ -94,3 +94,89 @@ def test_real_loaders(name, cls, params):
     # a real model continues "... the capital of Italy is" sensibly: Rome among its top tokens
     top = [tok.decode(int(t)).strip() for t in logits[0, -1].topk(5).indices]
     assert "Rome" in top, top
+
+
+# ----------------------------------------------------------------------------- quantization mechanisms
+from passes import quantize_methods as qm  # noqa: E402
+from passes.quantize import effective_group  # noqa: E402
+
+
+def test_group_size_that_does_not_divide_k_stays_grouped():
+    """SmolLM2's K = 576 with g = 128 used to fall back to ONE scale per row (per-channel)."""
+    assert effective_group(576, 128) == 64          # largest power-of-two divisor below 128 (MatMulNBits)
+    assert effective_group(1536, 128) == 128
+    assert effective_group(100, 32) == 100          # no power of two >= 16 divides 100: one group per row
+    assert effective_group(96, 128) == 96 and effective_group(576, -1) == 576
+
+
+def _correlated_layer(seed=0, n=48, k=64, rows=512):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    x = torch.randn(rows, k, generator=g) @ mix * torch.linspace(0.2, 3.0, k)
+    w = torch.randn(n, k, generator=g)
+    st = qm.InputStats(k)
+    st.update(x, want_gram=True)
+    return w, x, st
+
+
+def test_gptq_act_order_keeps_contiguous_groups_and_beats_rtn():
+    w, x, st = _correlated_layer()
+    ref = x @ w.T
+    err = lambda wq: float(((x @ wq.T - ref) ** 2).sum() / (ref ** 2).sum())  # noqa: E731
+    q_rtn = qm.rtn(w, 3, 16, False)
+    q_act = qm.gptq(w, st.hessian, 3, 16, False, act_order=True)
+    assert q_act.scales.shape == (48, 4)
+    # every weight lies on its ORIGINAL contiguous group's grid (the kernel layout), though columns were permuted
+    levels = q_act.weight().view(48, 4, 16) / q_act.scales[..., None] + q_act.zeros[..., None].float()
+    assert torch.allclose(levels, levels.round(), atol=1e-3)
+    assert err(q_act.weight()) < 0.8 * err(q_rtn.weight())
+
+
+def test_sequential_stats_see_the_quantized_prefix():
+    """With an identity requantizer the sequential run measures exactly the one-shot statistics;
+    with a real one, the second linear's statistics come from the first one's quantized output."""
+    import rewrite
+    from rewrite import zoo
+    from rewrite.inputs import Inputs
+
+    z = zoo.load("llama")
+    program = rewrite.compile(z.model, {"passes": [{"kind": "cleanup"}]}, example_inputs=z.example).program
+    lins = [n for n in program.nodes("call_function") if n.target == torch.ops.aten.linear.default]
+    targets = {n: (n.args[0], n.args[1], program.param(n.args[1]).shape[1]) for n in lins}
+    padded = [Inputs.of(b) for b in z.calibration]
+    # padded tokens are not counted
+    real = sum(int(b.kwargs["attention_mask"].sum()) for b in padded)
+    seq = qm.sequential_input_stats(program, padded, targets, lambda n, st: program.param(n.args[1]))
+    assert {st.rows for st in seq.values()} == {real}
+    batches = [Inputs((), {"input_ids": b.kwargs["input_ids"], "attention_mask": torch.ones_like(b.kwargs["attention_mask"])})
+               for b in padded]
+    one = qm.collect_input_stats(program, batches, {x: k for x, _, k in targets.values()}, want_gram=True)
+    same = qm.sequential_input_stats(program, batches, targets, lambda n, st: program.param(n.args[1]))
+    for x in one:
+        assert torch.allclose(one[x].gram, same[x].gram, rtol=1e-6, atol=1e-6)
+    coarse = qm.sequential_input_stats(program, batches, targets,
+                                       lambda n, st: qm.rtn(program.param(n.args[1]).float(), 2, program.param(n.args[1]).shape[1], False).weight())
+    first_input = targets[lins[0]][0]
+    assert torch.allclose(one[first_input].gram, coarse[first_input].gram)   # nothing quantized before it
+    assert not torch.allclose(one[targets[lins[-1]][0]].gram, coarse[targets[lins[-1]][0]].gram, rtol=1e-3)
+
+
+SPECS = __import__("pathlib").Path(__file__).resolve().parents[1] / "specs"
+
+
+@pytest.mark.parametrize("spec_name,bits", [("llm-w4.yaml", 4), ("llm-w3.yaml", 3)])
+def test_llm_specs_on_a_zoo_decoder(spec_name, bits, tmp_path):
+    """The LLM specs compile a (tiny, random) Llama: every linear GPTQ-quantized sequentially at the
+    spec's width, exported and matched in onnxruntime."""
+    import rewrite
+    from rewrite import zoo
+
+    z = zoo.load("llama")
+    out = rewrite.compile(z.model, rewrite.Spec.from_yaml(SPECS / spec_name), example_inputs=z.example,
+                          calibration=z.calibration)
+    rec = out.report.passes[-1]
+    rows = [r for r in rec.details["layers"] if r["op"] == "linear"]
+    assert rows and all(r["bits"] == bits and r["method"] == "gptq" for r in rows)
+    assert any("sequential" in n for n in rec.notes)
+    e = out.export(tmp_path / "m.onnx", verify_inputs=[z.example, z.batch(5)])
+    assert e.verified and e.rel_error <= 1e-4

@@ -1,0 +1,158 @@
+"""Weight quantization of real decoder LLMs: wiki-dev perplexity, size, time, with peers in the same run.
+
+Models: SmolLM2-135M-Instruct and Gemma-3-270m (`rewrite.models`). Data and metric exactly as
+`../shared/data/wiki/README.md` says: calibration = 128 chunks of 512 `wiki-train.txt` tokens
+(chunk i * n_chunks // 128), perplexity = first N = 32768 `wiki-dev.txt` tokens in
+non-overlapping 512-token windows (`--tokens` to use fewer; the table says which N).
+
+Rows (every decoder-block linear quantized; lm_head and embeddings left in float):
+- fp32;
+- RTN (fake-quant in torch, asymmetric min/max per group): the simplest peer;
+- GPTQ one-shot: `passes.quantize_methods.gptq` with every Hessian from one float run (what the
+  quantize pass did before the fix);
+- GPTQ sequential (the pass's default now) and with act-order;
+- llm-compressor's `GPTQModifier` (symmetric int, group 128, `lm_head` ignored) run in its own
+  venv (`--llmc-python`, default /work/venvs/llmc/bin/python) on the same calibration chunks and
+  scored on the same windows by `benchmarks/llmc_gptq.py`; "not available" with the reason when
+  it cannot run.
+Size: bytes of the quantized linears (packed weights, fp32 scales, u8 zeros) + the float rest.
+
+The "ours" rows apply the compiler's quantizers (`passes.quantize_methods`) to the torch module
+block by block (`benchmarks/llm_sim.py`): it is the quantize pass's arithmetic without capture
+and export, which on 2 shared cores would cost more than the whole table.
+
+    python benchmarks/llm_quality.py --model smollm2 --rows fp32,rtn_w4,gptq_w4 --tokens 32768
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from rewrite import llm_data, models  # noqa: E402
+
+import llm_sim  # noqa: E402
+
+MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
+
+
+def _rows() -> dict[str, dict]:
+    rows: dict[str, dict] = {"fp32": {}}
+    for b in (4, 3):
+        rows[f"rtn_w{b}"] = {"method": "rtn", "bits": b}
+        rows[f"gptq_oneshot_w{b}"] = {"method": "gptq", "bits": b, "sequential": False}
+        rows[f"gptq_w{b}"] = {"method": "gptq", "bits": b, "sequential": True}
+        rows[f"gptq_actorder_w{b}"] = {"method": "gptq", "bits": b, "sequential": True, "act_order": True}
+        rows[f"llmc_gptq_w{b}"] = {"peer": "llmc", "bits": b}
+    for g in (32, 64):
+        rows[f"rtn_w4_g{g}"] = {"method": "rtn", "bits": 4, "g": g}
+        rows[f"gptq_w4_g{g}"] = {"method": "gptq", "bits": 4, "g": g, "sequential": True}
+    return rows
+
+
+def model_bytes(model: torch.nn.Module, bits: int | None, g: int) -> int:
+    """Bytes with the decoder-block linears at `bits` (packed + fp32 scale + u8 zero per group), the rest fp32."""
+    seen: set[int] = set()
+    total = 0
+    quantized = {id(m.weight) for layer in llm_sim.decoder_layers(model) for m in layer.modules()
+                 if isinstance(m, torch.nn.Linear)} if bits else set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in quantized:
+            n, k = p.shape
+            gg = llm_sim.effective_group(k, g)
+            total += n * math.ceil(k * bits / 8) + n * (k // gg) * 5
+        else:
+            total += p.numel() * 4
+    return total
+
+
+def run_llmc(python: str, model_dir: Path, calib: torch.Tensor, windows: torch.Tensor, bits: int, g: int,
+             threads: int) -> dict:
+    if not Path(python).exists():
+        return {"error": f"no llm-compressor venv at {python} (python -m venv /work/venvs/llmc && "
+                         "pip install torch==2.13.0 llmcompressor)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = Path(tmp) / "data.pt", Path(tmp) / "out.json"
+        torch.save({"calibration": calib, "windows": windows}, data)
+        script = Path(__file__).resolve().parent / "llmc_gptq.py"
+        proc = subprocess.run([python, str(script), str(model_dir), str(data), str(bits), str(g), str(out), str(threads)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"error": f"llm-compressor failed: {tail[0][:200]}"}
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="smollm2")
+    ap.add_argument("--rows", default="fp32,rtn_w4,gptq_oneshot_w4,gptq_w4,llmc_gptq_w4,rtn_w3,gptq_w3,llmc_gptq_w3")
+    ap.add_argument("--tokens", type=int, default=llm_data.PPL_TOKENS)
+    ap.add_argument("--calib", type=int, default=llm_data.CALIB_CHUNKS, help="calibration chunks of 512 tokens")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python")
+    ap.add_argument("--json", help="append each row as a JSON line here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    all_rows = _rows()
+    name = MODELS[args.model]
+    model, tok = models.load(name)
+    calib = llm_data.calibration_chunks(tok, n=args.calib)
+    windows = llm_data.ppl_windows(tok, args.tokens)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32_ppl = None
+    print(f"# {type(model).__name__} ({name}), wiki-dev N={args.tokens}, calibration {args.calib}x512 wiki-train, "
+          f"group {args.group}, lm_head/embeddings float", flush=True)
+    print(f"| row | ppl | vs fp32 | size MB | quantize s |\n|---|---|---|---|---|", flush=True)
+    for row in args.rows.split(","):
+        cfg = dict(all_rows[row])
+        g = cfg.pop("g", args.group)
+        t0 = time.time()
+        if cfg.get("peer") == "llmc":
+            # llm-compressor refuses a group size that does not divide K (SmolLM2: K = 576, g = 128);
+            # it gets the finest group our pass uses on any layer, for every layer (never coarser than ours)
+            ks = {m.in_features for layer in llm_sim.decoder_layers(model) for m in layer.modules()
+                  if isinstance(m, torch.nn.Linear)}
+            g = min(llm_sim.effective_group(k, g) for k in ks)
+            res = run_llmc(args.llmc_python, models.converted_path(name), calib, windows, cfg["bits"], g, args.threads)
+            if "error" in res:
+                print(f"| {row} | not available: {res['error']} | | | |", flush=True)
+                continue
+            ppl, secs, size = res["ppl"], res["seconds"], model_bytes(model, cfg["bits"], g)
+            row = f"{row} (g{g})"
+        else:
+            model.load_state_dict(base)
+            if cfg:
+                llm_sim.quantize_decoder(model, g=g, calibration=list(calib.split(4)), **cfg)
+            secs = time.time() - t0
+            ppl = llm_data.perplexity(model, tok, n_tokens=args.tokens, batch_size=4)
+            size = model_bytes(model, cfg.get("bits"), g)
+        if row == "fp32":
+            fp32_ppl = ppl
+        rel = f"{100 * (ppl / fp32_ppl - 1):+.1f}%" if fp32_ppl else ""
+        print(f"| {row} | {ppl:.3f} | {rel} | {size / 1e6:.1f} | {secs:.0f} |", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"model": name, "row": row, "ppl": ppl, "size": size, "seconds": secs,
+                                    "tokens": args.tokens, "calib": args.calib}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
