@@ -102,12 +102,16 @@ def compile(
     dynamic: bool = True,
     task_loss: Any = None,
     progress: bool | None = None,
+    task: str | None = "auto",
 ) -> Compiled:
     """Capture `model`, apply the spec's passes, verify, and return a `Compiled`.
 
     `example_inputs` is a tuple of positional args, a dict of keyword args, or one tensor.
     `calibration` is any iterable of batches shaped like `example_inputs` (a DataLoader works);
     passes that need data refuse to run without it.
+    `task`: "text-generation" captures a causal LM around its KV cache (`rewrite.generation`:
+    one graph for prefill and decode, exported with the cache); "auto" (the default) picks it
+    for HF causal LMs; None keeps the full-sequence graph.
     """
     spec = Spec.load(spec)
     example = Inputs.of(example_inputs)
@@ -115,6 +119,16 @@ def compile(
     from .passmanager import check_order
 
     check_order(passes)  # before any work
+    from . import generation
+
+    layout = None
+    if generation.resolve_task(model, task) == generation.TASK:
+        generation.check_passes(passes)
+        layout = generation.layout_for(model, example)
+        example = generation.capture_example(model, layout, example)
+        calibration = generation.prefill_batches(layout, calibration)
+        dynamic = generation.GenerationShapes(layout.num_layers, layout.position_ids) if dynamic else False
+        model = generation.CacheGraph(model)
     calib = CalibrationData.from_user(calibration, example, samples=spec.calibration.samples, holdout=spec.calibration.holdout)
     for p in passes:
         if "calibration" in p.needs:
@@ -123,6 +137,8 @@ def compile(
     from passes.canonicalize import canonicalize
 
     original = Program.capture(model, example, dynamic=dynamic)
+    if layout is not None:
+        original.notes[generation.NOTES_KEY] = layout.to_dict()
     canonicalize(original)
     program = original.clone()
     before = cost(original)
