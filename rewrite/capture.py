@@ -159,7 +159,8 @@ def _explain_failure(root: torch.nn.Module, exc: Exception, stack: list[str]) ->
     elif "not a known type" in lowered or "register a pytree" in lowered:
         hint = ("the model returns or takes an object torch.export cannot flatten. Return tensors, "
                 "tuples, dicts or dataclasses; for transformers models set use_cache=False "
-                "(a DynamicCache output cannot be captured).")
+                "(a DynamicCache output cannot be captured), or for a causal LM compile with "
+                "task='text-generation' (a graph with the KV cache as tensors).")
     elif "constraint" in lowered or "specializ" in lowered:
         hint = ("a dynamic dimension was forced to a constant. Pass dynamic=False to compile "
                 "(static shapes), or remove the code that fixes the size.")

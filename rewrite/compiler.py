@@ -45,11 +45,17 @@ class Compiled:
         return self.program.module(*args, **kwargs)
 
     def export(self, path: str | os.PathLike, *, verify: bool = True, opset: int | None = None,
-               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None) -> ExportRecord:
-        """Write an ONNX model, verified in onnxruntime against `module` (atomic on failure)."""
+               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None, tokenizer: Any = None) -> ExportRecord:
+        """Write an ONNX model, verified in onnxruntime against `module` (atomic on failure).
+
+        A text-generation graph is exported with its KV cache (`backends.onnx_generation`) and
+        also verified by greedy generation; `tokenizer` is then saved beside the file.
+        """
         from backends.onnx import export_onnx
 
         onnx_spec = self.spec.export.onnx
+        if self.program.notes.get("generation"):
+            return self._export_generation(Path(path), verify=verify, opset=opset, tokenizer=tokenizer)
         batches = [Inputs.of(b) for b in verify_inputs] if verify_inputs is not None else [self.program.example]
         rtol, quantile, why = self.backend_check()
         record = export_onnx(
@@ -59,6 +65,20 @@ class Compiled:
             external_data=onnx_spec.external_data, debug_metadata=onnx_spec.debug_metadata,
             verify=verify, verify_inputs=batches, rtol=rtol, quantile=quantile,
         )
+        if why and verify:
+            record.notes.append(why)
+        self.report.exports.append(record)
+        return record
+
+    def _export_generation(self, path: Path, *, verify: bool, opset: int | None, tokenizer: Any) -> ExportRecord:
+        from backends.onnx_generation import export_generation
+
+        onnx_spec = self.spec.export.onnx
+        rtol, quantile, why = self.backend_check()
+        prompts = self.verification_batches() if self.calibration is not None and not self.calibration.from_example else []
+        record = export_generation(self.program, path, opset=opset or onnx_spec.opset, external_data=onnx_spec.external_data,
+                                   debug_metadata=onnx_spec.debug_metadata, verify=verify, prompts=prompts,
+                                   rtol=rtol, quantile=quantile, tokenizer=tokenizer)
         if why and verify:
             record.notes.append(why)
         self.report.exports.append(record)
