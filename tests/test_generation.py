@@ -251,3 +251,42 @@ def test_smollm2_w4_generates_same_tokens_in_torch_and_onnxruntime(tmp_path):
     text_torch = rewrite.generate(out, tok, prompts[0], max_new_tokens=32)
     text_ort = rewrite.generate(str(tmp_path / "model.onnx"), tok, prompts[0], max_new_tokens=32)
     assert text_torch == text_ort and len(text_torch) > 10
+
+
+# ----------------------------------------------------------------------- spec, CLI
+def test_llm_deploy_spec_on_a_zoo_decoder(tmp_path):
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "llm-deploy.yaml"
+    _, out = compile_decoder("llama", str(spec))
+    rec = out.export(tmp_path / "model.onnx")
+    assert rec.verified and any("generation verified" in n for n in rec.notes)
+    assert out.report.after.weight_bytes < 0.35 * out.report.before.weight_bytes
+
+
+def _char_tokenizer(path):
+    """A real HF fast tokenizer over VOCAB single characters (saved and loaded like any other)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1} | {chr(32 + i): 2 + i for i in range(VOCAB - 2)}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    t.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_cli_generate_streams_from_the_exported_file(tmp_path, capsys):
+    from rewrite.cli import main
+
+    _, out = compile_decoder("llama")
+    tok = _char_tokenizer(tmp_path)
+    out.export(tmp_path / "model.onnx", tokenizer=tok)
+    want = rewrite.generate(out, tok, "hello", max_new_tokens=10)
+    assert rewrite.generate(str(tmp_path / "model.onnx"), tok, "hello", max_new_tokens=10) == want
+    pieces = list(rewrite.generate(str(tmp_path / "model.onnx"), tok, "hello", max_new_tokens=10, stream=True))
+    assert "".join(pieces) == want
+    assert main(["generate", "--onnx", str(tmp_path / "model.onnx"), "--max-new-tokens", "10", "hello"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "--onnx", str(tmp_path / "missing.onnx"), "hi"]) == 1
+    assert "no ONNX file" in capsys.readouterr().err
