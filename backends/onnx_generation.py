@@ -156,25 +156,51 @@ def prompts_for_check(batches: Sequence[Inputs], max_rows: int = 4) -> list[tupl
 
 
 def check_generation(program: Program, model_path: Path, prompts: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                     new_tokens: int) -> int:
-    """Greedy tokens with the cache in onnxruntime == the torch module's; returns tokens compared."""
+                     new_tokens: int, tie_tolerance: float = 0.0) -> tuple[int, list[str]]:
+    """Greedy tokens with the cache in onnxruntime == the torch module's.
+
+    Returns (tokens compared, notes). `tie_tolerance` (relative to the largest logit) is
+    only non-zero for graphs with int8 activations: there one activation can round to the
+    neighbouring integer in onnxruntime, so where torch's two best tokens are closer than
+    that, the backends may pick different ones. Such a step ends that prompt's comparison
+    (the sequences differ afterwards) and is reported; any other difference fails.
+    """
     layout = GenerationProgramInfo.of(program)
     torch_step, ort_step = TorchStepper(program.module, layout), OrtStepper(model_path, layout)
-    compared = 0
+    compared, notes = 0, []
     for ids, mask in prompts:
         n = new_tokens
         if layout.max_positions:
             n = max(1, min(n, layout.max_positions - ids.shape[1]))
         want, _ = generate_ids(torch_step, ids, mask, max_new_tokens=n, eos_token_ids=[])
         got, _ = generate_ids(ort_step, ids, mask, max_new_tokens=n, eos_token_ids=[])
-        if not torch.equal(want, got):
-            row, col = (want != got).nonzero()[0].tolist()
-            raise VerificationError(
-                f"greedy generation with the KV cache differs between onnxruntime and the torch module: prompt row {row}, "
-                f"new token {col}: onnxruntime {got[row, col].item()} vs torch {want[row, col].item()}; "
-                "the ONNX file was not written")
-        compared += want.numel()
-    return compared
+        for row in range(want.shape[0]):
+            diff = (want[row] != got[row]).nonzero()
+            if not len(diff):
+                compared += n
+                continue
+            col = int(diff[0])
+            gap, scale = _torch_gap(torch_step, ids[row:row + 1], mask[row:row + 1], want[row, :col],
+                                    int(want[row, col]), int(got[row, col]))
+            if gap > tie_tolerance * scale:
+                raise VerificationError(
+                    f"greedy generation with the KV cache differs between onnxruntime and the torch module: prompt row "
+                    f"{row}, new token {col}: onnxruntime {int(got[row, col])} vs torch {int(want[row, col])} (torch logit "
+                    f"gap {gap:.3g} of {scale:.3g}); the ONNX file was not written")
+            compared += col
+            notes.append(f"a near-tie at new token {col} (torch logit gap {gap:.2g}, {gap / scale:.1e} of the largest "
+                         f"logit) picked a different token; equal before it")
+    return compared, notes
+
+
+def _torch_gap(step: TorchStepper, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor, want: int,
+               got: int) -> tuple[float, float]:
+    """torch's logit of its own token minus the other backend's token, after the shared prefix."""
+    full = torch.cat([ids, prefix[None]], 1)
+    full_mask = torch.cat([mask, torch.ones_like(prefix)[None]], 1)
+    logits, _ = step(full, full_mask, step.layout.empty_past(1))
+    last = logits[0, -1]
+    return float(last[want] - last[got]), float(last.abs().max())
 
 
 def export_generation(program: Program, path: Path, *, opset: int = 21, external_data: Any = "auto",
@@ -215,11 +241,18 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
             err = verify_steps(program, tmp_model, checks, rtol=rtol, quantile=quantile)
             record.max_abs_error, record.rel_error, record.cosine, record.provider = err
             token_prompts = prompts_for_check([b for b in batches if _is_prefill(b)] or [_as_prefill(program.example)])
-            n = check_generation(program, tmp_model, token_prompts, new_tokens)
+            n, ties = check_generation(program, tmp_model, token_prompts, new_tokens,
+                                       tie_tolerance=rtol if quantile < 1.0 else 0.0)
             record.verified = True
-            record.notes.append(f"generation verified: greedy decoding of {new_tokens} new tokens with the KV cache from "
-                                f"{sum(p[0].shape[0] for p in token_prompts)} held-back prompts gives the torch module's "
-                                f"tokens exactly ({n} tokens); prefill and decode-step logits within the tolerance")
+            rows = sum(p[0].shape[0] for p in token_prompts)
+            if ties:
+                record.notes.append(f"generation verified: greedy decoding of {new_tokens} new tokens with the KV cache from "
+                                    f"{rows} held-back prompts gives the torch module's tokens ({n} tokens compared) except "
+                                    f"after int8-rounding near-ties: " + "; ".join(ties))
+            else:
+                record.notes.append(f"generation verified: greedy decoding of {new_tokens} new tokens with the KV cache from "
+                                    f"{rows} held-back prompts gives the torch module's tokens exactly ({n} tokens); "
+                                    "prefill and decode-step logits within the tolerance")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmpdir))
         for f in tmpdir.iterdir():
