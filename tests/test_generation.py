@@ -113,8 +113,10 @@ def test_generation_graph_matches_model(name):
     names = [n.name for n in out.program.placeholders()]
     assert names[:2] == ["input_ids", "attention_mask"]
     ids, mask = tokens(7, batch=3, seq=11, left_pad=3).values()
+    # positions count real tokens (as HF generate does for left-padded prompts)
+    pos = {"position_ids": G.positions_from_mask(mask, ids.shape[1])} if G.accepts_position_ids(model) else {}
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False, **pos).logits
     step = TorchStepper(out.module, layout)
     for schedule in ([11], [1, 1, 9], [4, 1, 1, 5], [6, 2, 3]):
         got = torch.cat(_run_steps(step, layout, ids, mask, schedule), 1)
