@@ -7,6 +7,7 @@
     out.export("model.onnx")   # ONNX, verified in onnxruntime
 """
 from .compiler import Compiled, compile
+from .decoding import GenerationError, generate
 from .errors import (
     CalibrationError,
     CaptureError,
@@ -22,7 +23,7 @@ from .report import Report
 from .spec import Spec
 
 __all__ = [
-    "compile", "Compiled", "Spec", "Program", "Block", "Inputs", "Report",
+    "compile", "Compiled", "generate", "GenerationError", "Spec", "Program", "Block", "Inputs", "Report",
     "RewriteError", "SpecError", "CaptureError", "CalibrationError", "PassError", "ExportError", "VerificationError",
 ]
 __version__ = "0.1.0"

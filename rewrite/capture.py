@@ -21,12 +21,17 @@ from .inputs import Inputs
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
-def dynamic_shapes_for(inputs: Inputs, dynamic: bool = True) -> Any:
+def dynamic_shapes_for(inputs: Inputs, dynamic: Any = True) -> Any:
     """Dynamic dims per input: batch (dim 0) always, sequence (dim 1) for token-like inputs.
 
     Token-like: integer tensors of rank >= 2 (ids, masks) and float tensors of rank 3
     (B, S, H embeddings). Images (B, C, H, W) keep only the batch dimension dynamic.
+    `dynamic` may instead be a policy object with `dynamic_shapes(inputs)` (a generation
+    graph's KV-cache dims, `rewrite.generation.GenerationShapes`); it travels as
+    `Program.dynamic`, so every recapture and backend export uses it.
     """
+    if callable(getattr(dynamic, "dynamic_shapes", None)):
+        return dynamic.dynamic_shapes(inputs)
 
     def spec_for(x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or not dynamic or x.dim() == 0:
@@ -45,7 +50,7 @@ def dynamic_shapes_for(inputs: Inputs, dynamic: bool = True) -> Any:
     return tuple(args) + tuple(kwargs.values())  # mixed: in the order of the inputs
 
 
-def widen_for_capture(inputs: Inputs, dynamic: bool = True) -> Inputs:
+def widen_for_capture(inputs: Inputs, dynamic: Any = True) -> Inputs:
     """Size-1 batch or sequence dims would be specialised by export: repeat them to 2."""
     if not dynamic:
         return inputs
@@ -60,7 +65,7 @@ def widen_for_capture(inputs: Inputs, dynamic: bool = True) -> Inputs:
     return inputs.map(widen)
 
 
-def export_program(module: torch.nn.Module, inputs: Inputs, dynamic: bool = True) -> torch.export.ExportedProgram:
+def export_program(module: torch.nn.Module, inputs: Inputs, dynamic: Any = True) -> torch.export.ExportedProgram:
     """torch.export the module non-strictly with dynamic dims; errors become CaptureError."""
     example = widen_for_capture(inputs, dynamic)
     shapes = dynamic_shapes_for(example, dynamic) if dynamic else None
@@ -71,7 +76,7 @@ def export_program(module: torch.nn.Module, inputs: Inputs, dynamic: bool = True
             raise CaptureError(_explain_failure(module, exc, list(stack))) from exc
 
 
-def capture(module: torch.nn.Module, inputs: Inputs, dynamic: bool = True) -> torch.fx.GraphModule:
+def capture(module: torch.nn.Module, inputs: Inputs, dynamic: Any = True) -> torch.fx.GraphModule:
     """The unlifted GraphModule of ATen ops, called exactly like `module`."""
     was_training = module.training
     _set_training(module, False)
@@ -80,7 +85,8 @@ def capture(module: torch.nn.Module, inputs: Inputs, dynamic: bool = True) -> to
             ep = export_program(module, inputs, dynamic)
     finally:
         _set_training(module, was_training)
-    return ep.module()
+    # a shape policy may turn off the unlifted module's input guards (see GenerationShapes)
+    return ep.module(check_guards=getattr(dynamic, "check_guards", True))
 
 
 def _set_training(module: torch.nn.Module, mode: bool) -> None:
@@ -153,7 +159,8 @@ def _explain_failure(root: torch.nn.Module, exc: Exception, stack: list[str]) ->
     elif "not a known type" in lowered or "register a pytree" in lowered:
         hint = ("the model returns or takes an object torch.export cannot flatten. Return tensors, "
                 "tuples, dicts or dataclasses; for transformers models set use_cache=False "
-                "(a DynamicCache output cannot be captured).")
+                "(a DynamicCache output cannot be captured), or for a causal LM compile with "
+                "task='text-generation' (a graph with the KV cache as tensors).")
     elif "constraint" in lowered or "specializ" in lowered:
         hint = ("a dynamic dimension was forced to a constant. Pass dynamic=False to compile "
                 "(static shapes), or remove the code that fixes the size.")

@@ -81,6 +81,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.backend in ("onnx", "all"):
         rec = compiled.export(out_dir / "model.onnx", verify_inputs=compiled.verification_batches())
         print(f"wrote {rec.path} ({rec.bytes / 1e6:.2f} MB), onnxruntime max abs error {rec.max_abs_error:.2e}", file=sys.stderr)
+        _save_generation_tokenizer(args, compiled, out_dir)
     if args.backend in ("tvm", "all"):
         built = compiled.build("tvm", target=args.target, verify=True, verify_inputs=compiled.verification_batches())
         if hasattr(built, "save"):
@@ -119,6 +120,79 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return run_inspect(args)
 
 
+# ------------------------------------------------------------------ generate (text generation)
+def _tokenizer_from_factory(ref: str) -> Any:
+    """The tokenizer that goes with `--model MODULE:FACTORY`: MODULE.FACTORY_tokenizer(),
+    MODULE.tokenizer(), or the second item of MODULE.load_FACTORY() (model, tokenizer)."""
+    mod_name, _, fn_name = ref.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise RewriteError(f"cannot import {mod_name!r} for --model: {exc}") from None
+    for name in (f"{fn_name}_tokenizer", "tokenizer"):
+        if callable(getattr(module, name, None)):
+            return getattr(module, name)()
+    loader = getattr(module, f"load_{fn_name}", None)
+    if callable(loader):
+        got = loader()
+        if isinstance(got, tuple) and len(got) == 2:
+            return got[1]
+    return None
+
+
+def _save_generation_tokenizer(args: argparse.Namespace, compiled: Any, out_dir: Path) -> None:
+    """Save the --model's tokenizer beside a generation graph, so `rewrite generate --onnx` needs nothing else."""
+    if not args.model or not compiled.program.notes.get("generation"):
+        return
+    tok = _tokenizer_from_factory(args.model)
+    if tok is not None:
+        tok.save_pretrained(str(out_dir))
+        print(f"saved the tokenizer beside {out_dir / 'model.onnx'}", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .decoding import generate
+
+    onnx_path = Path(args.onnx)
+    if not onnx_path.exists():
+        raise RewriteError(f"no ONNX file at {onnx_path}: run `rewrite compile ... --out {onnx_path.parent}` first")
+    tok = None
+    if args.tokenizer:
+        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    elif args.model:
+        tok = _tokenizer_from_factory(args.model)
+        if tok is None:
+            raise RewriteError(f"{args.model} has no tokenizer: give --tokenizer DIR")
+    elif any((onnx_path.parent / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        tok = AutoTokenizer.from_pretrained(str(onnx_path.parent))
+    else:
+        raise RewriteError(f"no tokenizer beside {onnx_path}: give --model MODULE:FACTORY or --tokenizer DIR")
+    for piece in generate(str(onnx_path), tok, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                          top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed, stream=True):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_generate_parser(sub: Any) -> None:
+    g = sub.add_parser("generate", help="generate text with an exported text-generation ONNX model (KV cache)")
+    g.add_argument("prompt")
+    g.add_argument("--onnx", default="out/model.onnx", help="an exported generation graph (default: out/model.onnx)")
+    g.add_argument("--model", help="MODULE:FACTORY whose module provides the tokenizer (default: the one saved beside --onnx)")
+    g.add_argument("--tokenizer", help="a saved Hugging Face tokenizer directory")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample (top-k / top-p) instead of greedy decoding")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rewrite", description="A declarative graph-rewrite compiler for PyTorch models.")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
@@ -146,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schema", help="print the spec's JSON schema")
     s.set_defaults(func=cmd_schema)
+    _add_generate_parser(sub)
     return p
 
 

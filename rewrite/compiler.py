@@ -45,11 +45,17 @@ class Compiled:
         return self.program.module(*args, **kwargs)
 
     def export(self, path: str | os.PathLike, *, verify: bool = True, opset: int | None = None,
-               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None) -> ExportRecord:
-        """Write an ONNX model, verified in onnxruntime against `module` (atomic on failure)."""
+               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None, tokenizer: Any = None) -> ExportRecord:
+        """Write an ONNX model, verified in onnxruntime against `module` (atomic on failure).
+
+        A text-generation graph is exported with its KV cache (`backends.onnx_generation`) and
+        also verified by greedy generation; `tokenizer` is then saved beside the file.
+        """
         from backends.onnx import export_onnx
 
         onnx_spec = self.spec.export.onnx
+        if self.program.notes.get("generation"):
+            return self._export_generation(Path(path), verify=verify, opset=opset, tokenizer=tokenizer)
         batches = [Inputs.of(b) for b in verify_inputs] if verify_inputs is not None else [self.program.example]
         rtol, quantile, why = self.backend_check()
         record = export_onnx(
@@ -59,6 +65,20 @@ class Compiled:
             external_data=onnx_spec.external_data, debug_metadata=onnx_spec.debug_metadata,
             verify=verify, verify_inputs=batches, rtol=rtol, quantile=quantile,
         )
+        if why and verify:
+            record.notes.append(why)
+        self.report.exports.append(record)
+        return record
+
+    def _export_generation(self, path: Path, *, verify: bool, opset: int | None, tokenizer: Any) -> ExportRecord:
+        from backends.onnx_generation import export_generation
+
+        onnx_spec = self.spec.export.onnx
+        rtol, quantile, why = self.backend_check()
+        prompts = self.verification_batches() if self.calibration is not None and not self.calibration.from_example else []
+        record = export_generation(self.program, path, opset=opset or onnx_spec.opset, external_data=onnx_spec.external_data,
+                                   debug_metadata=onnx_spec.debug_metadata, verify=verify, prompts=prompts,
+                                   rtol=rtol, quantile=quantile, tokenizer=tokenizer)
         if why and verify:
             record.notes.append(why)
         self.report.exports.append(record)
@@ -102,12 +122,16 @@ def compile(
     dynamic: bool = True,
     task_loss: Any = None,
     progress: bool | None = None,
+    task: str | None = "auto",
 ) -> Compiled:
     """Capture `model`, apply the spec's passes, verify, and return a `Compiled`.
 
     `example_inputs` is a tuple of positional args, a dict of keyword args, or one tensor.
     `calibration` is any iterable of batches shaped like `example_inputs` (a DataLoader works);
     passes that need data refuse to run without it.
+    `task`: "text-generation" captures a causal LM around its KV cache (`rewrite.generation`:
+    one graph for prefill and decode, exported with the cache); "auto" (the default) picks it
+    for HF causal LMs; None keeps the full-sequence graph.
     """
     spec = Spec.load(spec)
     example = Inputs.of(example_inputs)
@@ -115,6 +139,16 @@ def compile(
     from .passmanager import check_order
 
     check_order(passes)  # before any work
+    from . import generation
+
+    layout = None
+    if generation.resolve_task(model, task) == generation.TASK:
+        generation.check_passes(passes)
+        layout = generation.layout_for(model, example)
+        example = generation.capture_example(model, layout, example)
+        calibration = generation.prefill_batches(layout, calibration)
+        dynamic = generation.GenerationShapes(layout.num_layers, layout.position_ids) if dynamic else False
+        model = generation.CacheGraph(model)
     calib = CalibrationData.from_user(calibration, example, samples=spec.calibration.samples, holdout=spec.calibration.holdout)
     for p in passes:
         if "calibration" in p.needs:
@@ -123,6 +157,8 @@ def compile(
     from passes.canonicalize import canonicalize
 
     original = Program.capture(model, example, dynamic=dynamic)
+    if layout is not None:
+        original.notes[generation.NOTES_KEY] = layout.to_dict()
     canonicalize(original)
     program = original.clone()
     before = cost(original)

