@@ -28,6 +28,7 @@ import torch.fx as fx
 from rewrite.calibration import capture, observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
+from rewrite.statistics import token_rows
 
 aten = torch.ops.aten
 _CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
@@ -68,21 +69,16 @@ def consumer_ops(program: Program, removal: dict[tuple[str, int], set[int]]) -> 
     return out
 
 
-def _rows(value: torch.Tensor, kind: str, batch: Inputs) -> torch.Tensor:
-    """Tokens (or pixels) x features, padded tokens excluded."""
-    if kind == "conv":
-        return value.movedim(1, -1).reshape(-1, value.shape[1])
-    rows = value.reshape(-1, value.shape[-1])
-    mask = batch.kwargs.get("attention_mask") if batch is not None else None
-    if value.dim() == 3 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(value.shape[:2]):
-        rows = rows[mask.reshape(-1).bool()]
-    return rows
+def _rows(program: Program, node: fx.Node, value: torch.Tensor, kind: str, batch: Inputs) -> torch.Tensor:
+    """Tokens (or pixels) x features, padded tokens excluded (`rewrite.statistics.token_rows`)."""
+    return token_rows(program, node, value, batch, 1 if kind == "conv" else -1)
 
 
 class _Stats:
     """Running E[x] and (optionally) E[x x^T] over tokens of each watched input."""
 
-    def __init__(self, ops: list[ConsumerOp], second_moment: bool):
+    def __init__(self, program: Program, ops: list[ConsumerOp], second_moment: bool):
+        self.program = program
         self.kind = {op.input: op.kind for op in ops}
         self.second = {op.input for op in ops if second_moment and op.kind != "conv"}
         self.n: dict[fx.Node, int] = {}
@@ -95,7 +91,7 @@ class _Stats:
     def update(self, node: fx.Node, value: Any, batch: Inputs) -> None:
         if not isinstance(value, torch.Tensor):
             return
-        rows = _rows(value, self.kind[node], batch).detach().double()
+        rows = _rows(self.program, node, value, self.kind[node], batch).detach().double()
         self.n[node] = self.n.get(node, 0) + rows.shape[0]
         s = rows.sum(0)
         self.sum[node] = s if node not in self.sum else self.sum[node] + s
@@ -110,7 +106,7 @@ def compensate(program: Program, removal: dict[tuple[str, int], set[int]], batch
     ops = consumer_ops(program, removal)
     if not ops:
         return [], []
-    stats = _Stats(ops, mode == "lstsq")
+    stats = _Stats(program, ops, mode == "lstsq")
     observe(program, batches, [stats], desc="prune compensation")
     rows, notes = [], []
     for op in ops:
@@ -332,7 +328,7 @@ def obs_curves(program: Program, removal: dict[tuple[str, int], set[int]], selec
 
 def _obs_curves_of(program: Program, ops: list[ConsumerOp], select: dict[str, UnitSelection], batches: list[Inputs],
                    ridge: float) -> dict[str, torch.Tensor]:
-    stats = _Stats(ops, second_moment=True)
+    stats = _Stats(program, ops, second_moment=True)
     observe(program, batches, [stats], desc="prune: obs curves")
     curves = {}
     for op in ops:
@@ -404,7 +400,7 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
                 y = got[rnode]
                 if rres is not None:
                     y = y + got[rres]
-                targets[i].append(_rows(y, op.kind, batch).float())
+                targets[i].append(_rows(ref, rnode, y, op.kind, batch).float())
     rows = []
     for i, (op, ref, rnode, res_cur, _) in enumerate(plan):
         w, keep, gone, b0 = _consumer_weights(program, op, removal)
@@ -418,7 +414,7 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
         for bi, batch in enumerate(batches):
             want = [op.input] + ([res_cur] if res_cur is not None else [])
             got = capture(program, batch, want)
-            x = _rows(got[op.input], op.kind, batch).double()
+            x = _rows(program, op.input, got[op.input], op.kind, batch).double()
             n += x.shape[0]
             if op.kind == "conv":
                 s_r += x[:, rr].sum(0)
@@ -426,7 +422,7 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
             xk = torch.cat([x[:, kk], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
             t = targets[i][bi].double()
             if res_cur is not None:
-                t = t - _rows(got[res_cur], op.kind, batch).double()
+                t = t - _rows(program, res_cur, got[res_cur], op.kind, batch).double()
             a += xk.T @ xk
             c += xk.T @ t
         n = max(n, 1)

@@ -32,7 +32,9 @@ import torch.fx as fx
 from kernels import quant as kq
 from rewrite.errors import PassError
 from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.calibration import observe
 from rewrite.program import Program
+from rewrite.statistics import token_rows
 
 from . import quantize_methods as qm
 
@@ -203,6 +205,34 @@ def unit_scores(program: Program, ctx: PassContext, kind: str, units: set[str], 
     return {k: v for k, v in scores.items() if k in units}, "per-module outlier_fraction (the model has no repeated blocks)"
 
 
+# ----------------------------------------------------------------------------- statistics
+class _InputCollector:
+    """`qm.InputStats` of each linear input over real tokens only: the shared padding policy
+    (`rewrite.statistics.token_rows`), so GPTQ's X^T X, AWQ's saliency and sample, SmoothQuant's
+    abs-max and static ranges never count padding."""
+
+    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool):
+        self.program, self.want_gram = program, want_gram
+        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k) for n, k in inputs.items()}
+
+    def nodes(self, program: Program) -> list[fx.Node]:
+        return list(self.stats)
+
+    def update(self, node: fx.Node, value: Any, batch: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            rows = token_rows(self.program, node, value, batch)
+            if rows.shape[0]:
+                self.stats[node].update(rows, self.want_gram)
+
+
+def input_statistics(program: Program, batches: list[Any], inputs: dict[fx.Node, int], *,
+                     want_gram: bool) -> dict[fx.Node, qm.InputStats]:
+    """One calibration run: `qm.InputStats` per linear input node (node -> its last-dim size K)."""
+    col = _InputCollector(program, inputs, want_gram)
+    observe(program, batches, [col], desc="quantize: calibrating")
+    return col.stats
+
+
 # ----------------------------------------------------------------------------- the pass
 @register
 class QuantizePass(Pass):
@@ -285,8 +315,7 @@ class QuantizePass(Pass):
         want_stats = (s.weights is not None and s.method in ("awq", "gptq")) or s.activations is not None
         if want_stats and not ctx.calibration.from_example:
             inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
-            stats = qm.collect_input_stats(program, list(ctx.calibration.batches), inputs,
-                                           want_gram=s.weights is not None)
+            stats = input_statistics(program, list(ctx.calibration.batches), inputs, want_gram=s.weights is not None)
         for t in layers:
             if t.kind in ("linear", "addmm"):
                 t.stats_of = self._input(t)
