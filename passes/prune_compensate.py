@@ -19,6 +19,7 @@ by W[:, R] x_R. Two refits, both from calibration statistics of the consumer's i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -209,6 +210,74 @@ def _add_bias(program: Program, op: ConsumerOp, bias: torch.Tensor) -> str:
     return name
 
 
+# ----------------------------------------------------------------------------- regularised refits
+CV_FOLDS = 4
+"""Calibration batches are dealt round-robin into this many folds to choose each refit's shrinkage."""
+SHRINKAGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
+"""Shrinkage strengths tried (relative to the mean diagonal of the input second moment); inf = unfitted."""
+CV_MIN_TOKENS_PER_INPUT = 4
+"""A refit with fewer real tokens per refit input than this gets a note saying how many more would help."""
+
+
+@dataclass
+class Fold:
+    """Sums over one fold's tokens of the refit's normal matrix [x,1]^T[x,1] and right-hand side [x,1]^T t."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    n: int = 0
+
+
+def _shrunk(evals: torch.Tensor, evecs: torch.Tensor, c: torch.Tensor, theta0: torch.Tensor, lam: float, d: float) -> torch.Tensor:
+    """argmin E||t - x theta||^2 + lam d ||theta - theta0||^2 from the eigendecomposition of E[x x^T]."""
+    if math.isinf(lam):
+        return theta0.clone()
+    rhs = evecs.T @ (c + lam * d * theta0)
+    return evecs @ (rhs / (evals + lam * d).clamp_min(1e-30)[:, None])
+
+
+def _fold_error(f: Fold, theta: torch.Tensor) -> float:
+    """E||t - x theta||^2 on fold f, up to the constant E||t||^2 (which no choice of theta changes)."""
+    return float(((theta * (f.a @ theta)).sum() - 2 * (theta * f.c).sum()) / max(f.n, 1))
+
+
+def shrinkage_fit(folds: list[Fold], theta0: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, float, str]:
+    """The refit, shrunk towards the unfitted weights `theta0` by a strength chosen by cross-validation.
+
+    Each strength in `SHRINKAGE_GRID` (inf: keep `theta0`, i.e. do not fit) is fit on all folds but one
+    and scored on the one left out; the best total wins and is refit on every fold. The less data,
+    the stronger the chosen shrinkage: with too few tokens the refit is the unfitted layer. With one
+    fold (one calibration batch) the strength grows with inputs per token (`selection_shrinkage`).
+    Returns (theta, strength, description)."""
+    n = sum(f.n for f in folds)
+    a_all = sum(f.a for f in folds) / max(n, 1)
+    c_all = sum(f.c for f in folds) / max(n, 1)
+    width = theta0.shape[0]
+    if len(folds) < 2 or any(f.n == 0 for f in folds):
+        lam = selection_shrinkage(width - 1, n, ridge)
+        how = f"{lam:.3g} (from {n} tokens for {width - 1} inputs)"
+    else:
+        err = {lam: 0.0 for lam in SHRINKAGE_GRID}
+        for f in folds:
+            a_tr = (n * a_all - f.a) / max(n - f.n, 1)
+            c_tr = (n * c_all - f.c) / max(n - f.n, 1)
+            evals, evecs = torch.linalg.eigh(a_tr)
+            d = float(a_tr.diagonal().mean())
+            for lam in SHRINKAGE_GRID:
+                err[lam] += _fold_error(f, _shrunk(evals, evecs, c_tr, theta0, lam, d)) * f.n
+        lam = min(SHRINKAGE_GRID, key=lambda v: (err[v], -v))
+        how = ("none chosen: unfitted weights kept" if math.isinf(lam)
+               else f"{lam:g} by {len(folds)}-fold cross-validation")
+    evals, evecs = torch.linalg.eigh(a_all)
+    return _shrunk(evals, evecs, c_all, theta0, lam, float(a_all.diagonal().mean())), lam, how
+
+
+def selection_shrinkage(width: int, tokens: int, ridge: float = 1e-2) -> float:
+    """A data-size rule for the shrinkage when it cannot be cross-validated (OBS unit choice, one
+    batch): the base ridge plus inputs per token, so an underdetermined refit stays near the unfitted layer."""
+    return ridge + width / max(tokens, 1)
+
+
 # ----------------------------------------------------------------------------- sequential refit
 def _residual(node: fx.Node) -> fx.Node | None:
     """The other operand when the op's only use is `out + residual` (same shape; eval dropout skipped)."""
@@ -339,7 +408,9 @@ def _obs_curves_of(program: Program, ops: list[ConsumerOp], select: dict[str, Un
         a = _augmented(stats.xtx[op.input] / n, stats.sum[op.input] / n)
         c = a @ theta0  # the target is the layer's own output
         energy = abs(float((theta0 * c).sum())) or 1.0
-        order, cost = obs_select(_with_ridge(a, ridge), c, sel.columns, sel.columns.shape[0] - 1)
+        lam = ridge * float(a.diagonal().mean())
+        eye = torch.eye(a.shape[0], dtype=torch.float64)
+        order, cost = obs_select(a + lam * eye, c + lam * theta0, sel.columns, sel.columns.shape[0] - 1)
         curves[op.param] = torch.cat([torch.zeros(1, dtype=torch.float64), cost[order].cumsum(0)]) / energy
     return curves
 
@@ -402,13 +473,14 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
                     y = y + got[rres]
                 targets[i].append(_rows(ref, rnode, y, op.kind, batch).float())
     rows = []
+    n_folds = min(CV_FOLDS, len(batches))
     for i, (op, ref, rnode, res_cur, _) in enumerate(plan):
         w, keep, gone, b0 = _consumer_weights(program, op, removal)
         out_features = b0.shape[0]
         kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
         k = len(keep)
-        a = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-        c = torch.zeros(k + 1, out_features, dtype=torch.float64)
+        folds = [Fold(torch.zeros(k + 1, k + 1, dtype=torch.float64), torch.zeros(k + 1, out_features, dtype=torch.float64))
+                 for _ in range(max(n_folds, 1))] if op.kind != "conv" else []
         s_r = torch.zeros(len(gone), dtype=torch.float64)
         n = 0
         for bi, batch in enumerate(batches):
@@ -423,8 +495,10 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
             t = targets[i][bi].double()
             if res_cur is not None:
                 t = t - _rows(program, res_cur, got[res_cur], op.kind, batch).double()
-            a += xk.T @ xk
-            c += xk.T @ t
+            f = folds[bi % len(folds)]
+            f.a += xk.T @ xk
+            f.c += xk.T @ t
+            f.n += x.shape[0]
         n = max(n, 1)
         if op.kind == "conv":
             method = "bias"
@@ -433,20 +507,30 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
             new_w[:, rr] = 0
         else:
             method = "lstsq (sequential" + (", residual)" if res_cur is not None else ")")
-            a, c = a / n, c / n
-            a = _with_ridge(a, ridge)
+            theta_full = _stacked(w, b0, op.kind)  # the unfitted weights: the refit shrinks towards them
+            if n < CV_MIN_TOKENS_PER_INPUT * (k + 1):
+                notes.append(f"compensation: {program.module_path(op.node)} refits {k} inputs from {n} real tokens; "
+                             f"about {CV_MIN_TOKENS_PER_INPUT * (k + 1) - n} more tokens would make the refit "
+                             "well determined (it is shrunk towards the unfitted weights until then)")
             sel = select.get(op.param)
             if sel is not None:  # choose the removed units on these statistics, then refit the rest
                 assert not gone, "a selected consumer starts with all of its inputs"
-                sel.removed, sel.cost = obs_select(a, c, sel.columns, sel.remove)
+                a_all = sum(f.a for f in folds) / n
+                c_all = sum(f.c for f in folds) / n
+                lam = ridge  # the choice itself at the base ridge (towards the unfitted weights); the refit is cross-validated
+                d = a_all.diagonal().mean()
+                sel.removed, sel.cost = obs_select(a_all + lam * d * torch.eye(k + 1, dtype=torch.float64),
+                                                   c_all + lam * d * theta_full, sel.columns, sel.remove)
                 gone = sorted(sel.columns[sel.removed].reshape(-1).tolist()) if sel.removed else []
                 removal[(op.param, op.in_dim)] = set(gone)
                 keep = [j for j in range(k) if j not in set(gone)]
                 kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
                 sub = torch.cat([kk, torch.tensor([k])])
-                a, c = a[sub][:, sub], c[sub]
+                folds = [Fold(f.a[sub][:, sub], f.c[sub], f.n) for f in folds]
                 method = "obs + " + method
-            theta = torch.linalg.solve(a, c)
+            sub = torch.cat([kk, torch.tensor([theta_full.shape[0] - 1])])
+            theta, lam, how = shrinkage_fit(folds, theta_full[sub], ridge)
+            method += f", shrinkage {how}"
             wt = (w if op.kind == "matmul" else w.T).clone()  # [in, out]
             wt[kk] = theta[:-1]
             wt[rr] = 0.0
@@ -457,3 +541,37 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
     if from_original:
         notes.append(f"compensation: {from_original} of {len(ops)} consumers refit towards the original model's outputs")
     return rows, notes
+
+
+def consumers_zeroed(program: Program, removal: dict[tuple[str, int], set[int]]) -> Program:
+    """A clone where every consumer reads zeros for its removed inputs: what slicing will leave
+    (for fitted and unfitted weights alike), without slicing, to compare the two."""
+    out = program.clone()
+    for op in consumer_ops(out, removal):
+        gone = sorted(removal[(op.param, op.in_dim)])
+        if not gone:
+            continue
+        w = out.param(op.param).detach().clone()
+        w.index_fill_(op.in_dim, torch.tensor(gone, dtype=torch.long), 0.0)
+        out.set_param(op.param, w)
+    return out
+
+
+def restore_unfitted(program: Program, entry: Program) -> None:
+    """Undo a compensation in place: every parameter back to its value in `entry` (the program before
+    the refit), and biases the refit added to bias-free consumers taken out of the graph again."""
+    before = entry.params()
+    for name, value in list(program.params().items()):
+        if name in before:
+            if before[name].shape != value.shape or not torch.equal(before[name], value):
+                program.set_param(name, before[name].clone())
+            continue
+        for node in [n for n in program.graph.nodes if n.op == "get_attr" and str(n.target) == name]:
+            for user in list(node.users):
+                user.args = tuple(None if a is node else a for a in user.args)
+            program.graph.erase_node(node)
+        owner_path, _, attr = name.rpartition(".")
+        owner = program.module.get_submodule(owner_path) if owner_path else program.module
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
+    program.module.recompile()
