@@ -27,7 +27,7 @@ from rewrite.program import Program
 from rewrite.spec import PruneSpec
 
 from .prune_plan import (DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
-                         op_positions, uniform_counts, unit_flops, unit_scores)
+                         op_positions, rounding_notes, uniform_counts, unit_flops, unit_scores)
 
 aten = torch.ops.aten
 LSTSQ = "sequential"
@@ -115,12 +115,17 @@ class PrunePass(Pass):
             removed = allocate_global(cands, scores, cost, target, s.max_per_layer, s.round_to)
         else:
             removed = allocate_uniform(cands, scores, s.amount, s.round_to)
+            notes += rounding_notes(cands, s.amount, uniform_counts(cands, s.amount, s.round_to))
         removed = {gid: us for gid, us in removed.items() if us}
+        if not removed and (s.amount or 0) > 0:
+            raise PassError(f"prune: {s.amount:.0%} of the {s.granularity} groups rounds to no unit at all "
+                            f"(group sizes {sorted({g.size for g in cands})}); ask for a larger amount")
         removal = _removal(cands, removed)
         comp_rows: list[dict[str, Any]] = []
         if s.compensate and removal:
             from .prune_compensate import compensate, compensate_sequential
 
+            entry = program.clone()
             if s.compensate == "lstsq" and LSTSQ == "sequential":
                 comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
                                                           ridge=LSTSQ_RIDGE)
@@ -128,6 +133,8 @@ class PrunePass(Pass):
                 mode = "lstsq" if s.compensate == "lstsq" else "bias"
                 comp_rows, cnotes = compensate(program, removal, batches, mode)
             notes += cnotes
+            program, removal = self._keep_better(program, entry, removal, comp_rows, notes, ctx,
+                                                 f"{s.compensate if s.compensate != True else 'bias'} compensation")
         return self._apply(program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
                            positions, before_params, before_flops)
 
@@ -165,11 +172,14 @@ class PrunePass(Pass):
                          + ", ".join(f"{g.layer or g.id}: {counts[g.id]}" for g in cands))
         else:
             counts = uniform_counts(cands, s.amount, s.round_to)
+            notes += rounding_notes(cands, s.amount, counts)
         for sel in select.values():
             sel.remove = counts[sel.group]
+        entry = program.clone()
         comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
                                                   ridge=LSTSQ_RIDGE, select=select)
         notes += cnotes
+        program, removal = self._keep_better(program, entry, removal, comp_rows, notes, ctx, "the obs refit")
         removed = {sel.group: sorted(sel.removed) for sel in select.values() if sel.removed}
         # the report's scores: the error increase of each unit's removal (higher = keep)
         scores = {sel.group: sel.cost.float() for sel in select.values()}
@@ -177,6 +187,36 @@ class PrunePass(Pass):
             removal[key] |= gone
         return self._apply(program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
                            positions, before_params, before_flops)
+
+    def _keep_better(self, fitted: Program, unfitted: Program, removal: dict[tuple[str, int], set[int]],
+                     comp_rows: list[dict[str, Any]], notes: list[str], ctx: PassContext, what: str
+                     ) -> tuple[Program, dict[tuple[str, int], set[int]]]:
+        """Fitting is checked, not trusted: the refit program and the program as the pass found it, both
+        with the same inputs removed, are compared on the held-back calibration batches (per-token output
+        cosine to the original, padding excluded); the better one is kept (in `fitted`, the program the
+        pass analysed, restored in place when the fit loses) and the report says which."""
+        from .importance.layer import mean_output_cosine
+        from .prune_compensate import consumers_zeroed, restore_unfitted
+
+        holdout = list(ctx.calibration.holdout)
+        if ctx.calibration.from_example or not holdout or any(h is b for h in holdout for b in ctx.calibration.batches):
+            notes.append(f"{what}: no held-back batches, so the fit was not checked")
+            return fitted, removal
+        kept = defaultdict(set, {k: v for k, v in removal.items() if k[0] in unfitted.params()})
+        fit = mean_output_cosine(ctx.original, consumers_zeroed(fitted, removal), holdout)
+        raw = mean_output_cosine(ctx.original, consumers_zeroed(unfitted, kept), holdout)
+        check = {"held-back cosine, fitted": round(fit, 6), "held-back cosine, unfitted": round(raw, 6)}
+        if raw > fit:
+            notes.append(f"{what} lost on the held-back batches (cosine {fit:.5f} fitted vs {raw:.5f} unfitted): "
+                         "the unfitted weights are kept")
+            for r in comp_rows:
+                r["kept"] = "unfitted (fit lost on held-back batches)"
+            self._fit_check = {"kept": "unfitted", **check}
+            restore_unfitted(fitted, unfitted)
+            return fitted, kept
+        notes.append(f"{what} checked on the held-back batches: cosine {fit:.5f} fitted vs {raw:.5f} unfitted (fit kept)")
+        self._fit_check = {"kept": "fitted", **check}
+        return fitted, removal
 
     def _apply(self, program: Program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
                positions, before_params, before_flops) -> PassResult:
@@ -209,6 +249,8 @@ class PrunePass(Pass):
             details["shape constants rewritten"] = patched
         if comp_rows:
             details["compensation"] = comp_rows
+        if getattr(self, "_fit_check", None):
+            details["fit check (held-back batches)"] = self._fit_check
         frozen = [{"group": g.id, "kind": g.kind, "layer": g.layer or "", "units": g.size, "reason": g.reason}
                   for g in groups if not g.prunable]
         if frozen:

@@ -19,6 +19,7 @@ by W[:, R] x_R. Two refits, both from calibration statistics of the consumer's i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -28,6 +29,7 @@ import torch.fx as fx
 from rewrite.calibration import capture, observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
+from rewrite.statistics import token_rows
 
 aten = torch.ops.aten
 _CONV = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
@@ -68,21 +70,16 @@ def consumer_ops(program: Program, removal: dict[tuple[str, int], set[int]]) -> 
     return out
 
 
-def _rows(value: torch.Tensor, kind: str, batch: Inputs) -> torch.Tensor:
-    """Tokens (or pixels) x features, padded tokens excluded."""
-    if kind == "conv":
-        return value.movedim(1, -1).reshape(-1, value.shape[1])
-    rows = value.reshape(-1, value.shape[-1])
-    mask = batch.kwargs.get("attention_mask") if batch is not None else None
-    if value.dim() == 3 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(mask.shape) == tuple(value.shape[:2]):
-        rows = rows[mask.reshape(-1).bool()]
-    return rows
+def _rows(program: Program, node: fx.Node, value: torch.Tensor, kind: str, batch: Inputs) -> torch.Tensor:
+    """Tokens (or pixels) x features, padded tokens excluded (`rewrite.statistics.token_rows`)."""
+    return token_rows(program, node, value, batch, 1 if kind == "conv" else -1)
 
 
 class _Stats:
     """Running E[x] and (optionally) E[x x^T] over tokens of each watched input."""
 
-    def __init__(self, ops: list[ConsumerOp], second_moment: bool):
+    def __init__(self, program: Program, ops: list[ConsumerOp], second_moment: bool):
+        self.program = program
         self.kind = {op.input: op.kind for op in ops}
         self.second = {op.input for op in ops if second_moment and op.kind != "conv"}
         self.n: dict[fx.Node, int] = {}
@@ -95,7 +92,7 @@ class _Stats:
     def update(self, node: fx.Node, value: Any, batch: Inputs) -> None:
         if not isinstance(value, torch.Tensor):
             return
-        rows = _rows(value, self.kind[node], batch).detach().double()
+        rows = _rows(self.program, node, value, self.kind[node], batch).detach().double()
         self.n[node] = self.n.get(node, 0) + rows.shape[0]
         s = rows.sum(0)
         self.sum[node] = s if node not in self.sum else self.sum[node] + s
@@ -110,7 +107,7 @@ def compensate(program: Program, removal: dict[tuple[str, int], set[int]], batch
     ops = consumer_ops(program, removal)
     if not ops:
         return [], []
-    stats = _Stats(ops, mode == "lstsq")
+    stats = _Stats(program, ops, mode == "lstsq")
     observe(program, batches, [stats], desc="prune compensation")
     rows, notes = [], []
     for op in ops:
@@ -211,6 +208,74 @@ def _add_bias(program: Program, op: ConsumerOp, bias: torch.Tensor) -> str:
     args[op.bias_index] = node
     op.node.args = tuple(args)
     return name
+
+
+# ----------------------------------------------------------------------------- regularised refits
+CV_FOLDS = 4
+"""Calibration batches are dealt round-robin into this many folds to choose each refit's shrinkage."""
+SHRINKAGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
+"""Shrinkage strengths tried (relative to the mean diagonal of the input second moment); inf = unfitted."""
+CV_MIN_TOKENS_PER_INPUT = 4
+"""A refit with fewer real tokens per refit input than this gets a note saying how many more would help."""
+
+
+@dataclass
+class Fold:
+    """Sums over one fold's tokens of the refit's normal matrix [x,1]^T[x,1] and right-hand side [x,1]^T t."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    n: int = 0
+
+
+def _shrunk(evals: torch.Tensor, evecs: torch.Tensor, c: torch.Tensor, theta0: torch.Tensor, lam: float, d: float) -> torch.Tensor:
+    """argmin E||t - x theta||^2 + lam d ||theta - theta0||^2 from the eigendecomposition of E[x x^T]."""
+    if math.isinf(lam):
+        return theta0.clone()
+    rhs = evecs.T @ (c + lam * d * theta0)
+    return evecs @ (rhs / (evals + lam * d).clamp_min(1e-30)[:, None])
+
+
+def _fold_error(f: Fold, theta: torch.Tensor) -> float:
+    """E||t - x theta||^2 on fold f, up to the constant E||t||^2 (which no choice of theta changes)."""
+    return float(((theta * (f.a @ theta)).sum() - 2 * (theta * f.c).sum()) / max(f.n, 1))
+
+
+def shrinkage_fit(folds: list[Fold], theta0: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, float, str]:
+    """The refit, shrunk towards the unfitted weights `theta0` by a strength chosen by cross-validation.
+
+    Each strength in `SHRINKAGE_GRID` (inf: keep `theta0`, i.e. do not fit) is fit on all folds but one
+    and scored on the one left out; the best total wins and is refit on every fold. The less data,
+    the stronger the chosen shrinkage: with too few tokens the refit is the unfitted layer. With one
+    fold (one calibration batch) the strength grows with inputs per token (`selection_shrinkage`).
+    Returns (theta, strength, description)."""
+    n = sum(f.n for f in folds)
+    a_all = sum(f.a for f in folds) / max(n, 1)
+    c_all = sum(f.c for f in folds) / max(n, 1)
+    width = theta0.shape[0]
+    if len(folds) < 2 or any(f.n == 0 for f in folds):
+        lam = selection_shrinkage(width - 1, n, ridge)
+        how = f"{lam:.3g} (from {n} tokens for {width - 1} inputs)"
+    else:
+        err = {lam: 0.0 for lam in SHRINKAGE_GRID}
+        for f in folds:
+            a_tr = (n * a_all - f.a) / max(n - f.n, 1)
+            c_tr = (n * c_all - f.c) / max(n - f.n, 1)
+            evals, evecs = torch.linalg.eigh(a_tr)
+            d = float(a_tr.diagonal().mean())
+            for lam in SHRINKAGE_GRID:
+                err[lam] += _fold_error(f, _shrunk(evals, evecs, c_tr, theta0, lam, d)) * f.n
+        lam = min(SHRINKAGE_GRID, key=lambda v: (err[v], -v))
+        how = ("none chosen: unfitted weights kept" if math.isinf(lam)
+               else f"{lam:g} by {len(folds)}-fold cross-validation")
+    evals, evecs = torch.linalg.eigh(a_all)
+    return _shrunk(evals, evecs, c_all, theta0, lam, float(a_all.diagonal().mean())), lam, how
+
+
+def selection_shrinkage(width: int, tokens: int, ridge: float = 1e-2) -> float:
+    """A data-size rule for the shrinkage when it cannot be cross-validated (OBS unit choice, one
+    batch): the base ridge plus inputs per token, so an underdetermined refit stays near the unfitted layer."""
+    return ridge + width / max(tokens, 1)
 
 
 # ----------------------------------------------------------------------------- sequential refit
@@ -332,7 +397,7 @@ def obs_curves(program: Program, removal: dict[tuple[str, int], set[int]], selec
 
 def _obs_curves_of(program: Program, ops: list[ConsumerOp], select: dict[str, UnitSelection], batches: list[Inputs],
                    ridge: float) -> dict[str, torch.Tensor]:
-    stats = _Stats(ops, second_moment=True)
+    stats = _Stats(program, ops, second_moment=True)
     observe(program, batches, [stats], desc="prune: obs curves")
     curves = {}
     for op in ops:
@@ -343,7 +408,9 @@ def _obs_curves_of(program: Program, ops: list[ConsumerOp], select: dict[str, Un
         a = _augmented(stats.xtx[op.input] / n, stats.sum[op.input] / n)
         c = a @ theta0  # the target is the layer's own output
         energy = abs(float((theta0 * c).sum())) or 1.0
-        order, cost = obs_select(_with_ridge(a, ridge), c, sel.columns, sel.columns.shape[0] - 1)
+        lam = ridge * float(a.diagonal().mean())
+        eye = torch.eye(a.shape[0], dtype=torch.float64)
+        order, cost = obs_select(a + lam * eye, c + lam * theta0, sel.columns, sel.columns.shape[0] - 1)
         curves[op.param] = torch.cat([torch.zeros(1, dtype=torch.float64), cost[order].cumsum(0)]) / energy
     return curves
 
@@ -404,21 +471,22 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
                 y = got[rnode]
                 if rres is not None:
                     y = y + got[rres]
-                targets[i].append(_rows(y, op.kind, batch).float())
+                targets[i].append(_rows(ref, rnode, y, op.kind, batch).float())
     rows = []
+    n_folds = min(CV_FOLDS, len(batches))
     for i, (op, ref, rnode, res_cur, _) in enumerate(plan):
         w, keep, gone, b0 = _consumer_weights(program, op, removal)
         out_features = b0.shape[0]
         kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
         k = len(keep)
-        a = torch.zeros(k + 1, k + 1, dtype=torch.float64)
-        c = torch.zeros(k + 1, out_features, dtype=torch.float64)
+        folds = [Fold(torch.zeros(k + 1, k + 1, dtype=torch.float64), torch.zeros(k + 1, out_features, dtype=torch.float64))
+                 for _ in range(max(n_folds, 1))] if op.kind != "conv" else []
         s_r = torch.zeros(len(gone), dtype=torch.float64)
         n = 0
         for bi, batch in enumerate(batches):
             want = [op.input] + ([res_cur] if res_cur is not None else [])
             got = capture(program, batch, want)
-            x = _rows(got[op.input], op.kind, batch).double()
+            x = _rows(program, op.input, got[op.input], op.kind, batch).double()
             n += x.shape[0]
             if op.kind == "conv":
                 s_r += x[:, rr].sum(0)
@@ -426,9 +494,11 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
             xk = torch.cat([x[:, kk], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
             t = targets[i][bi].double()
             if res_cur is not None:
-                t = t - _rows(got[res_cur], op.kind, batch).double()
-            a += xk.T @ xk
-            c += xk.T @ t
+                t = t - _rows(program, res_cur, got[res_cur], op.kind, batch).double()
+            f = folds[bi % len(folds)]
+            f.a += xk.T @ xk
+            f.c += xk.T @ t
+            f.n += x.shape[0]
         n = max(n, 1)
         if op.kind == "conv":
             method = "bias"
@@ -437,20 +507,30 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
             new_w[:, rr] = 0
         else:
             method = "lstsq (sequential" + (", residual)" if res_cur is not None else ")")
-            a, c = a / n, c / n
-            a = _with_ridge(a, ridge)
+            theta_full = _stacked(w, b0, op.kind)  # the unfitted weights: the refit shrinks towards them
+            if n < CV_MIN_TOKENS_PER_INPUT * (k + 1):
+                notes.append(f"compensation: {program.module_path(op.node)} refits {k} inputs from {n} real tokens; "
+                             f"about {CV_MIN_TOKENS_PER_INPUT * (k + 1) - n} more tokens would make the refit "
+                             "well determined (it is shrunk towards the unfitted weights until then)")
             sel = select.get(op.param)
             if sel is not None:  # choose the removed units on these statistics, then refit the rest
                 assert not gone, "a selected consumer starts with all of its inputs"
-                sel.removed, sel.cost = obs_select(a, c, sel.columns, sel.remove)
+                a_all = sum(f.a for f in folds) / n
+                c_all = sum(f.c for f in folds) / n
+                lam = ridge  # the choice itself at the base ridge (towards the unfitted weights); the refit is cross-validated
+                d = a_all.diagonal().mean()
+                sel.removed, sel.cost = obs_select(a_all + lam * d * torch.eye(k + 1, dtype=torch.float64),
+                                                   c_all + lam * d * theta_full, sel.columns, sel.remove)
                 gone = sorted(sel.columns[sel.removed].reshape(-1).tolist()) if sel.removed else []
                 removal[(op.param, op.in_dim)] = set(gone)
                 keep = [j for j in range(k) if j not in set(gone)]
                 kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
                 sub = torch.cat([kk, torch.tensor([k])])
-                a, c = a[sub][:, sub], c[sub]
+                folds = [Fold(f.a[sub][:, sub], f.c[sub], f.n) for f in folds]
                 method = "obs + " + method
-            theta = torch.linalg.solve(a, c)
+            sub = torch.cat([kk, torch.tensor([theta_full.shape[0] - 1])])
+            theta, lam, how = shrinkage_fit(folds, theta_full[sub], ridge)
+            method += f", shrinkage {how}"
             wt = (w if op.kind == "matmul" else w.T).clone()  # [in, out]
             wt[kk] = theta[:-1]
             wt[rr] = 0.0
@@ -461,3 +541,37 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
     if from_original:
         notes.append(f"compensation: {from_original} of {len(ops)} consumers refit towards the original model's outputs")
     return rows, notes
+
+
+def consumers_zeroed(program: Program, removal: dict[tuple[str, int], set[int]]) -> Program:
+    """A clone where every consumer reads zeros for its removed inputs: what slicing will leave
+    (for fitted and unfitted weights alike), without slicing, to compare the two."""
+    out = program.clone()
+    for op in consumer_ops(out, removal):
+        gone = sorted(removal[(op.param, op.in_dim)])
+        if not gone:
+            continue
+        w = out.param(op.param).detach().clone()
+        w.index_fill_(op.in_dim, torch.tensor(gone, dtype=torch.long), 0.0)
+        out.set_param(op.param, w)
+    return out
+
+
+def restore_unfitted(program: Program, entry: Program) -> None:
+    """Undo a compensation in place: every parameter back to its value in `entry` (the program before
+    the refit), and biases the refit added to bias-free consumers taken out of the graph again."""
+    before = entry.params()
+    for name, value in list(program.params().items()):
+        if name in before:
+            if before[name].shape != value.shape or not torch.equal(before[name], value):
+                program.set_param(name, before[name].clone())
+            continue
+        for node in [n for n in program.graph.nodes if n.op == "get_attr" and str(n.target) == name]:
+            for user in list(node.users):
+                user.args = tuple(None if a is node else a for a in user.args)
+            program.graph.erase_node(node)
+        owner_path, _, attr = name.rpartition(".")
+        owner = program.module.get_submodule(owner_path) if owner_path else program.module
+        owner._parameters.pop(attr, None)
+        owner._buffers.pop(attr, None)
+    program.module.recompile()

@@ -109,8 +109,25 @@ def removal_count(g: Group, remove: int, round_to: int) -> int:
 
 
 def uniform_counts(groups: list[Group], amount: float, round_to: int) -> dict[int, int]:
-    """`amount` of every group (rounded)."""
-    return {g.id: removal_count(g, int(math.floor(amount * g.size + 1e-9)), round_to) for g in groups}
+    """`amount` of every group, rounded to the nearest whole unit (half up, never every unit): a group
+    of 2 KV heads asked for 25% loses one KV head rather than silently nothing (`rounding_notes` says so)."""
+    return {g.id: removal_count(g, min(g.size - 1, int(math.floor(amount * g.size + 0.5 + 1e-9))), round_to)
+            for g in groups}
+
+
+def rounding_notes(groups: list[Group], amount: float, counts: dict[int, int]) -> list[str]:
+    """Plain-language notes where whole units make the removed share differ from `amount`."""
+    notes = []
+    by_kind: dict[tuple[str, int, int], list[Group]] = {}
+    for g in groups:
+        if abs(counts[g.id] - amount * g.size) > 1e-6:
+            by_kind.setdefault((g.kind, g.size, counts[g.id]), []).append(g)
+    for (kind, size, count), gs in by_kind.items():
+        unit = (f"KV heads ({gs[0].heads_per_unit} query heads each; grouped-query attention removes a KV head "
+                "with its query heads)" if kind == "kv_head" else f"{kind} units")
+        notes.append(f"{len(gs)} groups of {size} {unit}: {amount:.0%} is {amount * size:g} units, rounded to "
+                     f"{count} removed per group ({count / size:.0%})" + (": nothing removed there" if count == 0 else ""))
+    return notes
 
 
 def allocate_uniform(groups: list[Group], scores: dict[int, torch.Tensor], amount: float, round_to: int) -> dict[int, list[int]]:

@@ -32,7 +32,9 @@ import torch.fx as fx
 from kernels import quant as kq
 from rewrite.errors import PassError
 from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.calibration import observe
 from rewrite.program import Program
+from rewrite.statistics import token_rows
 
 from . import quantize_methods as qm
 
@@ -209,6 +211,64 @@ def unit_scores(program: Program, ctx: PassContext, kind: str, units: set[str], 
     return {k: v for k, v in scores.items() if k in units}, "per-module outlier_fraction (the model has no repeated blocks)"
 
 
+# ----------------------------------------------------------------------------- statistics
+class _InputCollector:
+    """`qm.InputStats` of each linear input over real tokens only: the shared padding policy
+    (`rewrite.statistics.token_rows`), so GPTQ's X^T X, AWQ's saliency and sample, SmoothQuant's
+    abs-max and static ranges never count padding."""
+
+    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool):
+        self.program, self.want_gram = program, want_gram
+        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k) for n, k in inputs.items()}
+
+    def nodes(self, program: Program) -> list[fx.Node]:
+        return list(self.stats)
+
+    def update(self, node: fx.Node, value: Any, batch: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            rows = token_rows(self.program, node, value, batch)
+            if rows.shape[0]:
+                self.stats[node].update(rows, self.want_gram)
+
+
+def input_statistics(program: Program, batches: list[Any], inputs: dict[fx.Node, int], *,
+                     want_gram: bool) -> dict[fx.Node, qm.InputStats]:
+    """One calibration run: `qm.InputStats` per linear input node (node -> its last-dim size K)."""
+    col = _InputCollector(program, inputs, want_gram)
+    observe(program, batches, [col], desc="quantize: calibrating")
+    return col.stats
+
+
+def _out_err(w: torch.Tensor, w_hat: torch.Tensor, hs: qm.InputStats) -> float:
+    """Summed squared output error tr(dW X^T X dW^T) on the statistics' tokens."""
+    d = (w_hat - w).to(torch.float32)
+    return float(((d @ hs.hessian) * d).sum())
+
+
+GPTQ_TOKENS_PER_INPUT = 1
+"""GPTQ's X^T X over K inputs is rank-deficient with fewer than K tokens; the pass warns below that."""
+
+
+def gptq_damp(k: int, tokens: int, base: float = 0.01) -> float:
+    """GPTQ's damping grows as the data shrinks: base x max(1, inputs / tokens)."""
+    return base * max(1.0, k / max(tokens, 1))
+
+
+def calibration_warnings(method: str, layers: list[Target], stats: dict[fx.Node, qm.InputStats]) -> list[str]:
+    """One note when a fitted method saw too few real tokens for its widest input, naming how many more."""
+    short = []
+    for t in layers:
+        st = stats.get(t.stats_of) if t.stats_of is not None else None
+        if st is not None and st.rows < GPTQ_TOKENS_PER_INPUT * t.k:
+            short.append((GPTQ_TOKENS_PER_INPUT * t.k - st.rows, t))
+    if not short or method not in ("gptq", "awq"):
+        return []
+    more, t = max(short, key=lambda p: p[0])
+    return [f"{method}: {len(short)} layers saw fewer real calibration tokens than inputs ({t.module}: "
+            f"{t.k} inputs); about {more} more real tokens would make X^T X full rank (the fit is damped and "
+            "checked against RTN until then)"]
+
+
 # ----------------------------------------------------------------------------- the pass
 @register
 class QuantizePass(Pass):
@@ -300,15 +360,21 @@ class QuantizePass(Pass):
                 stats, pre = self._sequential_gptq(program, ctx, layers, symmetric)
                 notes.append("GPTQ sequential: each layer's Hessian measured on the outputs of the already-quantized layers")
             else:
-                stats = qm.collect_input_stats(program, list(ctx.calibration.batches), inputs,
-                                               want_gram=s.weights is not None)
+                stats = input_statistics(program, list(ctx.calibration.batches), inputs, want_gram=s.weights is not None)
         for t in layers:
             if t.kind in ("linear", "addmm"):
                 t.stats_of = self._input(t)
         if s.weights is not None and s.method in ("awq", "gptq") and any(t.kind == "conv" for t in layers):
             notes.append(f"convolutions use RTN ({s.method} statistics are collected for linear inputs only)")
 
+        # -- fitting is checked, not trusted: held-back statistics to compare each fit with RTN
+        fit_check: dict[str, Any] = {"fitted kept": 0, "unfitted kept": 0, "hold": {}}
+        if stats and s.weights is not None and s.method in ("awq", "gptq"):
+            fit_check["hold"] = self._holdout_stats(program, ctx, layers, notes)
+            notes += calibration_warnings(s.method, layers, stats)
+
         # -- input-channel scaling (AWQ, SmoothQuant): one scale vector per shared input
+        self._fit_check = fit_check
         scaled: dict[str, torch.Tensor] = {}
         if stats and (self._awq() or self._smoothquant()):
             scaled, fold_counts = self._channel_scaling(program, layers, stats, notes)
@@ -335,8 +401,11 @@ class QuantizePass(Pass):
                 if t.node in pre:
                     qz, method = pre[t.node], "gptq"
                 elif s.method == "gptq" and st is not None and st.gram is not None:
-                    qz = qm.gptq(w_eff, st.hessian, t.bits, t.group_size, symmetric, **self._gptq_options())
+                    options = self._gptq_options()
+                    options["damp"] = gptq_damp(t.k, st.rows, base=options["damp"])
+                    qz = qm.gptq(w_eff, st.hessian, t.bits, t.group_size, symmetric, **options)
                     method = "gptq"
+                    qz, method = self._checked(qz, method, w_eff, t, symmetric, fit_check)
                 elif s.method == "awq" and t.module in scaled:
                     qz = qm.rtn(w_eff, t.bits, t.group_size, symmetric, clip_search=True)
                     method = "awq"
@@ -379,9 +448,50 @@ class QuantizePass(Pass):
         summary = (f"{len(rows)} tensors quantized ({', '.join(f'{b}-bit' for b in widths)}), "
                    f"{b0 / 1e6:.2f} MB -> {b1 / 1e6:.2f} MB")
         details: dict[str, Any] = {"layers": rows}
+        if fit_check["hold"]:
+            details["fit check (held-back batches)"] = {f"{s.method} kept": fit_check["fitted kept"],
+                                                        "rtn kept (fit lost)": fit_check["unfitted kept"]}
+            notes.append(f"{s.method} checked against RTN on the held-back batches: the fit kept for "
+                         f"{fit_check['fitted kept']}, RTN kept for {fit_check['unfitted kept']} "
+                         f"{'inputs' if s.method == 'awq' else 'layers'} where the fit lost")
         if assignment:
             details["allocation"] = assignment
         return PassResult(program, summary=summary, details=details, notes=notes)
+
+    # -- fit checks -----------------------------------------------------------------------
+    def _holdout_stats(self, program: Program, ctx: PassContext, layers: list[Target], notes: list[str]
+                       ) -> dict[fx.Node, qm.InputStats]:
+        hold = list(ctx.calibration.holdout)
+        if not hold or any(h is b for h in hold for b in ctx.calibration.batches):
+            notes.append(f"{self.spec.method}: no held-back batches, so the fit was not checked against RTN")
+            return {}
+        inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
+        return input_statistics(program, hold, inputs, want_gram=True)
+
+    def _checked(self, qz: qm.Quantized, method: str, w: torch.Tensor, t: Target, symmetric: bool,
+                 fit_check: dict[str, Any]) -> tuple[qm.Quantized, str]:
+        """The fitted quantization, or RTN where RTN's output error on the held-back batches is lower."""
+        hs = fit_check["hold"].get(t.stats_of) if t.stats_of is not None else None
+        if hs is None or hs.gram is None:
+            return qz, method
+        alt = qm.rtn(w, t.bits, t.group_size, symmetric)
+        if qm.output_error(w, alt.weight(), hs) < qm.output_error(w, qz.weight(), hs):
+            fit_check["unfitted kept"] += 1
+            return alt, f"rtn ({method} lost on held-back batches)"
+        fit_check["fitted kept"] += 1
+        return qz, method
+
+    def _awq_holds(self, weights: list[torch.Tensor], group: list[Target], sc: torch.Tensor, x: fx.Node) -> bool:
+        """True when AWQ's scales beat plain RTN on the held-back batches (or there are none to ask)."""
+        fit_check = getattr(self, "_fit_check", None) or {"hold": {}}
+        hs = fit_check["hold"].get(x)
+        if hs is None or hs.gram is None:
+            return True
+        t0, sym = group[0], self.spec.weights.symmetric
+        fit = sum(_out_err(w, qm.rtn(w * sc, t0.bits, t0.group_size, sym, clip_search=True).weight() / sc, hs) for w in weights)
+        raw = sum(_out_err(w, qm.rtn(w, t0.bits, t0.group_size, sym).weight(), hs) for w in weights)
+        fit_check["fitted kept" if fit <= raw else "unfitted kept"] += 1
+        return fit <= raw
 
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
@@ -538,6 +648,8 @@ class QuantizePass(Pass):
                 sc, alpha, ratio = qm.awq_scales(weights, stats[x], group[0].bits, group[0].group_size, s.weights.symmetric)
                 if alpha == 0.0:
                     continue  # no scaling helps: plain (clipped) RTN
+                if not self._awq_holds(weights, group, sc, x):
+                    continue  # the scales lose to plain RTN on the held-back batches
             else:
                 sc = qm.smooth_scales(weights, stats[x], float(s.activations.smoothquant))
             users_all_scaled = {u for u in x.users} <= {t.node for t in group}

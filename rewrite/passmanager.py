@@ -143,6 +143,8 @@ def run_passes(program: Program, ctx: PassContext, passes: list[Pass], records: 
         if not p.preserves_stats:
             ctx.cache.clear()
         fid = fidelity(ctx.original, program, ctx.calibration.holdout)
+        seen = list(ctx.calibration.batches)[: max(2, len(ctx.calibration.holdout))]  # what the fits saw
+        fid_cal = None if ctx.calibration.from_example else fidelity(ctx.original, program, seen)
         if fid is not None and fid.cosine_drop > ctx.spec.verify.max_cosine_drop:
             msg = (f"pass {i} ({p.kind}) lowered output cosine to {fid.cosine:.4f} "
                    f"(drop {fid.cosine_drop:.4f} > verify.max_cosine_drop {ctx.spec.verify.max_cosine_drop})")
@@ -151,7 +153,7 @@ def run_passes(program: Program, ctx: PassContext, passes: list[Pass], records: 
             warnings.append(msg)
             log.warning(msg)
         records.append(PassRecord(
-            name=f"{i}:{p.name}", kind=p.kind, seconds=seconds, cost=cost(program), fidelity=fid,
+            name=f"{i}:{p.name}", kind=p.kind, seconds=seconds, cost=cost(program), fidelity=fid, fidelity_calibration=fid_cal,
             summary=result.summary, details=result.details, notes=result.notes,
         ))
         log.info("pass %s done in %.1fs", p.name, seconds)

@@ -19,6 +19,9 @@ class PassRecord(BaseModel):
     seconds: float
     cost: Cost
     fidelity: Fidelity | None = None
+    fidelity_calibration: Fidelity | None = None
+    """The same fidelity on (some of) the calibration batches the passes fit on: next to `fidelity`
+    (held-back batches) it shows over-fitting."""
     summary: str = ""
     details: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
@@ -109,8 +112,20 @@ class Report(BaseModel):
             err = f", max abs error {e.max_abs_error:.2e}, rel error {e.rel_error:.2e}" if e.max_abs_error is not None else ""
             out.append(f"{bullet}export {e.backend}: {e.path} ({e.bytes / 1e6:.2f} MB), {status}{err}" + (f" on {e.provider}" if e.provider else ""))
             out += [f"{bullet}export {e.backend}: {n}" for n in e.notes]
+        out += self._overfit_lines(bullet)
         out += [f"{bullet}{k}: {v}" for k, v in self.metrics.items()]
         out += [f"{bullet}warning: {w}" for w in self.warnings]
+        return out
+
+    def _overfit_lines(self, bullet: str) -> list[str]:
+        """Per pass: output cosine on calibration batches next to held-back batches (over-fitting shows as a gap)."""
+        out = []
+        for p in self.passes:
+            if p.fidelity is not None and p.fidelity_calibration is not None:
+                gap = p.fidelity_calibration.cosine - p.fidelity.cosine
+                out.append(f"{bullet}{p.name}: cosine {p.fidelity_calibration.cosine:.6f} on calibration batches, "
+                           f"{p.fidelity.cosine:.6f} on held-back batches"
+                           + (f" (gap {gap:.2e}: the fit may be over-fitting)" if gap > 1e-3 else ""))
         return out
 
     def __str__(self) -> str:

@@ -103,7 +103,8 @@ def test_mixed_spec_gptq_block_influence(tmp_path):
     top = max(blocks, key=lambda a: a["importance"])
     low = min(blocks, key=lambda a: a["importance"])
     assert top["bits"] == 4 and low["bits"] == 2 and low["lowered_rank"] == 0
-    assert {r["method"] for r in rec.details["layers"] if r["op"] == "linear"} == {"gptq"}
+    methods = {r["method"] for r in rec.details["layers"] if r["op"] == "linear"}
+    assert "gptq" in methods and methods <= {"gptq", "rtn (gptq lost on held-back batches)"}  # checked against RTN
     e = out.export(tmp_path / "mixed.onnx", verify_inputs=[z.example, z.batch(5)])
     assert e.verified and e.rel_error <= 1e-4
 

@@ -16,8 +16,9 @@ What is collected, per weight (the parameter target of the op's weight):
 - `xtx[j, k]` (optional): X^T X summed over tokens.
 - `out_sum_abs[i]`, `out_sum_sq[i]`: the same for the op's output features.
 
-Tokens: for text models whose batch has an `attention_mask` [B, S] and whose activation
-starts with [B, S], padded positions are excluded. For conv ops every pixel of every
+Tokens: padded positions (the model's padding mask, carried to each activation by its
+symbolic sequence dimension) are excluded, by `rewrite.statistics.token_rows`, the policy
+every data-driven pass shares. For conv ops every pixel of every
 image is a token and features are input channels (a per-channel simplification of the
 unfolded patches: a kernel offset sees the same channel shifted, up to borders).
 """
@@ -33,6 +34,7 @@ import torch.fx as fx
 from rewrite.calibration import observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
+from rewrite.statistics import token_rows
 
 CACHE_KEY = "importance.stats"
 
@@ -143,29 +145,15 @@ class Statistics:
         return param in self.ops
 
 
-def _rows(value: torch.Tensor, kind: str, batch: Inputs | None) -> torch.Tensor:
-    """Flatten an activation to [tokens, features] (features: last dim, or channels for conv)."""
-    if kind == "conv":
-        feat = value.shape[1]
-        return value.movedim(1, -1).reshape(-1, feat)
-    mask = _token_mask(value, batch)
-    rows = value.reshape(-1, value.shape[-1])
-    if mask is not None:
-        rows = rows[mask.reshape(-1)]
-    return rows
-
-
-def _token_mask(value: torch.Tensor, batch: Inputs | None) -> torch.Tensor | None:
-    if batch is None or value.dim() != 3:
-        return None
-    mask = batch.kwargs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(value.shape[:2]):
-        return None
-    return mask.bool()
+def _rows(program: Program, node: fx.Node, value: torch.Tensor, kind: str, batch: Inputs | None) -> torch.Tensor:
+    """[real tokens, features] (features: last dim, or channels for conv); padding dropped by
+    the one calibration-statistics policy (`rewrite.statistics.token_rows`)."""
+    return token_rows(program, node, value, batch, 1 if kind == "conv" else -1)
 
 
 class _Collector:
-    def __init__(self, ops: list[WeightOp], second_moment: bool):
+    def __init__(self, program: Program, ops: list[WeightOp], second_moment: bool):
+        self.program = program
         self.ops = ops
         self.second_moment = second_moment
         self.inputs: dict[fx.Node, FeatureStats] = {}
@@ -184,9 +172,9 @@ class _Collector:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             return
         if node in self.inputs:
-            self.inputs[node].update(_rows(value, self.kind[node], batch), self.second_moment)
+            self.inputs[node].update(_rows(self.program, node, value, self.kind[node], batch), self.second_moment)
         if node in self.outputs:
-            self.outputs[node].update(_rows(value, self.kind[node], batch))
+            self.outputs[node].update(_rows(self.program, node, value, self.kind[node], batch))
 
 
 def statistics(program: Program, batches: list[Inputs], *, second_moment: bool = False,
@@ -207,7 +195,7 @@ def statistics(program: Program, batches: list[Inputs], *, second_moment: bool =
         if hit is not None and hit[0] == key and (hit[2].second_moment or not second_moment):
             return hit[2]
     ops = weight_ops(program)
-    collector = _Collector(ops, second_moment)
+    collector = _Collector(program, ops, second_moment)
     observe(program, batches, [collector], desc="importance statistics", progress=progress)
     stats = Statistics(second_moment=second_moment, batches=len(batches))
     for op in ops:
