@@ -85,10 +85,7 @@ class PrunePass(Pass):
         cands = candidates(groups, s.granularity, s.scope, s.exclude)
         notes: list[str] = []
         if not cands:
-            frozen = [g for g in groups if not g.prunable]
-            why = "; ".join(sorted({g.reason for g in frozen}))[:300]
-            notes.append(f"no prunable {s.granularity} groups in scope (frozen groups: {why or 'none'})")
-            return PassResult(program, summary=f"nothing to prune at granularity {s.granularity}", notes=notes)
+            raise PassError(_nothing_to_prune(groups, s.granularity, s.scope, s.exclude))
         batches = list(ctx.calibration.batches)
         if self.importance == "obs":
             return self._obs(program, ctx, dg, groups, cands, batches)
@@ -116,6 +113,10 @@ class PrunePass(Pass):
         else:
             removed = allocate_uniform(cands, scores, s.amount, s.round_to)
         removed = {gid: us for gid, us in removed.items() if us}
+        if not removed:
+            raise PassError(f"prune: amount {s.amount if s.budget is None else s.budget} removes no {s.granularity} unit: "
+                            f"the {len(cands)} prunable groups have {min(g.size for g in cands)}-{max(g.size for g in cands)} "
+                            "units each and the count per group rounds to 0; raise amount or use allocation: global")
         removal = _removal(cands, removed)
         comp_rows: list[dict[str, Any]] = []
         if s.compensate and removal:
@@ -264,6 +265,29 @@ class PrunePass(Pass):
         what = f"{s.n}:{s.m}" if s.granularity == "n:m" else f"{amount:.0%} unstructured"
         return PassResult(program, summary=f"{what} masks on {len(rows)} weights ({total} zeros); size and latency unchanged",
                           details={"importance": self.importance, "weights": rows}, notes=notes)
+
+
+def _nothing_to_prune(groups, granularity: str, scope, exclude) -> str:
+    """Why no group of this granularity can be pruned, and which granularity would work."""
+    from .prune_plan import GRANULARITY_KINDS
+
+    kinds = GRANULARITY_KINDS[granularity]
+    own = [g for g in groups if g.kind in kinds]
+    other = sorted({g.kind for g in groups if g.prunable and g.size >= 2 and g.kind not in kinds})
+    alt = sorted({gran for gran, ks in GRANULARITY_KINDS.items() if set(ks) & set(other)} - {granularity})
+    hint = f"granularity {' or '.join(alt)} has prunable groups" if alt else "this model has no prunable groups at any granularity"
+    if not own:
+        what = {"head": "attention heads (no scaled-dot-product or softmax attention whose heads dimension tracking follows)",
+                "neuron": "FFN neurons (no hidden layer between two linear layers)",
+                "channel": "channels or neurons"}[granularity]
+        return f"prune: this model has no {what}; {hint}"
+    frozen = [g for g in own if not g.prunable]
+    if frozen:
+        why = "; ".join(sorted({g.reason for g in frozen})[:3])
+        in_scope = "" if not (scope or exclude) else " (or none is in scope)"
+        return f"prune: none of the {len(own)} {granularity} groups can be pruned{in_scope}: {why}; {hint}"
+    return (f"prune: no {granularity} group in scope {scope} (exclude {exclude}); widen scope"
+            if scope or exclude else f"prune: every {granularity} group has a single unit; {hint}")
 
 
 def _removal(cands, removed: dict[int, list[int]]) -> dict[tuple[str, int], set[int]]:

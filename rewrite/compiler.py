@@ -94,7 +94,7 @@ class Compiled:
 
 
 def compile(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Program,
     spec: Spec | dict | str | os.PathLike | None = None,
     *,
     example_inputs: Any,
@@ -107,7 +107,8 @@ def compile(
 
     `example_inputs` is a tuple of positional args, a dict of keyword args, or one tensor.
     `calibration` is any iterable of batches shaped like `example_inputs` (a DataLoader works);
-    passes that need data refuse to run without it.
+    passes that need data refuse to run without it. `model` may also be a `Program` from
+    `Program.capture` (captured once, compiled with several specs); it is cloned, not changed.
     """
     spec = Spec.load(spec)
     example = Inputs.of(example_inputs)
@@ -122,7 +123,7 @@ def compile(
 
     from passes.canonicalize import canonicalize
 
-    original = Program.capture(model, example, dynamic=dynamic)
+    original = model.clone() if isinstance(model, Program) else Program.capture(model, example, dynamic=dynamic)
     canonicalize(original)
     program = original.clone()
     before = cost(original)

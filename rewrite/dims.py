@@ -269,6 +269,14 @@ def _reshape(b: _Builder, x: fx.Node, out: fx.Node) -> None:
         return
     for gi, gj in runs:
         if any(not isinstance(xs[i], int) for i in gi) or any(not isinstance(os_[j], int) for j in gj):
+            # a static dim merged with (or split from) a batch/sequence dim ([B, heads, S, d] -> [B*heads, S, d]):
+            # element maps cannot follow a symbolic size, so the static dims must not change width
+            for i in gi:
+                if isinstance(xs[i], int) and xs[i] != 1:
+                    b.freeze(x, i, f"merged with a batch/sequence dim by reshape {out.name}")
+            for j in gj:
+                if isinstance(os_[j], int) and os_[j] != 1:
+                    b.freeze(out, j, f"merged with a batch/sequence dim by reshape {out.name}")
             continue
         gi = [i for i in gi if xs[i] != 1]
         gj = [j for j in gj if os_[j] != 1]
@@ -678,8 +686,14 @@ def analyse(program: Program) -> tuple[DimGraph, list[Group]]:
         members.sort(key=lambda m: (m.role != "producer", m.module, m.param))
         heads = sig[-1][1]
         reasons = [frozen[lab] for lab in labs if lab in frozen]
-        reason = reasons[0] if reasons else ""
         prod = [m for m in members if m.role == "producer"]
+        if not reasons and not any(m.role == "consumer" for m in members):
+            # the units' values go on (they are no model output, or they would be frozen) but no layer
+            # reading them was found: the coupling was lost somewhere, so cutting the producers would
+            # leave a later op with the old width
+            reasons = [f"no layer reading the outputs of {prod[0].module if prod else '?'} was found "
+                       "(the coupling to its consumers is not tracked)"]
+        reason = reasons[0] if reasons else ""
         if reasons and any(r.startswith(residual_like) for r in reasons):
             kind = "residual"
             reason = next(r for r in reasons if r.startswith(residual_like))

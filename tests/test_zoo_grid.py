@@ -1,0 +1,41 @@
+"""Every pass kind on every zoo model: each cell works (changed as reported, matches in onnxruntime)
+or is refused with one of the compiler's own errors naming why. `python -m rewrite.zoo_grid`
+prints the same grid as a table."""
+import pytest
+
+import rewrite
+from rewrite import PassError, zoo
+from rewrite.zoo_grid import PASSES, run_cell
+
+pytest.importorskip("transformers")
+
+CELLS = [(m, p) for m in zoo.EVERY for p in PASSES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,column", CELLS, ids=[f"{m}-{p}" for m, p in CELLS])
+def test_cell_works_or_refuses_cleanly(model, column, tmp_path):
+    cell = run_cell(model, column, workdir=tmp_path)
+    assert cell.outcome != "FAIL", cell.message
+    if cell.outcome == "refused":  # one line that says why
+        assert cell.message and len(cell.message.splitlines()) <= 3, cell.message
+
+
+def _compile(name, pass_spec):
+    z = zoo.load(name, calibration_batches=2)
+    return rewrite.compile(z.model, {"passes": [pass_spec]}, example_inputs=z.example, calibration=z.calibration)
+
+
+def test_head_pruning_without_heads_is_refused_not_a_silent_success():
+    with pytest.raises(PassError, match="no attention heads.*granularity channel"):
+        _compile("rescat_cnn", PASSES["prune_head"])
+
+
+def test_token_pruning_refuses_feature_maps():
+    with pytest.raises(PassError, match="not \\[batch, tokens, hidden\\]"):
+        _compile("resnet", PASSES["tokens"])
+
+
+def test_zoo_has_forty_hf_architectures():
+    assert len(zoo.HF_MODELS) + len(zoo.WIDE) >= 40
+    assert len(set(zoo.EVERY)) == len(zoo.EVERY)
