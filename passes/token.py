@@ -326,9 +326,10 @@ class TokenPass(Pass):
         r = blocks[0].residual_out
         shape = Program.shape(r) if r is not None else None
         if shape is None or len(shape) != 3:
-            raise PassError(f"token: the blocks of {blocks[0].list_path} output {list(shape) if shape else 'no tensor'}, "
-                            "not [batch, tokens, hidden]; token pruning needs a sequence of token vectors (a transformer "
-                            "layer stack), so it cannot apply to feature maps; use prune (channel) or skip for this model")
+            raise PassError(f"token: the main output of the blocks of {blocks[0].list_path} (their largest float output) "
+                            f"is {list(shape) if shape else 'no tensor'}, not [batch, tokens, hidden]; token pruning follows "
+                            "a residual stream of token vectors (ViT, text encoders, decoders), not feature maps or "
+                            "per-head biases; use prune or skip for this model")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         spec = self.spec

@@ -430,6 +430,13 @@ def _visit(b: _Builder, node: fx.Node) -> None:
         for d in (0, 2):
             b.link(q, d, node, d)
         b.link(k, 2, v, 2)
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        ms = b.shape(mask)
+        if ms is not None:  # a per-head bias (T5/Swin relative positions) is sliced with the heads
+            off = 4 - len(ms)
+            for d, a, ad in ((1, q, 1), (2, q, 2), (3, k, 2)):
+                if d - off >= 0:
+                    b.link(mask, d - off, a, ad)
         qv = b.vertex(q, 1)
         if qv is not None:
             b.heads.add(qv)

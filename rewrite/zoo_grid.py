@@ -175,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
             done(run_row(m, columns))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init) as pool:
-            for row in pool.map(run_row, models, [columns] * len(models)):
-                done(row)
+            futures = [pool.submit(run_row, m, columns) for m in models]
+            for fut in as_completed(futures):
+                done(fut.result())
     order = {m: i for i, m in enumerate(models)}
     cells.sort(key=lambda c: order[c.model])
     print(table(cells, args.width))
