@@ -96,6 +96,11 @@ class PrunePass(Pass):
         if missing:
             notes.append(f"{len(missing)} groups had no {self.importance} scores and were left whole")
             cands = [g for g in cands if g.id in scores]
+            if not cands:
+                raise PassError(f"prune: importance {self.importance} has no scores for any of the {len(missing)} "
+                                f"prunable {s.granularity} groups (their producers, e.g. {', '.join(missing[0].ops[:2])}, "
+                                "are ops the importance statistics do not read, such as convolutions with "
+                                "padding='same'); nothing was pruned")
         positions = op_positions(program)
         before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         before_flops = count_flops(program)
@@ -306,7 +311,8 @@ def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) ->
     for n in list(program.graph.nodes):
         if n.op != "call_function":
             continue
-        if n.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
+        if n.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                        aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding):
             groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
             new = new_sizes.get((n.args[0], 1))
             if groups != 1 and new is not None:

@@ -223,14 +223,15 @@ UNARY = {
 }
 BINARY = {
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul_.Tensor, aten.div.Tensor,
-    aten.where.self, aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor, aten.rsub.Tensor,
+    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor, aten.rsub.Tensor,
     aten.__and__.Tensor, aten.__or__.Tensor, aten.eq.Tensor, aten.ne.Tensor, aten.gt.Tensor, aten.lt.Tensor,
     aten.le.Tensor, aten.ge.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.add.Scalar,
     aten.mul.Scalar, aten.div.Scalar, aten.sub.Scalar, aten.eq.Scalar, aten.ne.Scalar, aten.ge.Scalar,
     aten.le.Scalar, aten.gt.Scalar, aten.lt.Scalar,
 }
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}  # .padding: padding="same" (EfficientNet)
 POOLS = {aten.adaptive_avg_pool2d.default, aten.max_pool2d.default, aten.avg_pool2d.default,
          aten.adaptive_avg_pool1d.default, aten.max_pool1d.default, aten.avg_pool1d.default, aten._adaptive_avg_pool2d.default}
 NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
