@@ -11,7 +11,18 @@ follows the tensor being reshaped:
   constants and derives the leading one (-1 or a floor division of the live size).
 - expand: every size that is not a broadcast from 1 becomes -1 ("keep this dim").
 
-It also drops `_assert_tensor_metadata` checks, which would pin dead code and stale dtypes.
+It also drops `_assert_tensor_metadata` checks, which would pin dead code and stale dtypes,
+and turns every `view` back into a `reshape`. Capture decomposes the model's `reshape` into a
+`view` whenever the example's strides allow it, and those strides depend on kernels: CPU
+scaled_dot_product_attention returns a [B, H, S, d] tensor laid out as [B, S, H, d], so
+`out.transpose(1, 2).reshape(B, S, H*d)` is captured as a view (and a `.contiguous()` before
+it disappears). The ONNX exporter (and any later rewrite) decomposes attention into plain ops
+whose output is contiguous, and that view of the transposed tensor becomes invalid. A reshape
+is a view wherever a view is valid and a copy elsewhere; the captured graph is functional
+(export removes mutation), so nothing can observe the difference. And because a re-trace
+decomposes the reshape again from whatever strides it sees, a reshape of a transpose/permute
+that would be invalid as a view on a plainly laid-out input reads an explicit contiguous
+copy (`aten.clone`, an Identity in ONNX), so no trace can turn it back into a bad view.
 The pipeline runs it after every capture, so passes can assume canonical shapes.
 """
 from __future__ import annotations
@@ -42,6 +53,10 @@ def canonicalize(program: Program) -> int:
             graph.erase_node(node)
             changed += 1
         elif node.target in VIEW_OPS and _has_tensor_meta(node):
+            if node.target is not aten.reshape.default:
+                node.target = aten.reshape.default
+                changed += 1
+            changed += _contiguous_input(graph, node)
             changed += _canonical_view(graph, node)
         elif node.target in EXPAND_OPS and _has_tensor_meta(node):
             changed += _canonical_expand(node)
@@ -155,6 +170,33 @@ def _canonical_view(graph: fx.Graph, node: fx.Node) -> int:
     if _same(new, sizes):
         return 0
     node.args = (x, new) + tuple(node.args[2:])
+    return 1
+
+
+LAYOUT_OPS = (aten.transpose.int, aten.permute.default, aten.t.default)
+
+
+def _contiguous_input(graph: fx.Graph, node: fx.Node) -> int:
+    """Give a reshape of a transpose/permute an explicit contiguous copy when the reshape would
+    not be a valid view of that transpose applied to a contiguous tensor (see the module doc)."""
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or x.target not in LAYOUT_OPS:
+        return 0
+    base = x.args[0]
+    bval, oval = (base.meta.get("val") if isinstance(base, fx.Node) else None), node.meta.get("val")
+    if not isinstance(bval, torch.Tensor) or not isinstance(oval, torch.Tensor):
+        return 0
+    try:
+        plain = torch.empty([_hint(d) for d in bval.shape], device="meta")
+        x.target(plain, *x.args[1:]).view([_hint(d) for d in oval.shape])
+        return 0
+    except RuntimeError:
+        pass
+    with graph.inserting_before(node):
+        c = graph.call_function(aten.clone.default, (x,), {"memory_format": torch.contiguous_format})
+    c.meta = {k: v for k, v in x.meta.items() if k != "val"}
+    c.meta["val"] = x.meta["val"]
+    node.replace_input_with(x, c)
     return 1
 
 

@@ -85,10 +85,7 @@ class PrunePass(Pass):
         cands = candidates(groups, s.granularity, s.scope, s.exclude)
         notes: list[str] = []
         if not cands:
-            frozen = [g for g in groups if not g.prunable]
-            why = "; ".join(sorted({g.reason for g in frozen}))[:300]
-            notes.append(f"no prunable {s.granularity} groups in scope (frozen groups: {why or 'none'})")
-            return PassResult(program, summary=f"nothing to prune at granularity {s.granularity}", notes=notes)
+            raise PassError(_nothing_to_prune(groups, s.granularity, s.scope, s.exclude))
         batches = list(ctx.calibration.batches)
         if self.importance == "obs":
             return self._obs(program, ctx, dg, groups, cands, batches)
@@ -99,6 +96,11 @@ class PrunePass(Pass):
         if missing:
             notes.append(f"{len(missing)} groups had no {self.importance} scores and were left whole")
             cands = [g for g in cands if g.id in scores]
+            if not cands:
+                raise PassError(f"prune: importance {self.importance} has no scores for any of the {len(missing)} "
+                                f"prunable {s.granularity} groups (their producers, e.g. {', '.join(missing[0].ops[:2])}, "
+                                "are ops the importance statistics do not read, such as convolutions with "
+                                "padding='same'); nothing was pruned")
         positions = op_positions(program)
         before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         before_flops = count_flops(program)
@@ -117,9 +119,10 @@ class PrunePass(Pass):
             removed = allocate_uniform(cands, scores, s.amount, s.round_to)
             notes += rounding_notes(cands, s.amount, uniform_counts(cands, s.amount, s.round_to))
         removed = {gid: us for gid, us in removed.items() if us}
-        if not removed and (s.amount or 0) > 0:
-            raise PassError(f"prune: {s.amount:.0%} of the {s.granularity} groups rounds to no unit at all "
-                            f"(group sizes {sorted({g.size for g in cands})}); ask for a larger amount")
+        if not removed:
+            raise PassError(f"prune: amount {s.amount if s.budget is None else s.budget} removes no {s.granularity} unit: "
+                            f"the {len(cands)} prunable groups have {min(g.size for g in cands)}-{max(g.size for g in cands)} "
+                            "units each and the count per group rounds to 0; raise amount or use allocation: global")
         removal = _removal(cands, removed)
         comp_rows: list[dict[str, Any]] = []
         if s.compensate and removal:
@@ -308,6 +311,29 @@ class PrunePass(Pass):
                           details={"importance": self.importance, "weights": rows}, notes=notes)
 
 
+def _nothing_to_prune(groups, granularity: str, scope, exclude) -> str:
+    """Why no group of this granularity can be pruned, and which granularity would work."""
+    from .prune_plan import GRANULARITY_KINDS
+
+    kinds = GRANULARITY_KINDS[granularity]
+    own = [g for g in groups if g.kind in kinds]
+    other = sorted({g.kind for g in groups if g.prunable and g.size >= 2 and g.kind not in kinds})
+    alt = sorted({gran for gran, ks in GRANULARITY_KINDS.items() if set(ks) & set(other)} - {granularity})
+    hint = f"granularity {' or '.join(alt)} has prunable groups" if alt else "this model has no prunable groups at any granularity"
+    if not own:
+        what = {"head": "attention heads (no scaled-dot-product or softmax attention whose heads dimension tracking follows)",
+                "neuron": "FFN neurons (no hidden layer between two linear layers)",
+                "channel": "channels or neurons"}[granularity]
+        return f"prune: this model has no {what}; {hint}"
+    frozen = [g for g in own if not g.prunable]
+    if frozen:
+        why = "; ".join(sorted({g.reason for g in frozen})[:3])
+        in_scope = "" if not (scope or exclude) else " (or none is in scope)"
+        return f"prune: none of the {len(own)} {granularity} groups can be pruned{in_scope}: {why}; {hint}"
+    return (f"prune: no {granularity} group in scope {scope} (exclude {exclude}); widen scope"
+            if scope or exclude else f"prune: every {granularity} group has a single unit; {hint}")
+
+
 def _removal(cands, removed: dict[int, list[int]]) -> dict[tuple[str, int], set[int]]:
     """(param, dim) -> indices to slice away, from the removed units of each group."""
     by_id = {g.id: g for g in cands}
@@ -324,7 +350,8 @@ def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) ->
     for n in list(program.graph.nodes):
         if n.op != "call_function":
             continue
-        if n.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default):
+        if n.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                        aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding):
             groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
             new = new_sizes.get((n.args[0], 1))
             if groups != 1 and new is not None:

@@ -266,14 +266,70 @@ def _first_user_in(m: fx.Node, sdpas: list[fx.Node]) -> fx.Node:
     return next(n for n in sdpas if _sdpa_mask(n) is m)
 
 
+def _check_sequence_followed(graph: fx.Graph, region: set[fx.Node], seq: Any, where: str) -> None:
+    """Refuse when a layer after the selection point reshapes the token axis together with a static
+    dim (a spatial grid [B, H*W, C] -> [B, H, W, C], windows, patches): after gathering k tokens that
+    reshape has no valid shape. Merging tokens with the batch ([B, S, H] -> [B*S, H]) is fine."""
+    from passes.canonicalize import VIEW_OPS, group_dims
+
+    for n in graph.nodes:
+        if n not in region or n.op != "call_function" or n.target not in VIEW_OPS:
+            continue
+        x = n.args[0]
+        xv, ov = (x.meta.get("val") if isinstance(x, fx.Node) else None), n.meta.get("val")
+        if not isinstance(xv, torch.Tensor) or not isinstance(ov, torch.Tensor):
+            continue
+        xs, os_ = tuple(xv.shape), tuple(ov.shape)
+        seq_dims = [d for d in range(1, len(xs)) if same_size(xs[d], seq)]
+        if not seq_dims:
+            continue
+        runs = group_dims(xs, os_)
+        for gi, gj in runs or [(list(range(len(xs))), list(range(len(os_))))]:
+            if not set(gi) & set(seq_dims) or (len(gi) == 1 and len(gj) == 1):
+                continue
+            others = [i for i in gi if i not in seq_dims and i != 0 and not (isinstance(xs[i], int) and xs[i] == 1)]
+            split = len(gj) > 1 and any(isinstance(os_[j], int) and os_[j] != 1 for j in gj)
+            if others or split or runs is None:
+                module = Program.module_path(n) or n.name
+                raise PassError(f"token: after {where} the token axis ({xs[seq_dims[0]]} tokens) is reshaped with other "
+                                f"dims at {n.name} in {module} ({list(xs)} -> {list(os_)}): the later layers treat tokens "
+                                "as a grid (windows, patches, feature maps), so a subset of tokens has no shape there. "
+                                "Token pruning applies to models whose later layers treat tokens as a set (ViT, text "
+                                "encoders, decoders); choose an `after` block past the last such reshape, or use skip/prune")
+
+
+def _check_runs(program: Program, ctx: PassContext, where: str) -> None:
+    """Run the rewritten graph on the example and the calibration batches: a gather that cannot be
+    followed (a sequence-sized tensor the pass did not see) fails here, as a refusal, not later."""
+    batches = [program.example] + list(ctx.calibration.batches)[:2] + list(ctx.calibration.holdout)[:1]
+    for i, batch in enumerate(batches):
+        try:
+            program.run(batch)
+        except Exception as exc:  # noqa: BLE001 - any failure means the sequence axis was not followed
+            what = "the example inputs" if i == 0 else f"calibration batch {i - 1}"
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise PassError(f"token: after selecting tokens at {where}, the graph fails on {what} "
+                            f"({type(exc).__name__}: {first}): some tensor indexed by token position is not "
+                            "recognised as sequence-shaped, so token pruning cannot apply to this model "
+                            "(or choose a later `after` block)") from exc
+
+
 @register
 class TokenPass(Pass):
     kind = "token"
     establishes = frozenset({"tokens-pruned"})
 
     def check(self, program: Program, ctx: PassContext) -> None:
-        if not program.blocks():
+        blocks = program.blocks()
+        if not blocks:
             raise PassError("token: the model has no repeated blocks (transformer layers); token pruning needs them")
+        r = blocks[0].residual_out
+        shape = Program.shape(r) if r is not None else None
+        if shape is None or len(shape) != 3:
+            raise PassError(f"token: the main output of the blocks of {blocks[0].list_path} (their largest float output) "
+                            f"is {list(shape) if shape else 'no tensor'}, not [batch, tokens, hidden]; token pruning follows "
+                            "a residual stream of token vectors (ViT, text encoders, decoders), not feature maps or "
+                            "per-head biases; use prune or skip for this model")
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         spec = self.spec
@@ -341,6 +397,7 @@ class TokenPass(Pass):
                 known[new_valid] = [1]
                 new.add(new_valid)
             region = _descendants(sel, last_r if spec.restore else None)
+            _check_sequence_followed(graph, region, seq, st.path)
             sdpas = [n for n in graph.nodes if n in region and n.op == "call_function" and n.target is SDPA]
             if spec.merge:  # the masks of later attentions carry log(size) of an earlier merge: start from the plain mask
                 for n in sdpas:
@@ -406,6 +463,7 @@ class TokenPass(Pass):
                 if u not in made:
                     u.replace_input_with(last_r, y)
         program.module.recompile()
+        _check_runs(program, ctx, stages[0].path)
         notes = [
             f"k = min(S, max(first+last, ceil(keep*S))) per selection (first={keep_first}, last={keep_last}); "
             "padding is scored -inf, so it is dropped before any real token.",

@@ -19,6 +19,7 @@ alternatives rejected on the way.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import tempfile
 import time
@@ -35,6 +36,8 @@ from .passmanager import PassContext, pass_for, run_passes
 from .program import Program
 from .report import PassRecord
 from .spec import BudgetSpec, PruneSpec, QuantizeSpec, QuantWeightsSpec, SkipSpec, TokenSpec
+
+log = logging.getLogger("rewrite")
 
 LatencyFn = Callable[[Program], float]
 
@@ -164,8 +167,14 @@ def allocate(original: Program, ctx: PassContext, budget: BudgetSpec, *, latency
     knobs = candidate_knobs(original, budget)
     if not knobs:
         raise PassError("the budget allocator found nothing to apply to this model (no repeated blocks, no prunable groups)")
+    usable = []
     for knob in knobs:  # the cost table: each setting alone
-        prog, _ = apply_passes(original, ctx, knob.passes)
+        try:
+            prog, _ = apply_passes(original, ctx, knob.passes)
+        except PassError as exc:  # the setting does not apply to this model (e.g. heads on a CNN)
+            log.info("budget: %s does not apply: %s", knob.name, exc)
+            continue
+        usable.append(knob)
         c = cost(prog)
         fid = fidelity(original, prog, ctx.calibration.batches[:2])
         knob.cosine_drop = fid.cosine_drop if fid else 1.0
@@ -173,6 +182,9 @@ def allocate(original: Program, ctx: PassContext, budget: BudgetSpec, *, latency
         knob.bytes_saved = base.weight_bytes - c.weight_bytes
         if budget.latency is not None:
             knob.latency_ratio = latency_fn(prog) / base_latency
+    knobs = usable
+    if not knobs:
+        raise PassError("the budget allocator found nothing to apply to this model (no repeated blocks, no prunable groups)")
     plans = _rank_plans(knobs, base.weight_bytes, budget)
     if not plans:
         raise PassError(f"no combination of the candidate settings meets the budget {budget.model_dump(exclude_none=True)}; "

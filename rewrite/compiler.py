@@ -114,7 +114,7 @@ class Compiled:
 
 
 def compile(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Program,
     spec: Spec | dict | str | os.PathLike | None = None,
     *,
     example_inputs: Any,
@@ -132,6 +132,8 @@ def compile(
     `task`: "text-generation" captures a causal LM around its KV cache (`rewrite.generation`:
     one graph for prefill and decode, exported with the cache); "auto" (the default) picks it
     for HF causal LMs; None keeps the full-sequence graph.
+    `model` may also be a `Program` from `Program.capture` (captured once, compiled with
+    several specs); it is cloned, not changed.
     """
     spec = Spec.load(spec)
     example = Inputs.of(example_inputs)
@@ -156,7 +158,7 @@ def compile(
 
     from passes.canonicalize import canonicalize
 
-    original = Program.capture(model, example, dynamic=dynamic)
+    original = model.clone() if isinstance(model, Program) else Program.capture(model, example, dynamic=dynamic)
     if layout is not None:
         original.notes[generation.NOTES_KEY] = layout.to_dict()
     canonicalize(original)

@@ -223,14 +223,15 @@ UNARY = {
 }
 BINARY = {
     aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul_.Tensor, aten.div.Tensor,
-    aten.where.self, aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor, aten.rsub.Tensor,
+    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor, aten.rsub.Tensor,
     aten.__and__.Tensor, aten.__or__.Tensor, aten.eq.Tensor, aten.ne.Tensor, aten.gt.Tensor, aten.lt.Tensor,
     aten.le.Tensor, aten.ge.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.add.Scalar,
     aten.mul.Scalar, aten.div.Scalar, aten.sub.Scalar, aten.eq.Scalar, aten.ne.Scalar, aten.ge.Scalar,
     aten.le.Scalar, aten.gt.Scalar, aten.lt.Scalar,
 }
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default}
+CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+         aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}  # .padding: padding="same" (EfficientNet)
 POOLS = {aten.adaptive_avg_pool2d.default, aten.max_pool2d.default, aten.avg_pool2d.default,
          aten.adaptive_avg_pool1d.default, aten.max_pool1d.default, aten.avg_pool1d.default, aten._adaptive_avg_pool2d.default}
 NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
@@ -269,6 +270,14 @@ def _reshape(b: _Builder, x: fx.Node, out: fx.Node) -> None:
         return
     for gi, gj in runs:
         if any(not isinstance(xs[i], int) for i in gi) or any(not isinstance(os_[j], int) for j in gj):
+            # a static dim merged with (or split from) a batch/sequence dim ([B, heads, S, d] -> [B*heads, S, d]):
+            # element maps cannot follow a symbolic size, so the static dims must not change width
+            for i in gi:
+                if isinstance(xs[i], int) and xs[i] != 1:
+                    b.freeze(x, i, f"merged with a batch/sequence dim by reshape {out.name}")
+            for j in gj:
+                if isinstance(os_[j], int) and os_[j] != 1:
+                    b.freeze(out, j, f"merged with a batch/sequence dim by reshape {out.name}")
             continue
         gi = [i for i in gi if xs[i] != 1]
         gj = [j for j in gj if os_[j] != 1]
@@ -422,6 +431,13 @@ def _visit(b: _Builder, node: fx.Node) -> None:
         for d in (0, 2):
             b.link(q, d, node, d)
         b.link(k, 2, v, 2)
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        ms = b.shape(mask)
+        if ms is not None:  # a per-head bias (T5/Swin relative positions) is sliced with the heads
+            off = 4 - len(ms)
+            for d, a, ad in ((1, q, 1), (2, q, 2), (3, k, 2)):
+                if d - off >= 0:
+                    b.link(mask, d - off, a, ad)
         qv = b.vertex(q, 1)
         if qv is not None:
             b.heads.add(qv)
@@ -678,8 +694,14 @@ def analyse(program: Program) -> tuple[DimGraph, list[Group]]:
         members.sort(key=lambda m: (m.role != "producer", m.module, m.param))
         heads = sig[-1][1]
         reasons = [frozen[lab] for lab in labs if lab in frozen]
-        reason = reasons[0] if reasons else ""
         prod = [m for m in members if m.role == "producer"]
+        if not reasons and not any(m.role == "consumer" for m in members):
+            # the units' values go on (they are no model output, or they would be frozen) but no layer
+            # reading them was found: the coupling was lost somewhere, so cutting the producers would
+            # leave a later op with the old width
+            reasons = [f"no layer reading the outputs of {prod[0].module if prod else '?'} was found "
+                       "(the coupling to its consumers is not tracked)"]
+        reason = reasons[0] if reasons else ""
         if reasons and any(r.startswith(residual_like) for r in reasons):
             kind = "residual"
             reason = next(r for r in reasons if r.startswith(residual_like))

@@ -2,8 +2,10 @@
 
 HF transformers classes built from small configs (BERT, GPT-2, LLaMA with grouped-query
 attention, ViT, ResNet, ConvNeXt, MobileNetV2) and hand-written modules (a CNN with
-residual adds and a concatenation, an MLP, a model returning a dict). Each entry gives the
-model, example inputs (with padding for text models) and a few calibration batches.
+residual adds and a concatenation, an MLP, a model returning a dict): `ALL`, the core set
+most tests loop over. `WIDE` adds ~45 more HF architectures (`rewrite.zoo_hf`) for the
+every-(model x pass) grid; `EVERY` is both. Each entry gives the model, example inputs
+(with padding for text models) and a few calibration batches.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import zoo_hf
 from .inputs import Inputs
 
 
@@ -22,7 +25,7 @@ class ZooModel:
     model: nn.Module
     example: Inputs
     calibration: list[Inputs] = field(default_factory=list)
-    kind: str = "text"  # text | vision | other
+    kind: str = "text"  # text | vision | audio | other
 
     def batch(self, seed: int) -> Inputs:
         return _REGISTRY[self.name][1](seed)
@@ -184,10 +187,17 @@ _REGISTRY: dict[str, tuple[Callable[[], nn.Module], Callable[[int], Inputs], str
 HF_MODELS = ("bert", "gpt2", "llama", "vit", "resnet", "convnext", "mobilenetv2")
 HAND_WRITTEN = ("rescat_cnn", "mlp", "dict_output")
 ALL = HF_MODELS + HAND_WRITTEN
+"""The core zoo: every test that loops over architectures runs these."""
+
+for _name, (_build, _batch, _kind) in zoo_hf.entries().items():
+    _REGISTRY[_name] = (_seeded(_build), _batch, _kind)
+WIDE = tuple(zoo_hf.entries())
+"""The wider HF zoo (`rewrite.zoo_hf`): run by the zoo grid (tests/test_zoo_grid.py)."""
+EVERY = ALL + WIDE
 
 
 def load(name: str, calibration_batches: int = 4) -> ZooModel:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ALL)}")
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(EVERY)}")
     build, batch, kind = _REGISTRY[name]
     return ZooModel(name, build(), batch(0), [batch(100 + i) for i in range(calibration_batches)], kind)
