@@ -25,6 +25,7 @@ from rewrite.capture import export_program
 from rewrite.errors import ExportError, VerificationError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
+from rewrite.progress import bar, stage
 from rewrite.report import ExportRecord
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go in a side file
@@ -93,7 +94,8 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = to_onnx_proto(program, opset=opset, dynamic=dynamic)
+    with stage(f"export ONNX (opset {opset})"):
+        proto = to_onnx_proto(program, opset=opset, dynamic=dynamic)
     if not debug_metadata:
         strip_debug_metadata(proto)
     weight_bytes = sum(t.numel() * t.element_size() for t in program.params().values())
@@ -108,9 +110,12 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
             onnx.save_model(proto, tmp_model)
         record = ExportRecord(backend="onnx", path=str(path), bytes=_size_on_disk(tmpdir), seconds=0.0, verified=False)
         if verify:
-            err = verify_onnx(program, tmp_model, verify_inputs or [program.example], rtol=rtol, quantile=quantile)
+            batches = list(verify_inputs or [program.example])
+            with stage(f"verify in onnxruntime on {len(batches)} batch(es)"):
+                err = verify_onnx(program, tmp_model, batches, rtol=rtol, quantile=quantile)
             record.verified = True
             record.max_abs_error, record.rel_error, record.cosine, record.provider = err
+            record.tolerance, record.quantile, record.batches = rtol, quantile, sum(b.batch_size() for b in batches)
         for f in tmpdir.iterdir():
             os.replace(f, path.parent / f.name)
     finally:
@@ -121,6 +126,40 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
 
 def _size_on_disk(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir())
+
+
+# ------------------------------------------------------------------------ latency
+def measure_latency(models: Sequence[tuple[Program, Path | None]], inputs: Inputs, *, repeats: int = 20,
+                    warmup: int = 3, opset: int = 21) -> list[float]:
+    """Median onnxruntime latency (ms) of each (program, exported file or None) on `inputs`.
+
+    Programs without a file are exported (unverified) to a temporary folder first. The runs
+    are interleaved (one run of each model per round) so that load from other processes hits
+    every model alike: the ratios are what to read, the absolute numbers vary with the machine.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for i, (program, path) in enumerate(models):
+            if path is None or not Path(path).exists():
+                path = Path(tmp) / f"m{i}.onnx"
+                export_onnx(program, path, opset=opset, verify=False)
+            sess = session(path)
+            sessions.append((sess, feeds_for(sess, program, inputs)))
+        for sess, feeds in sessions:
+            for _ in range(warmup):
+                sess.run(None, feeds)
+        times: list[list[float]] = [[] for _ in sessions]
+        for _ in bar(range(repeats), desc="onnxruntime latency", unit="round"):
+            for k, (sess, feeds) in enumerate(sessions):
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                times[k].append(time.perf_counter() - t0)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
+def describe_shape(inputs: Inputs) -> str:
+    """`input_ids 16x128, attention_mask 16x128`: the shape latency was measured at."""
+    return ", ".join(f"{name} {'x'.join(str(s) for s in t.shape)}" for name, t in inputs.named_tensors())
 
 
 # ------------------------------------------------------------------------ onnxruntime

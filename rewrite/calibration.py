@@ -141,9 +141,12 @@ def capture(program: Program, batch: Inputs | Any, nodes: Iterable[fx.Node]) -> 
 
 
 def _show_progress(progress: bool | None, n: int) -> bool:
+    """An explicit flag wins; else a bar only when the current call asked for progress."""
+    from .progress import enabled
+
     if progress is not None:
         return progress
-    return n > 2 and sys.stderr.isatty()
+    return n > 1 and enabled()
 
 
 def split_batches(items: list[Any], batch_size: int) -> list[list[Any]]:
