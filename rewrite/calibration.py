@@ -39,14 +39,14 @@ class CalibrationData:
             iterator = iter(data)
         except TypeError:
             raise CalibrationError(f"calibration must be an iterable of batches (a list or a DataLoader), got {type(data).__name__}") from None
-        for raw in iterator:
-            batch = Inputs.of(raw)
-            if not batch.structure_matches(example):
-                raise CalibrationError(
-                    "a calibration batch does not match example_inputs: "
-                    f"expected {len(example.args)} positional and keywords {sorted(example.kwargs)}, "
-                    f"got {len(batch.args)} positional and keywords {sorted(batch.kwargs)}"
-                )
+        for index, raw in enumerate(iterator):
+            try:
+                batch = Inputs.of(raw)
+            except CalibrationError as exc:
+                raise CalibrationError(f"calibration batch {index}: {exc}") from None
+            problem = batch.mismatch(example)
+            if problem:
+                raise CalibrationError(f"calibration batch {index} does not match example_inputs: {problem}")
             batches.append(batch)
             seen += batch.batch_size()
             if seen >= samples:
