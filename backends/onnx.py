@@ -157,9 +157,10 @@ def measure_latency(models: Sequence[tuple[Program, Path | None]], inputs: Input
     return [1e3 * float(np.median(t)) for t in times]
 
 
-def describe_shape(inputs: Inputs) -> str:
-    """`input_ids 16x128, attention_mask 16x128`: the shape latency was measured at."""
-    return ", ".join(f"{name} {'x'.join(str(s) for s in t.shape)}" for name, t in inputs.named_tensors())
+def describe_shape(program: Program, inputs: Inputs) -> str:
+    """`input_ids 16x128, attention_mask 16x128`: the shape latency was measured at (ONNX input names)."""
+    pairs = zip([n.name for n in program.placeholders()], program.flat_inputs(inputs))
+    return ", ".join(f"{name} {'x'.join(str(s) for s in t.shape)}" for name, t in pairs if isinstance(t, torch.Tensor))
 
 
 # ------------------------------------------------------------------------ onnxruntime

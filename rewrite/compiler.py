@@ -80,13 +80,13 @@ class Compiled:
             inputs = max(pool, key=lambda b: sum(t.numel() for t in b.tensors())) if pool else self.program.example
         inputs = Inputs.of(inputs)
         written = next((Path(e.path) for e in reversed(self.report.exports) if e.backend == "onnx" and Path(e.path).exists()), None)
-        with stage(f"measure onnxruntime latency at {describe_shape(inputs)}"):
+        with stage(f"measure onnxruntime latency at {describe_shape(self.program, inputs)}"):
             before, after = measure_latency([(self.original, None), (self.program, written)], inputs, repeats=repeats,
                                             opset=self.spec.export.onnx.opset)
         import backends.onnx as onnx_backend
 
         provider = onnx_backend.providers()[0].replace("ExecutionProvider", "")
-        record = LatencyRecord(runtime=f"onnxruntime {provider}", shape=describe_shape(inputs), before_ms=before,
+        record = LatencyRecord(runtime=f"onnxruntime {provider}", shape=describe_shape(self.program, inputs), before_ms=before,
                                after_ms=after, repeats=repeats)
         self.report.latency = record
         return record

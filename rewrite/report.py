@@ -74,7 +74,7 @@ class LatencyRecord(BaseModel):
 
     def verdict(self, flops_ratio: float | None) -> str:
         """The latency change next to the FLOPs change, and a plain note when they disagree."""
-        speed = f"{self.runtime} latency {self.before_ms:.2f} ms -> {self.after_ms:.2f} ms ({self.ratio:.2f}x, median of {self.repeats}) at {self.shape}"
+        speed = f"{self.runtime} latency {_ms(self.before_ms)} ms -> {_ms(self.after_ms)} ms ({self.ratio:.2f}x, median of {self.repeats}) at {self.shape}"
         if flops_ratio is None:
             return speed
         speed += f"; FLOPs {flops_ratio:.2f}x"
@@ -129,7 +129,7 @@ class Report(BaseModel):
                  _x(self.after.weight_bytes, self.before.weight_bytes)]]
         if self.latency is not None:
             lat = self.latency
-            rows.append([f"{lat.runtime} latency ms", f"{lat.before_ms:.2f}", f"{lat.after_ms:.2f}", f"{lat.ratio:.2f}x"])
+            rows.append([f"{lat.runtime} latency ms", _ms(lat.before_ms), _ms(lat.after_ms), f"{lat.ratio:.2f}x"])
         for t in self.tasks:
             rows.append([t.name, f"{t.before:.2f}", f"{t.after:.2f}", f"{t.delta:+.2f}"])
         if self.fidelity is not None:
@@ -228,6 +228,10 @@ def _n(x: int) -> str:
 
 def _r(a: float, b: float) -> str:
     return f"{a / b:.3f}" if b else "n/a"
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
 
 
 def _x(a: float, b: float) -> str:
