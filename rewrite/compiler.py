@@ -46,8 +46,14 @@ class Compiled:
         return self.program.module(*args, **kwargs)
 
     def export(self, path: str | os.PathLike, *, verify: bool = True, opset: int | None = None,
-               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None) -> ExportRecord:
+               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None,
+               progress: bool | None = None) -> ExportRecord:
         """Write an ONNX model, verified in onnxruntime against `module` (atomic on failure)."""
+        with showing(progress):
+            return self._export(path, verify=verify, opset=opset, dynamic=dynamic, verify_inputs=verify_inputs)
+
+    def _export(self, path: str | os.PathLike, *, verify: bool, opset: int | None, dynamic: bool | None,
+                verify_inputs: Iterable[Any] | None) -> ExportRecord:
         from backends.onnx import export_onnx
 
         onnx_spec = self.spec.export.onnx
@@ -65,7 +71,7 @@ class Compiled:
         self.report.exports.append(record)
         return record
 
-    def measure_latency(self, inputs: Any = None, *, repeats: int = 20) -> LatencyRecord:
+    def measure_latency(self, inputs: Any = None, *, repeats: int = 20, progress: bool | None = None) -> LatencyRecord:
         """onnxruntime latency of the original and the rewritten model, side by side; kept in the report.
 
         At `inputs`, by default the largest calibration batch: example inputs are often tiny,
@@ -80,7 +86,7 @@ class Compiled:
             inputs = max(pool, key=lambda b: sum(t.numel() for t in b.tensors())) if pool else self.program.example
         inputs = Inputs.of(inputs)
         written = next((Path(e.path) for e in reversed(self.report.exports) if e.backend == "onnx" and Path(e.path).exists()), None)
-        with stage(f"measure onnxruntime latency at {describe_shape(self.program, inputs)}"):
+        with showing(progress), stage(f"measure onnxruntime latency at {describe_shape(self.program, inputs)}"):
             before, after = measure_latency([(self.original, None), (self.program, written)], inputs, repeats=repeats,
                                             opset=self.spec.export.onnx.opset)
         import backends.onnx as onnx_backend

@@ -138,3 +138,20 @@ def test_unexpected_errors_are_one_line_unless_verbose(tmp_path, capsys, monkeyp
     assert err == "error: ValueError: boom second line (run with -v for the traceback)\n"
     assert main(["compile", "-v", "--model", "badfactory:build", "--out", str(tmp_path / "o")]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_library_calls_print_nothing_unless_asked(capfd, tmp_path):
+    import rewrite
+    from rewrite import zoo
+
+    z = zoo.load("mlp")
+    spec = {"passes": [{"kind": "prune", "granularity": "neuron", "amount": 0.9}]}  # also logs a fidelity warning
+    compiled = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration)
+    compiled.export(tmp_path / "m.onnx")
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert compiled.report.warnings  # the warning is in the report, not on the console
+    rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, progress=True)
+    err = capfd.readouterr().err
+    assert "capture MLP with torch.export: done in" in err and "pass 1/1: prune (granularity=neuron): done in" in err
+    assert "importance statistics" in err  # the calibration sweep's bar
