@@ -91,6 +91,8 @@ class TaskMetric(BaseModel):
     before: float
     after: float
     higher_is_better: bool = True
+    note: str = ""
+    """How it was measured (data, runtime)."""
 
     @property
     def delta(self) -> float:
@@ -113,9 +115,9 @@ class Report(BaseModel):
     latency: LatencyRecord | None = None
 
     def add_task_metric(self, name: str, before: float, after: float, *, key: str | None = None,
-                        higher_is_better: bool = True) -> None:
+                        higher_is_better: bool = True, note: str = "") -> None:
         """Record a task metric before and after (also as `metrics[key_original/_rewritten]`)."""
-        self.tasks.append(TaskMetric(name=name, before=before, after=after, higher_is_better=higher_is_better))
+        self.tasks.append(TaskMetric(name=name, before=before, after=after, higher_is_better=higher_is_better, note=note))
         if key:
             self.metrics[f"{key}_original"] = round(before, 3)
             self.metrics[f"{key}_rewritten"] = round(after, 3)
@@ -138,7 +140,8 @@ class Report(BaseModel):
 
     def explanations(self) -> list[str]:
         """Plain sentences for the measured numbers: speed vs FLOPs, what cosine / rel err mean."""
-        out = []
+        out = [f"{t.name}: {t.before:.2f} -> {t.after:.2f} ({t.delta:+.2f}{'' if t.higher_is_better else ', lower is better'})"
+               + (f", {t.note}" if t.note else "") + "." for t in self.tasks]
         if self.latency is not None:
             out.append(self.latency.verdict(self.after.flops / self.before.flops if self.before.flops else None) + ".")
         if self.fidelity is not None:
