@@ -9,7 +9,6 @@ subscriber keeps running sums), so memory does not grow with the number of batch
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
