@@ -111,7 +111,7 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
         record = ExportRecord(backend="onnx", path=str(path), bytes=_size_on_disk(tmpdir), seconds=0.0, verified=False)
         if verify:
             batches = list(verify_inputs or [program.example])
-            with stage(f"verify in onnxruntime on {len(batches)} batch(es)"):
+            with stage(f"verify in onnxruntime on {sum(b.batch_size() for b in batches)} sample(s)"):
                 err = verify_onnx(program, tmp_model, batches, rtol=rtol, quantile=quantile)
             record.verified = True
             record.max_abs_error, record.rel_error, record.cosine, record.provider = err
