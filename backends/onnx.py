@@ -10,11 +10,12 @@ import ctypes
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from rewrite.capture import export_program
 from rewrite.errors import ExportError, VerificationError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
+from rewrite.progress import bar, stage
 from rewrite.report import ExportRecord
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go in a side file
@@ -45,12 +47,16 @@ def to_onnx_proto(program: Program, *, opset: int = 21, dynamic: bool = True) ->
                 custom_translation_table=dict(registry.ONNX_TRANSLATIONS) or None,
             )
     except Exception as exc:  # noqa: BLE001
-        op = _unsupported_op(exc)
-        hint = f" (operator {op} has no ONNX lowering: register one in kernels.registry.ONNX_TRANSLATIONS)" if op else ""
-        raise ExportError(f"ONNX export failed{hint}: {str(exc).strip().splitlines()[0][:300]}") from exc
+        raise ExportError(explain_export_failure(exc, ep)) from exc
     proto = onnx_program.model_proto
     for post in registry.ONNX_POSTPROCESS:
         post(proto)
+    inputs, outputs, dims = interface_names(program)
+    if len(proto.graph.input) != len(inputs):
+        inputs = None  # keep the exporter's names when they do not line up with the placeholders
+    if len(proto.graph.output) != len(outputs):
+        outputs = None
+    name_interface(proto, inputs, outputs, dims)
     return proto
 
 
@@ -88,7 +94,8 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = to_onnx_proto(program, opset=opset, dynamic=dynamic)
+    with stage(f"export ONNX (opset {opset})"):
+        proto = to_onnx_proto(program, opset=opset, dynamic=dynamic)
     if not debug_metadata:
         strip_debug_metadata(proto)
     weight_bytes = sum(t.numel() * t.element_size() for t in program.params().values())
@@ -103,9 +110,12 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
             onnx.save_model(proto, tmp_model)
         record = ExportRecord(backend="onnx", path=str(path), bytes=_size_on_disk(tmpdir), seconds=0.0, verified=False)
         if verify:
-            err = verify_onnx(program, tmp_model, verify_inputs or [program.example], rtol=rtol, quantile=quantile)
+            batches = list(verify_inputs or [program.example])
+            with stage(f"verify in onnxruntime on {sum(b.batch_size() for b in batches)} sample(s)"):
+                err = verify_onnx(program, tmp_model, batches, rtol=rtol, quantile=quantile)
             record.verified = True
             record.max_abs_error, record.rel_error, record.cosine, record.provider = err
+            record.tolerance, record.quantile, record.batches = rtol, quantile, sum(b.batch_size() for b in batches)
         for f in tmpdir.iterdir():
             os.replace(f, path.parent / f.name)
     finally:
@@ -116,6 +126,41 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
 
 def _size_on_disk(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir())
+
+
+# ------------------------------------------------------------------------ latency
+def measure_latency(models: Sequence[tuple[Program, Path | None]], inputs: Inputs, *, repeats: int = 20,
+                    warmup: int = 3, opset: int = 21) -> list[float]:
+    """Median onnxruntime latency (ms) of each (program, exported file or None) on `inputs`.
+
+    Programs without a file are exported (unverified) to a temporary folder first. The runs
+    are interleaved (one run of each model per round) so that load from other processes hits
+    every model alike: the ratios are what to read, the absolute numbers vary with the machine.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for i, (program, path) in enumerate(models):
+            if path is None or not Path(path).exists():
+                path = Path(tmp) / f"m{i}.onnx"
+                export_onnx(program, path, opset=opset, verify=False)
+            sess = session(path)
+            sessions.append((sess, feeds_for(sess, program, inputs)))
+        for sess, feeds in sessions:
+            for _ in range(warmup):
+                sess.run(None, feeds)
+        times: list[list[float]] = [[] for _ in sessions]
+        for _ in bar(range(repeats), desc="onnxruntime latency", unit="round"):
+            for k, (sess, feeds) in enumerate(sessions):
+                t0 = time.perf_counter()
+                sess.run(None, feeds)
+                times[k].append(time.perf_counter() - t0)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
+def describe_shape(program: Program, inputs: Inputs) -> str:
+    """`input_ids 16x128, attention_mask 16x128`: the shape latency was measured at (ONNX input names)."""
+    pairs = zip([n.name for n in program.placeholders()], program.flat_inputs(inputs))
+    return ", ".join(f"{name} {'x'.join(str(s) for s in t.shape)}" for name, t in pairs if isinstance(t, torch.Tensor))
 
 
 # ------------------------------------------------------------------------ onnxruntime
@@ -239,9 +284,217 @@ def _quiet():
             yield
 
 
-def _unsupported_op(exc: BaseException) -> str | None:
-    import re
+def explain_export_failure(exc: BaseException, ep: Any) -> str:
+    """The exporter's cause (every exception in the chain, not only the wrapper's first line),
+    the graph node it failed on with the model source line that made it, and a fix."""
+    from rewrite.capture import exception_summary, source_line
 
-    text = str(exc)
-    m = re.search(r"(rewrite::\w+|aten::\w+|[\w]+::[\w.]+)", text)
-    return m.group(1) if m else None
+    causes = exception_summary(exc)
+    text = "\n".join(causes) + "\n" + "\n".join(str(e) for e in _notes(exc))
+    node = _failing_node(text, ep)
+    where = ""
+    if node is not None:
+        line = source_line(node)
+        where = f" at node %{node.name} ({node.target}" + (f", from {line})" if line else ")")
+        causes = [c for c in causes if "Error when translating node" not in c] or causes
+    if "No ONNX function found" in text or "has no ONNX lowering" in text:
+        fix = ("the operator has no ONNX lowering: register one in kernels.registry.ONNX_TRANSLATIONS, or replace "
+               "it in the model with torch operators")
+    elif "view" in text.lower() and "stride" in text.lower():
+        fix = "a view of a non-contiguous tensor: use reshape (or .contiguous()) before the view in the model"
+    else:
+        fix = "run with debug_metadata: true to keep torch's stack traces in the graph, and report the node above"
+    cause = "; ".join(causes) or type(exc).__name__
+    return f"ONNX export failed{where}: {cause}; fix: {fix}"
+
+
+def _notes(exc: BaseException) -> list[str]:
+    out, cur, seen = [], exc, set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        out += list(getattr(cur, "__notes__", []) or [])
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _failing_node(text: str, ep: Any) -> Any:
+    """The exported program's node named in the exporter's message ("node %twice", "While executing %view_3")."""
+    names = re.findall(r"(?:node|executing) %(\w+)", text)
+    if not names or ep is None:
+        return None
+    by_name = {n.name: n for n in ep.graph.nodes}
+    return next((by_name[n] for n in names if n in by_name), None)
+
+
+# ------------------------------------------------------------------------ interface names
+def interface_names(program: Program) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """(input names, output names, {input: {axis: dim name}}) of the program's exported interface.
+
+    Inputs keep the model's argument names (the placeholders'). Outputs are named by their
+    path in the output structure: `last_hidden_state` / `logits` for ModelOutput fields and
+    dict keys, `output_0`, `output_1` for a tuple's positions, `hidden.0` for nested ones,
+    `output` for a lone tensor. Dims follow `rewrite.capture.dim_names`.
+    """
+    from rewrite.capture import dim_names
+
+    inputs = [n.name for n in program.placeholders()]
+    dims: dict[str, dict[int, str]] = {}
+    for node in program.placeholders():
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims[node.name] = dim_names(val.is_floating_point(), val.dim())
+    return inputs, output_names(program), dims
+
+
+def output_names(program: Program) -> list[str]:
+    """One name per flattened output leaf, from the keys and fields of the output structure."""
+    info = getattr(program.graph._codegen, "pytree_info", None)
+    n_out = len(pytree.tree_leaves(program.output_node().args[0]))
+    if info is None or info.out_spec is None or info.out_spec.num_leaves != n_out:
+        return [f"output_{i}" for i in range(n_out)]
+    tree = pytree.tree_unflatten(list(range(n_out)), info.out_spec)
+    if info.out_spec.is_leaf():
+        return ["output"]
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        parts = [_key_name(k) for k in path]
+        if isinstance(path[0], pytree.SequenceKey):
+            parts[0] = f"output_{parts[0]}"
+        names.append(".".join(parts))
+    return names
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key).strip(".[]'\"")
+
+
+def name_interface(proto: Any, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                   dim_names: Mapping[str, Mapping[int, str]] | None = None) -> None:
+    """Rename an ONNX model's inputs, outputs and symbolic dims in place.
+
+    `input_names`/`output_names`: new names for the graph inputs/outputs in order (None keeps
+    them). `dim_names`: {input or output name (the new one): {axis: name}}. An input axis's
+    symbol is renamed everywhere it occurs, inside expressions too (`s53 + 1` becomes
+    `sequence_length + 1`), so outputs inherit the names; symbols that several inputs map to
+    one name are merged (input_ids and attention_mask share `batch_size` even when torch.export
+    gave their batch dims different symbols). An output axis given here is set directly.
+    Used by the ONNX export and by other exporters that build their own interface (KV caches).
+    """
+    graph = proto.graph
+    if input_names is not None:
+        _check_count("input", graph.input, input_names)
+        olds = [vi.name for vi in graph.input]
+        for old, new in zip(olds, input_names):  # free the new names first (the exporter may use them inside)
+            if new not in olds and new in _all_names(graph):
+                _rename_value(graph, new, _fresh(new + "_internal", _all_names(graph)))
+        temps = [_fresh(f"{old}__renaming", _all_names(graph)) for old in olds]
+        for old, tmp in zip(olds, temps):  # via temporaries, so a permutation of names works too
+            _rename_value(graph, old, tmp)
+        for tmp, new in zip(temps, input_names):
+            _rename_value(graph, tmp, new)
+    if output_names is not None:
+        _check_count("output", graph.output, output_names)
+        _name_outputs(graph, list(output_names))
+    if not dim_names:
+        return
+    symbols: dict[str, str] = {}
+    for vi in graph.input:
+        for axis, name in (dim_names.get(vi.name) or {}).items():
+            dims = vi.type.tensor_type.shape.dim
+            if axis < len(dims) and dims[axis].dim_param:
+                symbols.setdefault(dims[axis].dim_param, name)
+    if symbols:
+        pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(s) for s in sorted(symbols, key=len, reverse=True)) + r")(?![\w.])")
+        for vi in _all_value_infos(graph):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param:
+                    d.dim_param = pattern.sub(lambda m: symbols[m.group(1)], d.dim_param)
+    for vi in graph.output:
+        for axis, name in (dim_names.get(vi.name) or {}).items():
+            dims = vi.type.tensor_type.shape.dim
+            if axis < len(dims) and not dims[axis].HasField("dim_value"):
+                dims[axis].dim_param = name
+
+
+def _check_count(what: str, values: Any, names: Sequence[str]) -> None:
+    if len(values) != len(names):
+        raise ExportError(f"cannot name the ONNX {what}s: the graph has {len(values)}, {len(names)} names were given ({list(names)})")
+    if len(set(names)) != len(names):
+        raise ExportError(f"ONNX {what} names must be unique, got {list(names)}")
+
+
+def _all_value_infos(graph: Any) -> list[Any]:
+    return list(graph.input) + list(graph.output) + list(graph.value_info)
+
+
+def _all_names(graph: Any) -> set[str]:
+    names = {vi.name for vi in _all_value_infos(graph)} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def _name_outputs(graph: Any, new_names: list[str]) -> None:
+    """Rename graph outputs; an output that is also an input, an initializer or another output
+    gets an Identity node instead, so each output has its own name."""
+    import onnx
+
+    fixed = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    # an output cannot take an input's name: it gets a fresh one
+    taken = _all_names(graph)
+    new_names = [_fresh(n, taken | set(new_names[:i])) if n in {vi.name for vi in graph.input} else n
+                 for i, n in enumerate(new_names)]
+    # then move internal values out of the way of the names we are about to use
+    current = [vi.name for vi in graph.output]
+    for new in new_names:
+        if new in taken and new not in current:
+            _rename_value(graph, new, _fresh(new + "_internal", taken))
+            taken = _all_names(graph)
+    seen: set[str] = set()
+    for i, vi in enumerate(list(graph.output)):
+        old, new = vi.name, new_names[i]
+        if old == new:
+            seen.add(old)
+            continue
+        if old in fixed or old in seen or new in {o.name for o in graph.output}:
+            if new in {o.name for o in graph.output}:  # another output already uses the new name
+                _rename_value(graph, new, _fresh(new + "_internal", _all_names(graph)))
+            graph.node.append(onnx.helper.make_node("Identity", [old], [new], name=f"output_identity_{i}"))
+            graph.output[i].name = new
+        else:
+            _rename_value(graph, old, new)
+        seen.add(new)
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    """Rename a value everywhere in a graph and its subgraphs (which may read outer names)."""
+    for vi in _all_value_infos(graph):
+        if vi.name == old:
+            vi.name = new
+    for t in graph.initializer:
+        if t.name == old:
+            t.name = new
+    for node in graph.node:
+        for i, x in enumerate(node.input):
+            if x == old:
+                node.input[i] = new
+        for i, x in enumerate(node.output):
+            if x == old:
+                node.output[i] = new
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _rename_value(attr.g, old, new)
+            for g in attr.graphs:
+                _rename_value(g, old, new)

@@ -27,3 +27,8 @@ __all__ = [
     "RewriteError", "SpecError", "CaptureError", "CalibrationError", "PassError", "ExportError", "VerificationError",
 ]
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# a library prints nothing unless the application configures logging (the CLI does)
+_logging.getLogger("rewrite").addHandler(_logging.NullHandler())

@@ -9,7 +9,6 @@ subscriber keeps running sums), so memory does not grow with the number of batch
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -39,14 +38,14 @@ class CalibrationData:
             iterator = iter(data)
         except TypeError:
             raise CalibrationError(f"calibration must be an iterable of batches (a list or a DataLoader), got {type(data).__name__}") from None
-        for raw in iterator:
-            batch = Inputs.of(raw)
-            if not batch.structure_matches(example):
-                raise CalibrationError(
-                    "a calibration batch does not match example_inputs: "
-                    f"expected {len(example.args)} positional and keywords {sorted(example.kwargs)}, "
-                    f"got {len(batch.args)} positional and keywords {sorted(batch.kwargs)}"
-                )
+        for index, raw in enumerate(iterator):
+            try:
+                batch = Inputs.of(raw)
+            except CalibrationError as exc:
+                raise CalibrationError(f"calibration batch {index}: {exc}") from None
+            problem = batch.mismatch(example)
+            if problem:
+                raise CalibrationError(f"calibration batch {index} does not match example_inputs: {problem}")
             batches.append(batch)
             seen += batch.batch_size()
             if seen >= samples:
@@ -141,9 +140,12 @@ def capture(program: Program, batch: Inputs | Any, nodes: Iterable[fx.Node]) -> 
 
 
 def _show_progress(progress: bool | None, n: int) -> bool:
+    """An explicit flag wins; else a bar only when the current call asked for progress."""
+    from .progress import enabled
+
     if progress is not None:
         return progress
-    return n > 2 and sys.stderr.isatty()
+    return n > 1 and enabled()
 
 
 def split_batches(items: list[Any], batch_size: int) -> list[list[Any]]:

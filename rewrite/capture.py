@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import linecache
 import os
+import re
 import traceback
 from typing import Any, Iterator
 
@@ -21,6 +22,30 @@ from .inputs import Inputs
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
+def dim_names(is_float: bool, rank: int) -> dict[int, str]:
+    """What each dimension of an input means, by the conventions the exported interface uses.
+
+    Batch (dim 0) always; `sequence_length` (dim 1) for token-like inputs: integer tensors of
+    rank >= 2 (ids, masks) and float tensors of rank 3 (B, S, H embeddings); `height`/`width`
+    (dims 2, 3) for images (float, rank 4). Capture makes batch and sequence dynamic; image
+    sizes stay static, so their names only appear where a model makes them dynamic itself.
+    """
+    if rank == 0:
+        return {}
+    names = {0: "batch_size"}
+    if rank >= 2 and (not is_float or rank == 3):
+        names[1] = "sequence_length"
+    if is_float and rank == 4:
+        names[2], names[3] = "height", "width"
+    return names
+
+
+def _dynamic_axes(x: torch.Tensor) -> list[int]:
+    """Batch and (for token-like inputs) sequence: the dims capture keeps dynamic."""
+    names = dim_names(x.is_floating_point(), x.dim())
+    return [d for d, n in names.items() if n in ("batch_size", "sequence_length")]
+
+
 def dynamic_shapes_for(inputs: Inputs, dynamic: Any = True) -> Any:
     """Dynamic dims per input: batch (dim 0) always, sequence (dim 1) for token-like inputs.
 
@@ -29,6 +54,9 @@ def dynamic_shapes_for(inputs: Inputs, dynamic: Any = True) -> Any:
     `dynamic` may instead be a policy object with `dynamic_shapes(inputs)` (a generation
     graph's KV-cache dims, `rewrite.generation.GenerationShapes`); it travels as
     `Program.dynamic`, so every recapture and backend export uses it.
+    `Dim.AUTO` lets torch.export decide which of them are equal (input_ids and attention_mask
+    share the sequence symbol when the model adds them); the ONNX backend names them
+    (`backends.onnx.name_interface`).
     """
     if callable(getattr(dynamic, "dynamic_shapes", None)):
         return dynamic.dynamic_shapes(inputs)
@@ -36,10 +64,7 @@ def dynamic_shapes_for(inputs: Inputs, dynamic: Any = True) -> Any:
     def spec_for(x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or not dynamic or x.dim() == 0:
             return None
-        dims = {0: Dim.AUTO}
-        if x.dim() >= 2 and (not x.is_floating_point() or x.dim() == 3):
-            dims[1] = Dim.AUTO
-        return dims
+        return {d: Dim.AUTO for d in _dynamic_axes(x)}
 
     args = tuple(pytree.tree_map(spec_for, a) if not isinstance(a, torch.Tensor) else spec_for(a) for a in inputs.args)
     kwargs = {k: (spec_for(v) if isinstance(v, torch.Tensor) else pytree.tree_map(spec_for, v)) for k, v in inputs.kwargs.items()}
@@ -56,10 +81,9 @@ def widen_for_capture(inputs: Inputs, dynamic: Any = True) -> Inputs:
         return inputs
 
     def widen(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() >= 1 and x.shape[0] == 1:
-            x = torch.cat([x, x], dim=0)
-        if x.dim() >= 2 and (not x.is_floating_point() or x.dim() == 3) and x.shape[1] == 1:
-            x = torch.cat([x, x], dim=1)
+        for d in _dynamic_axes(x):
+            if x.shape[d] == 1:
+                x = torch.cat([x, x], dim=d)
         return x
 
     return inputs.map(widen)
@@ -168,5 +192,45 @@ def _explain_failure(root: torch.nn.Module, exc: Exception, stack: list[str]) ->
         hint = "an operator cannot be traced. Replace it with a torch operator or wrap it in a torch.library custom op."
     else:
         hint = "check that the model runs on the example inputs in eval mode; make the failing module a plain torch computation."
-    first_line = text.strip().splitlines()[0][:400] if text.strip() else type(exc).__name__
-    return f"cannot capture the model with torch.export: {first_line}\n  where: {where}\n  fix: {hint}"
+    cause = "; ".join(exception_summary(exc, limit=3)) or type(exc).__name__
+    return f"cannot capture the model with torch.export: {cause}; where: {where}; fix: {hint}"
+
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s+(?P<code>[^\n]*)')
+
+
+def source_line(node: torch.fx.Node) -> str | None:
+    """`file:line: code` of the innermost frame outside torch that made this graph node."""
+    trace = node.meta.get("stack_trace") or ""
+    found = None
+    for m in _FRAME.finditer(trace):
+        if not m.group("file").startswith(_TORCH_DIR):
+            found = f"{m.group('file')}:{m.group('line')}: {m.group('code').strip()}"
+    return found
+
+
+def exception_summary(exc: BaseException, limit: int = 6) -> list[str]:
+    """`Type: first line` of each exception in the chain, innermost (the cause) first, deduplicated.
+
+    torch.onnx wraps the cause in a ConversionError whose own first line only says that
+    conversion failed; the line that explains it is further down the chain (or in the
+    wrapper's "Exception summary" section).
+    """
+    lines: list[str] = []
+    for e in _chain(exc):
+        text = _ANSI.sub("", str(e)).strip()
+        summary = re.findall(r"^<class '([\w.]+)'>: (.+)$", text, flags=re.MULTILINE)
+        entries = [(cls.rsplit(".", 1)[-1], msg) for cls, msg in summary] if summary else [(type(e).__name__, text.splitlines()[0] if text else "")]
+        for name, msg in entries:
+            line = f"{name}: {msg.strip()}"[:500]
+            if msg and line not in lines and not _is_wrapper_message(msg):
+                lines.append(line)
+    return lines[:limit]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _is_wrapper_message(msg: str) -> bool:
+    """torch.onnx's generic 'step 3/3' banner, which says nothing about the cause."""
+    return msg.startswith("Failed to convert the exported program") or msg.startswith("Failed to decompose the FX graph")

@@ -1,23 +1,30 @@
-"""The `rewrite` command line: compile, inspect, schema, bench.
+"""The `rewrite` command line: compile, inspect, schema.
 
-    rewrite compile [SPEC] [--model MODULE:FACTORY] [--out DIR] [--backend onnx|tvm]
+    rewrite compile [SPEC] [--model MODULE:FACTORY] [--calibration FILE] [--out DIR] [--backend onnx|tvm]
     rewrite inspect [SPEC] [--importance KIND] [--model MODULE:FACTORY] [--out DIR]
     rewrite schema
+    rewrite --version
 
-`--model MODULE:FACTORY` names a function returning a model, `(model, example_inputs)` or
-`(model, example_inputs, calibration)`. Without it, the built-in all-MiniLM-L6-v2 with
-STS-B calibration sentences is used. Errors the user can fix print one message, no traceback.
+`--model MODULE:FACTORY` names a function returning `(model, example_inputs)`,
+`(model, example_inputs, calibration)` or `(model, example_inputs, calibration, tokenizer)`.
+Without it, the built-in all-MiniLM-L6-v2 with STS-B calibration sentences is used. Every
+error prints one line on stderr (`-v` adds the traceback); progress goes to stderr unless `-q`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import RewriteError
 
@@ -29,7 +36,7 @@ MODEL_DEFAULT_SPEC = SPECS_DIR / "cleanup.yaml"
 """With --model and no spec: capture, clean up and export (the deploy spec is tuned for MiniLM)."""
 
 
-def _load_factory(ref: str) -> tuple[Any, Any, Any]:
+def _load_factory(ref: str) -> tuple[Any, Any, Any, Any]:
     if ":" not in ref:
         raise RewriteError(f"--model must look like MODULE:FACTORY (e.g. mypkg.models:build), got {ref!r}")
     mod_name, fn_name = ref.split(":", 1)
@@ -43,11 +50,9 @@ def _load_factory(ref: str) -> tuple[Any, Any, Any]:
         raise RewriteError(f"{mod_name!r} has no attribute {fn_name!r} (from --model {ref})")
     got = fn()
     if isinstance(got, tuple):
-        if len(got) == 2:
-            return got[0], got[1], None
-        if len(got) == 3:
-            return got
-        raise RewriteError(f"{ref} returned a tuple of {len(got)}; expected model, (model, inputs) or (model, inputs, calibration)")
+        if 2 <= len(got) <= 4:
+            return tuple(got) + (None,) * (4 - len(got))  # type: ignore[return-value]
+        raise RewriteError(f"{ref} returned a tuple of {len(got)}; expected (model, inputs[, calibration[, tokenizer]])")
     raise RewriteError(f"{ref} returned only a model: return (model, example_inputs[, calibration]) so it can be captured")
 
 
@@ -59,50 +64,154 @@ def _default_model(samples: int, batch_size: int, seed: int) -> tuple[Any, Any, 
     return model, demo.example_inputs(tok), calib, tok
 
 
+def check_writable(out_dir: Path) -> None:
+    """Fail before any work when `--out` cannot be written (not after minutes of compiling).
+
+    Probes by creating and removing a file in the folder, or in its nearest existing parent
+    when the folder does not exist yet (nothing is left behind either way).
+    """
+    probe = out_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RewriteError(f"cannot write to --out {out_dir}: {probe} is a file, not a folder; choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise RewriteError(f"cannot write to --out {out_dir}: {exc.strerror or exc} ({probe}); choose another --out") from None
+
+
+class OutputFolder:
+    """The files one `rewrite compile` writes: each written atomically, all removed if the run fails.
+
+    An interrupted or failed run leaves neither a half-written file nor a model without its
+    report; the folder itself is removed again when this run created it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.created = not path.exists()
+        self.written: list[Path] = []
+
+    def file(self, name: str) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.path / name
+        self.written.append(target)
+        return target
+
+    def write_text(self, name: str, text: str) -> Path:
+        target = self.file(name)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        return target
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator["OutputFolder"]:
+        try:
+            yield self
+        except BaseException:
+            for f in self.written:
+                for p in (f, f.with_name(f.name + ".data"), f.with_name(f".{f.name}.tmp")):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()  # only if empty
+            raise
+
+
+def _calibration_from_file(args: argparse.Namespace, spec: Any, example: Any, tokenizer: Any) -> list[Any]:
+    from .calibration_files import load_calibration_file
+    from .inputs import Inputs
+
+    return load_calibration_file(args.calibration, Inputs.of(example), tokenizer=tokenizer, samples=spec.calibration.samples,
+                                 batch_size=spec.calibration.batch_size)
+
+
+def _status(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from .compiler import compile as rewrite_compile
+    from .progress import showing, stage
     from .spec import Spec
 
     default = MODEL_DEFAULT_SPEC if args.model else DEFAULT_SPEC
     spec_path = args.spec or (default if default.exists() else None)
     spec = Spec.load(spec_path)
-    if not args.spec and spec_path is not None:
-        print(f"no spec given: using {spec_path.name}", file=sys.stderr)
     out_dir = Path(args.out)
-    tokenizer = None
-    if args.model:
-        model, example, calib = _load_factory(args.model)
-    else:
-        model, example, calib, tokenizer = _default_model(spec.calibration.samples, spec.calibration.batch_size, spec.calibration.seed)
-    print(f"compiling {type(model).__name__} with {len(spec.passes)} pass(es): {', '.join(p.kind for p in spec.passes)}", file=sys.stderr)
-    start = time.perf_counter()
-    compiled = rewrite_compile(model, spec, example_inputs=example, calibration=calib, progress=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.backend in ("onnx", "all"):
-        rec = compiled.export(out_dir / "model.onnx", verify_inputs=compiled.verification_batches())
-        print(f"wrote {rec.path} ({rec.bytes / 1e6:.2f} MB), onnxruntime max abs error {rec.max_abs_error:.2e}", file=sys.stderr)
-        _save_generation_tokenizer(args, compiled, out_dir)
-    if args.backend in ("tvm", "all"):
-        built = compiled.build("tvm", target=args.target, verify=True, verify_inputs=compiled.verification_batches())
-        if hasattr(built, "save"):
-            built.save(out_dir / "model.tvm.so")
-        print(f"wrote {out_dir / 'model.tvm.so'} (TVM {args.target}); {getattr(built, 'verify_note', '')}", file=sys.stderr)
-        if args.emit_source and hasattr(built, "source"):
-            src_name = "kernels.cu" if "cuda" in str(args.target) else "kernels.ll"  # CUDA C, else LLVM IR
-            (out_dir / src_name).write_text(built.source())
-    if tokenizer is not None and not args.no_eval:
-        from . import demo
-
-        if demo.stsb_dir() is not None:
-            score_before = demo.sts_score(compiled.original.module, tokenizer, limit=args.eval_pairs)
-            score_after = demo.sts_score(compiled.module, tokenizer, limit=args.eval_pairs)
-            compiled.report.metrics["stsb_dev_spearman_original"] = round(score_before, 3)
-            compiled.report.metrics["stsb_dev_spearman_rewritten"] = round(score_after, 3)
-    (out_dir / "report.md").write_text(compiled.report.to_markdown(), encoding="utf-8")
-    (out_dir / "report.json").write_text(compiled.report.to_json(), encoding="utf-8")
+    check_writable(out_dir)
+    if not args.spec and spec_path is not None:
+        _status(args, f"no spec given: using {spec_path.name}")
+    with showing(not args.quiet), OutputFolder(out_dir).transaction() as out:
+        tokenizer = None
+        start = time.perf_counter()
+        with stage("load the model"):
+            if args.model:
+                model, example, calib, tokenizer = _load_factory(args.model)
+            else:
+                model, example, calib, tokenizer = _default_model(spec.calibration.samples, spec.calibration.batch_size, spec.calibration.seed)
+        if args.calibration:
+            calib = _calibration_from_file(args, spec, example, tokenizer)
+        _status(args, f"compiling {type(model).__name__} with {len(spec.passes)} pass(es): {', '.join(p.kind for p in spec.passes)}")
+        compiled = rewrite_compile(model, spec, example_inputs=example, calibration=calib)
+        if args.backend in ("onnx", "all"):
+            rec = compiled.export(out.file("model.onnx"), verify_inputs=compiled.verification_batches())
+            _status(args, f"wrote {rec.path} ({rec.bytes / 1e6:.2f} MB). {rec.verdict()}")
+            _save_generation_tokenizer(args, compiled, out_dir)
+            if not args.no_latency and not compiled.program.notes.get("generation"):
+                lat = compiled.measure_latency()
+                _status(args, lat.verdict(compiled.report.after.flops / max(compiled.report.before.flops, 1)))
+        if args.backend in ("tvm", "all"):
+            with stage(f"build with TVM ({args.target}) and verify"):
+                built = compiled.build("tvm", target=args.target, verify=True, verify_inputs=compiled.verification_batches())
+            if hasattr(built, "save"):
+                built.save(out.file("model.tvm.so"))
+            _status(args, f"wrote {out_dir / 'model.tvm.so'} (TVM {args.target}); {getattr(built, 'verify_note', '')}")
+            if args.emit_source and hasattr(built, "source"):
+                src_name = "kernels.cu" if "cuda" in str(args.target) else "kernels.ll"  # CUDA C, else LLVM IR
+                out.write_text(src_name, built.source())
+        if tokenizer is not None and not args.no_eval and not args.model:
+            _evaluate_stsb(compiled, tokenizer, args)
+        out.write_text("report.md", compiled.report.to_markdown())
+        out.write_text("report.json", compiled.report.to_json())
     print(compiled.report.to_table())
-    print(f"done in {time.perf_counter() - start:.1f}s; report: {out_dir / 'report.md'}", file=sys.stderr)
+    _status(args, f"done in {time.perf_counter() - start:.1f}s; report: {out_dir / 'report.md'}")
     return 0
+
+
+def _evaluate_stsb(compiled: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+    """STS-B dev Spearman of the built-in model before and after, into the report's main table.
+
+    The rewritten model is scored as exported, in onnxruntime, when an ONNX file was written:
+    that is the model being deployed, and its integer kernels run there at full speed while
+    the torch graph runs reference implementations of them (minutes instead of seconds).
+    """
+    from . import demo
+    from .progress import stage
+
+    if demo.stsb_dir() is None:
+        _status(args, "STS-B data not found (../shared/data/stsb or $REWRITE_STSB): the accuracy check is skipped")
+        return
+    with stage("STS-B dev: scoring the original model (torch)"):
+        before = demo.sts_score(compiled.original.module, tokenizer, limit=args.eval_pairs)
+    exported = next((Path(e.path) for e in reversed(compiled.report.exports) if e.backend == "onnx" and Path(e.path).exists()), None)
+    rewritten, runtime = compiled.module, "torch"
+    if exported is not None:
+        from backends.onnx import OnnxModule
+
+        rewritten, runtime = OnnxModule(exported, compiled.program), "onnxruntime"
+    with stage(f"STS-B dev: scoring the rewritten model ({runtime})"):
+        after = demo.sts_score(rewritten, tokenizer, limit=args.eval_pairs)
+    pairs = f"{args.eval_pairs} pairs of " if args.eval_pairs else ""
+    compiled.report.add_task_metric("STS-B dev Spearman x100", before, after, key="stsb_dev_spearman",
+                                    note=f"on {pairs}STS-B dev; the original scored in torch, the rewritten in {runtime}")
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -178,8 +287,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate_parser(sub: Any) -> None:
-    g = sub.add_parser("generate", help="generate text with an exported text-generation ONNX model (KV cache)")
+def _add_generate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    g = sub.add_parser("generate", parents=[common], help="generate text with an exported text-generation ONNX model (KV cache)")
     g.add_argument("prompt")
     g.add_argument("--onnx", default="out/model.onnx", help="an exported generation graph (default: out/model.onnx)")
     g.add_argument("--model", help="MODULE:FACTORY whose module provides the tokenizer (default: the one saved beside --onnx)")
@@ -193,24 +302,39 @@ def _add_generate_parser(sub: Any) -> None:
     g.set_defaults(func=cmd_generate)
 
 
+def _output_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-v / -q, accepted before and after the subcommand (SUPPRESS there, so a subcommand
+    without them does not reset what was given before it)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log each pass; print the traceback of an error")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress or status lines (errors and the report still print)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rewrite", description="A declarative graph-rewrite compiler for PyTorch models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each pass")
+    p.add_argument("--version", action="version", version=f"rewrite {_version()}")
+    _output_flags(p, False)
     sub = p.add_subparsers(dest="command")
+    common = argparse.ArgumentParser(add_help=False)
+    _output_flags(common, argparse.SUPPRESS)  # also after the subcommand (`rewrite compile -q`)
 
-    c = sub.add_parser("compile", help="compile a model with a spec and export it")
+    c = sub.add_parser("compile", parents=[common], help="compile a model with a spec and export it")
     c.add_argument("spec", nargs="?", help="spec file (YAML or JSON); default: specs/minilm-deploy.yaml for the built-in model, "
                    "specs/cleanup.yaml with --model")
     c.add_argument("--model", help="MODULE:FACTORY returning (model, example_inputs[, calibration]); default: all-MiniLM-L6-v2")
-    c.add_argument("--out", default="out", help="output folder (default: out)")
+    c.add_argument("--calibration", metavar="FILE", help="calibration data: .txt or .jsonl text (one sample a line; needs "
+                   "a tokenizer) or .pt (torch.save of a list of batches shaped like the example inputs)")
+    c.add_argument("--out", default="out", help="output folder (default: out); checked for writing before any work")
     c.add_argument("--backend", choices=["onnx", "tvm", "all"], default="onnx")
     c.add_argument("--target", default="llvm", help="TVM target for --backend tvm (llvm, cuda)")
     c.add_argument("--emit-source", action="store_true", help="write generated kernel source (TVM)")
     c.add_argument("--no-eval", action="store_true", help="skip the STS-B accuracy check of the built-in model")
     c.add_argument("--eval-pairs", type=int, default=None, help="limit STS-B pairs for the accuracy check")
+    c.add_argument("--no-latency", action="store_true", help="skip measuring onnxruntime latency before and after")
     c.set_defaults(func=cmd_compile)
 
-    i = sub.add_parser("inspect", help="importance tables and plots, without rewriting")
+    i = sub.add_parser("inspect", parents=[common], help="importance tables and plots, without rewriting")
     i.add_argument("spec", nargs="?", help="spec whose importance kinds to show")
     i.add_argument("--importance", action="append", help="importance kind to compute (repeatable)")
     i.add_argument("--model", help="MODULE:FACTORY; default: all-MiniLM-L6-v2")
@@ -220,28 +344,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schema", help="print the spec's JSON schema")
     s.set_defaults(func=cmd_schema)
-    _add_generate_parser(sub)
+    _add_generate_parser(sub, common)
     return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("rewrite")
+    except Exception:  # noqa: BLE001 - not installed (run from a checkout)
+        from . import __version__
+
+        return __version__
+
+
+def one_line(exc: BaseException) -> str:
+    """`error: ...` on one line: the compiler's own errors as they are, others with their type."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, RewriteError):
+        return f"error: {text}"
+    return f"error: {type(exc).__name__}: {text or 'no message'} (run with -v for the traceback)"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    with _logging_to_stderr(args), warnings.catch_warnings():
+        if not args.verbose:  # deprecation notices from torch/transformers internals are not the user's to act on
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(args: argparse.Namespace) -> Iterator[None]:
+    """The compiler's log on stderr for this command (INFO with -v, nothing below ERROR with -q)."""
+    logger = logging.getLogger("rewrite")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    old_level = logger.level
+    logger.setLevel(logging.INFO if args.verbose else (logging.ERROR if args.quiet else logging.WARNING))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
-    except RewriteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every error is one line; -v shows where it came from
+        if args.verbose:
+            traceback.print_exc()
+        print(one_line(exc), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

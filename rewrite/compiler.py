@@ -13,8 +13,9 @@ from .calibration import CalibrationData
 from .inputs import Inputs
 from .measure import cost, fidelity
 from .passmanager import PassContext, pass_for, run_passes
+from .progress import showing, stage
 from .program import Program
-from .report import ExportRecord, PassRecord, Report
+from .report import ExportRecord, LatencyRecord, PassRecord, Report
 from .spec import Spec
 
 log = logging.getLogger("rewrite")
@@ -45,12 +46,19 @@ class Compiled:
         return self.program.module(*args, **kwargs)
 
     def export(self, path: str | os.PathLike, *, verify: bool = True, opset: int | None = None,
-               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None, tokenizer: Any = None) -> ExportRecord:
+               dynamic: bool | None = None, verify_inputs: Iterable[Any] | None = None, tokenizer: Any = None,
+               progress: bool | None = None) -> ExportRecord:
         """Write an ONNX model, verified in onnxruntime against `module` (atomic on failure).
 
         A text-generation graph is exported with its KV cache (`backends.onnx_generation`) and
         also verified by greedy generation; `tokenizer` is then saved beside the file.
         """
+        with showing(progress):
+            return self._export(path, verify=verify, opset=opset, dynamic=dynamic, verify_inputs=verify_inputs,
+                                tokenizer=tokenizer)
+
+    def _export(self, path: str | os.PathLike, *, verify: bool, opset: int | None, dynamic: bool | None,
+                verify_inputs: Iterable[Any] | None, tokenizer: Any = None) -> ExportRecord:
         from backends.onnx import export_onnx
 
         onnx_spec = self.spec.export.onnx
@@ -82,6 +90,32 @@ class Compiled:
         if why and verify:
             record.notes.append(why)
         self.report.exports.append(record)
+        return record
+
+    def measure_latency(self, inputs: Any = None, *, repeats: int = 20, progress: bool | None = None) -> LatencyRecord:
+        """onnxruntime latency of the original and the rewritten model, side by side; kept in the report.
+
+        At `inputs`, by default the largest calibration batch: example inputs are often tiny,
+        and at tiny shapes fixed per-op overheads hide what a rewrite saves. The rewritten
+        model's exported file is reused when `export` wrote one; the original is exported to a
+        temporary folder.
+        """
+        from backends.onnx import describe_shape, measure_latency
+
+        if inputs is None:
+            pool = (list(self.calibration.batches) + list(self.calibration.holdout)) if self.calibration else []
+            inputs = max(pool, key=lambda b: sum(t.numel() for t in b.tensors())) if pool else self.program.example
+        inputs = Inputs.of(inputs)
+        written = next((Path(e.path) for e in reversed(self.report.exports) if e.backend == "onnx" and Path(e.path).exists()), None)
+        with showing(progress), stage(f"measure onnxruntime latency at {describe_shape(self.program, inputs)}"):
+            before, after = measure_latency([(self.original, None), (self.program, written)], inputs, repeats=repeats,
+                                            opset=self.spec.export.onnx.opset)
+        import backends.onnx as onnx_backend
+
+        provider = onnx_backend.providers()[0].replace("ExecutionProvider", "")
+        record = LatencyRecord(runtime=f"onnxruntime {provider}", shape=describe_shape(self.program, inputs), before_ms=before,
+                               after_ms=after, repeats=repeats)
+        self.report.latency = record
         return record
 
     def backend_check(self) -> tuple[float, float, str]:
@@ -135,6 +169,11 @@ def compile(
     `model` may also be a `Program` from `Program.capture` (captured once, compiled with
     several specs); it is cloned, not changed.
     """
+    with showing(progress):
+        return _compile(model, spec, example_inputs, calibration, dynamic, task_loss)
+
+
+def _compile(model: torch.nn.Module, spec: Any, example_inputs: Any, calibration: Any, dynamic: bool, task_loss: Any) -> Compiled:
     spec = Spec.load(spec)
     example = Inputs.of(example_inputs)
     passes = [pass_for(s) for s in spec.passes]
@@ -158,18 +197,20 @@ def compile(
 
     from passes.canonicalize import canonicalize
 
-    original = model.clone() if isinstance(model, Program) else Program.capture(model, example, dynamic=dynamic)
-    if layout is not None:
-        original.notes[generation.NOTES_KEY] = layout.to_dict()
-    canonicalize(original)
+    with stage(f"capture {type(model).__name__} with torch.export"):
+        original = model.clone() if isinstance(model, Program) else Program.capture(model, example, dynamic=dynamic)
+        if layout is not None:
+            original.notes[generation.NOTES_KEY] = layout.to_dict()
+        canonicalize(original)
     program = original.clone()
     before = cost(original)
-    ctx = PassContext(spec=spec, calibration=calib, original=original, task_loss=task_loss, progress=progress)
+    ctx = PassContext(spec=spec, calibration=calib, original=original, task_loss=task_loss, progress=None)
     records: list[PassRecord] = []
     warnings: list[str] = []
     program = run_passes(program, ctx, passes, records, warnings)
     if spec.budget is not None:
-        program = _apply_budget(program, ctx, records)
+        with stage("budget: choosing the rewrites"):
+            program = _apply_budget(program, ctx, records)
     n_cal = sum(b.batch_size() for b in calib.batches)
     n_hold = sum(b.batch_size() for b in calib.holdout)
     report = Report(

@@ -126,9 +126,12 @@ def last_hidden(output: Any) -> torch.Tensor:
 
 def embed(fn: Callable[..., Any], tokenizer: Any, sentences: list[str], batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
     """Sentence embeddings from any callable taking input_ids=, attention_mask= (torch or ORT)."""
+    from .progress import bar
+
     out = []
+    starts = range(0, len(sentences), batch_size)
     with torch.no_grad():
-        for i in range(0, len(sentences), batch_size):
+        for i in bar(starts, desc=f"embedding {len(sentences)} sentences", total=len(starts)):
             batch = tokenize(tokenizer, sentences[i : i + batch_size], max_length)
             hidden = last_hidden(batch.call(fn))
             hidden = torch.as_tensor(hidden)

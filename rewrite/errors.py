@@ -1,6 +1,6 @@
 """Errors that reach the user. Each one names the problem and the fix in one message.
 
-The CLI prints `str(error)` for these and exits non-zero, without a traceback.
+The CLI prints `error: <message>` on one line for these and exits non-zero; `-v` adds the traceback.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ class SpecError(RewriteError, ValueError):
 
 
 class CaptureError(RewriteError):
-    """torch.export could not capture the model: the message names the module and source line."""
+    """torch.export could not capture the model: the message gives torch's cause, the module and
+    source line that raised it, and a fix, on one line."""
 
 
 class CalibrationError(RewriteError):
@@ -26,7 +27,9 @@ class PassError(RewriteError):
 
 
 class ExportError(RewriteError):
-    """Lowering to a backend (ONNX, TVM) failed."""
+    """Lowering to a backend (ONNX, TVM) failed: the message gives the exporter's cause (every
+    exception in its chain, not only the wrapper's first line), the graph node and the model's
+    source line that made it where known, and a fix."""
 
 
 class VerificationError(RewriteError):

@@ -58,6 +58,35 @@ class Inputs:
     def flat(self) -> list[Any]:
         return pytree.tree_leaves((self.args, self.kwargs))
 
+    def mismatch(self, example: "Inputs") -> str | None:
+        """Why this batch cannot stand in for `example` (None if it can): structure, rank, dtype, fixed dims.
+
+        Batch and sequence dims may differ (they are captured dynamic); every other dim, the
+        rank, the dtype and the nesting must match, or the captured graph's guards fail deep
+        inside a pass with an unexplained AssertionError.
+        """
+        from .capture import dim_names
+
+        if not self.structure_matches(example):
+            return (f"it has {len(self.args)} positional inputs and keywords {sorted(self.kwargs)}; expected "
+                    f"{len(example.args)} positional and keywords {sorted(example.kwargs)}")
+        mine, _ = pytree.tree_flatten_with_path((self.args, self.kwargs))
+        theirs, spec = pytree.tree_flatten_with_path((example.args, example.kwargs))
+        if len(mine) != len(theirs) or pytree.tree_structure((self.args, self.kwargs)) != spec:
+            return f"it is nested differently from example_inputs (expected {_structure(example)})"
+        for (path, got), (_, want) in zip(mine, theirs):
+            name = _path_name(path)
+            if not isinstance(want, torch.Tensor):
+                continue
+            if not isinstance(got, torch.Tensor):
+                return f"input {name!r} is a {type(got).__name__}, expected a tensor of shape {_expected(want)}"
+            dynamic = {d for d, n in dim_names(want.is_floating_point(), want.dim()).items() if n in ("batch_size", "sequence_length")}
+            fixed_ok = got.dim() == want.dim() and all(d in dynamic or got.shape[d] == want.shape[d] for d in range(want.dim()))
+            if not fixed_ok or got.dtype != want.dtype:
+                return (f"input {name!r} has shape {_shape(got)} {_dtype(got)}, expected {_expected(want)} {_dtype(want)}"
+                        + (f" (convert with .to({_dtype(want)}))" if fixed_ok else ""))
+        return None
+
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for i, a in enumerate(self.args):
             if isinstance(a, torch.Tensor):
@@ -65,3 +94,40 @@ class Inputs:
         for k, v in self.kwargs.items():
             if isinstance(v, torch.Tensor):
                 yield k, v
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in x.shape) + "]"
+
+
+def _dtype(x: torch.Tensor) -> str:
+    return str(x.dtype)
+
+
+def _expected(x: torch.Tensor) -> str:
+    """`[batch_size, sequence_length]` / `[batch_size, 3, 32, 32]`: the dims that may vary by name."""
+    from .capture import dim_names
+
+    names = {d: n for d, n in dim_names(x.is_floating_point(), x.dim()).items() if n in ("batch_size", "sequence_length")}
+    return "[" + ", ".join(names.get(d, str(s)) for d, s in enumerate(x.shape)) + "]"
+
+
+def _path_name(path: tuple) -> str:
+    """`input_ids`, `args[0]`, `pixel_values[1]`: a readable name for a leaf of (args, kwargs)."""
+    if not path:
+        return "input"
+    top, rest = path[0], path[1:]
+    parts: list[str] = []
+    if getattr(top, "idx", None) == 0 and rest:  # args
+        parts.append(f"args[{rest[0].idx}]" if hasattr(rest[0], "idx") else "args")
+        rest = rest[1:]
+    elif rest:  # kwargs
+        parts.append(str(getattr(rest[0], "key", rest[0])))
+        rest = rest[1:]
+    for k in rest:
+        parts.append(f"[{getattr(k, 'idx', getattr(k, 'key', k))!r}]" if not hasattr(k, "name") else f".{k.name}")
+    return "".join(parts)
+
+
+def _structure(inputs: Inputs) -> str:
+    return str(pytree.tree_map_only(torch.Tensor, _expected, (inputs.args, inputs.kwargs)))

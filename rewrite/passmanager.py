@@ -19,6 +19,7 @@ from .calibration import CalibrationData
 from .errors import PassError, VerificationError
 from .measure import cost, fidelity
 from .program import Program
+from .progress import stage
 from .report import PassRecord
 from .spec import Spec
 
@@ -121,6 +122,15 @@ def check_order(passes: list[Pass]) -> None:
             state.setdefault(prop, i)
 
 
+def _describe(p: "Pass") -> str:
+    """`prune (granularity=head)`: the kind and the field that tells passes of one kind apart."""
+    for field_name in ("granularity", "method"):
+        value = getattr(p.spec, field_name, None)
+        if isinstance(value, str):
+            return f"{p.kind} ({field_name}={value})"
+    return p.kind
+
+
 def run_passes(program: Program, ctx: PassContext, passes: list[Pass], records: list[PassRecord], warnings: list[str]) -> Program:
     """Run every pass in order; measure after each one."""
     from passes.canonicalize import canonicalize  # the pipeline canonicalises after every recapture
@@ -131,20 +141,21 @@ def run_passes(program: Program, ctx: PassContext, passes: list[Pass], records: 
             ctx.calibration.require(f"the {p.kind} pass")
     for i, p in enumerate(passes):
         ctx.index = i
-        p.check(program, ctx)
-        start = time.perf_counter()
-        result = p.run(program, ctx)
-        program = result.program
-        program.finalize()
-        program = program.recapture()
-        canonicalize(program)
-        seconds = time.perf_counter() - start
-        ctx.state |= set(p.establishes)
-        if not p.preserves_stats:
-            ctx.cache.clear()
-        fid = fidelity(ctx.original, program, ctx.calibration.holdout)
-        seen = list(ctx.calibration.batches)[: max(2, len(ctx.calibration.holdout))]  # what the fits saw
-        fid_cal = None if ctx.calibration.from_example else fidelity(ctx.original, program, seen)
+        with stage(f"pass {i + 1}/{len(passes)}: {_describe(p)}"):
+            p.check(program, ctx)
+            start = time.perf_counter()
+            result = p.run(program, ctx)
+            program = result.program
+            program.finalize()
+            program = program.recapture()
+            canonicalize(program)
+            seconds = time.perf_counter() - start
+            ctx.state |= set(p.establishes)
+            if not p.preserves_stats:
+                ctx.cache.clear()
+            fid = fidelity(ctx.original, program, ctx.calibration.holdout)
+            seen = list(ctx.calibration.batches)[: max(2, len(ctx.calibration.holdout))]  # what the fits saw
+            fid_cal = None if ctx.calibration.from_example else fidelity(ctx.original, program, seen)
         if fid is not None and fid.cosine_drop > ctx.spec.verify.max_cosine_drop:
             msg = (f"pass {i} ({p.kind}) lowered output cosine to {fid.cosine:.4f} "
                    f"(drop {fid.cosine_drop:.4f} > verify.max_cosine_drop {ctx.spec.verify.max_cosine_drop})")

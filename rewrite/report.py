@@ -38,6 +38,68 @@ class ExportRecord(BaseModel):
     cosine: float | None = None
     provider: str | None = None
     notes: list[str] = Field(default_factory=list)
+    tolerance: float | None = None
+    """Relative tolerance verification used (of the output's largest magnitude)."""
+    quantile: float | None = None
+    """Fraction of output values that had to be within `tolerance` (1.0: all of them)."""
+    batches: int | None = None
+    """Samples the backend was checked on (held-back calibration batches, or the example inputs)."""
+
+    def verdict(self) -> str:
+        """One plain sentence: what was compared, the numbers, what they mean, and whether it passed."""
+        runtime = "onnxruntime" if self.backend == "onnx" else self.backend
+        where = f"{runtime} ({self.provider})" if self.provider else runtime
+        if not self.verified or self.max_abs_error is None:
+            return f"{where}: not verified against the torch module (export(verify=False))."
+        samples = f"{self.batches} held-back sample(s)" if self.batches else "the example inputs"
+        within = ("every output value" if (self.quantile or 1.0) >= 1.0 else f"{self.quantile:.0%} of output values")
+        tol = f"{self.tolerance:.0e}" if self.tolerance is not None else "the tolerance"
+        cos = f"; cosine similarity of the outputs {self.cosine:.6f} (1 = identical)" if self.cosine is not None else ""
+        return (f"{where} matches the rewritten torch module on {samples}: largest difference {self.max_abs_error:.2e}, "
+                f"which is {self.rel_error:.2e} of the largest output value{cos}; the check requires {within} within "
+                f"{tol} of the largest output value: passed.")
+
+
+class LatencyRecord(BaseModel):
+    """Measured runtime of the exported original and rewritten models, side by side."""
+
+    runtime: str
+    shape: str
+    """The inputs it was measured on, e.g. `input_ids 16x128, attention_mask 16x128`."""
+    before_ms: float
+    after_ms: float
+    repeats: int
+    threads: int | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.after_ms / self.before_ms if self.before_ms else float("nan")
+
+    def verdict(self, flops_ratio: float | None) -> str:
+        """The latency change next to the FLOPs change, and a plain note when they disagree."""
+        speed = f"{self.runtime} latency {_ms(self.before_ms)} ms -> {_ms(self.after_ms)} ms ({self.ratio:.2f}x, median of {self.repeats}) at {self.shape}"
+        if flops_ratio is None:
+            return speed
+        speed += f"; FLOPs {flops_ratio:.2f}x"
+        if flops_ratio < 0.9 and self.ratio > 0.95:
+            speed += (" (the rewrite removes FLOPs but not time on this runtime: the remaining ops, or the kernels "
+                      "that replace them, are not faster here)")
+        return speed
+
+
+class TaskMetric(BaseModel):
+    """A task metric measured outside the pipeline on the original and the rewritten model."""
+
+    name: str
+    before: float
+    after: float
+    higher_is_better: bool = True
+    note: str = ""
+    """How it was measured (data, runtime)."""
+
+    @property
+    def delta(self) -> float:
+        return self.after - self.before
 
 
 class Report(BaseModel):
@@ -51,6 +113,45 @@ class Report(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
     """Task metrics measured outside the pipeline (e.g. STS-B Spearman before/after)."""
+    tasks: list[TaskMetric] = Field(default_factory=list)
+    """The same task metrics as before/after pairs, for the summary table."""
+    latency: LatencyRecord | None = None
+
+    def add_task_metric(self, name: str, before: float, after: float, *, key: str | None = None,
+                        higher_is_better: bool = True, note: str = "") -> None:
+        """Record a task metric before and after (also as `metrics[key_original/_rewritten]`)."""
+        self.tasks.append(TaskMetric(name=name, before=before, after=after, higher_is_better=higher_is_better, note=note))
+        if key:
+            self.metrics[f"{key}_original"] = round(before, 3)
+            self.metrics[f"{key}_rewritten"] = round(after, 3)
+
+    def summary_rows(self) -> list[list[str]]:
+        """The main table: before, after and change of size, compute, measured speed and task metrics."""
+        rows = [["", "before", "after", "change"],
+                ["params", _n(self.before.params), _n(self.after.params), _x(self.after.params, self.before.params)],
+                ["FLOPs (example inputs)", _n(self.before.flops), _n(self.after.flops), _x(self.after.flops, self.before.flops)],
+                ["weights MB", f"{self.before.weight_mb:.2f}", f"{self.after.weight_mb:.2f}",
+                 _x(self.after.weight_bytes, self.before.weight_bytes)]]
+        if self.latency is not None:
+            lat = self.latency
+            rows.append([f"{lat.runtime} latency ms", _ms(lat.before_ms), _ms(lat.after_ms), f"{lat.ratio:.2f}x"])
+        for t in self.tasks:
+            rows.append([t.name, f"{t.before:.2f}", f"{t.after:.2f}", f"{t.delta:+.2f}"])
+        if self.fidelity is not None:
+            rows.append(["output cosine (held back)", "1.000000", f"{self.fidelity.cosine:.6f}", f"{self.fidelity.cosine - 1:+.2e}"])
+        return rows
+
+    def explanations(self) -> list[str]:
+        """Plain sentences for the measured numbers: speed vs FLOPs, what cosine / rel err mean."""
+        out = [f"{t.name}: {t.before:.2f} -> {t.after:.2f} ({t.delta:+.2f}{'' if t.higher_is_better else ', lower is better'})"
+               + (f", {t.note}" if t.note else "") + "." for t in self.tasks]
+        if self.latency is not None:
+            out.append(self.latency.verdict(self.after.flops / self.before.flops if self.before.flops else None) + ".")
+        if self.fidelity is not None:
+            out.append("cosine / rel err: how close the rewritten model's outputs are to the original's on held-back "
+                       "calibration samples (cosine 1 and rel err 0 = identical; rel err is the largest difference "
+                       "relative to the largest output value).")
+        return out
 
     # -- rendering ---------------------------------------------------------------------
     def rows(self) -> list[list[str]]:
@@ -70,14 +171,12 @@ class Report(BaseModel):
         return rows
 
     def to_table(self) -> str:
-        """A plain-text table for the terminal."""
-        rows = self.rows()
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        """A plain-text table for the terminal: the summary, the per-pass table, then prose."""
         lines = [f"rewrite report: {self.model}"]
-        for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-            if i == 0 or i == len(rows) - 2:
-                lines.append("  ".join("-" * w for w in widths))
+        lines += _text_table(self.summary_rows(), rules=(0,))
+        lines.append("")
+        rows = self.rows()
+        lines += _text_table(rows, rules=(0, len(rows) - 2))
         lines += self._prose(markdown=False)
         return "\n".join(lines)
 
@@ -86,6 +185,11 @@ class Report(BaseModel):
         out = [f"# rewrite report: {self.model}", ""]
         if self.calibration:
             out += [f"Calibration: {self.calibration}", ""]
+        summary = self.summary_rows()
+        out.append("| " + " | ".join(summary[0]) + " |")
+        out.append("|---|---:|---:|---:|")
+        out += ["| " + " | ".join(r) + " |" for r in summary[1:]]
+        out += ["", "## Passes", ""]
         out.append("| " + " | ".join(rows[0]) + " |")
         out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(rows[0]))) + "|")
         for r in rows[1:]:
@@ -109,11 +213,12 @@ class Report(BaseModel):
                 out.append(f"{bullet}{p.name}: {line}")
         for e in self.exports:
             status = "verified" if e.verified else "NOT verified"
-            err = f", max abs error {e.max_abs_error:.2e}, rel error {e.rel_error:.2e}" if e.max_abs_error is not None else ""
-            out.append(f"{bullet}export {e.backend}: {e.path} ({e.bytes / 1e6:.2f} MB), {status}{err}" + (f" on {e.provider}" if e.provider else ""))
+            out.append(f"{bullet}export {e.backend}: {e.path} ({e.bytes / 1e6:.2f} MB), {status}. {e.verdict()}")
             out += [f"{bullet}export {e.backend}: {n}" for n in e.notes]
         out += self._overfit_lines(bullet)
-        out += [f"{bullet}{k}: {v}" for k, v in self.metrics.items()]
+        out += [f"{bullet}{line}" for line in self.explanations()]
+        if not self.tasks:  # metrics recorded as pairs are in the summary table already
+            out += [f"{bullet}{k}: {v}" for k, v in self.metrics.items()]
         out += [f"{bullet}warning: {w}" for w in self.warnings]
         return out
 
@@ -141,6 +246,25 @@ def _n(x: int) -> str:
 
 def _r(a: float, b: float) -> str:
     return f"{a / b:.3f}" if b else "n/a"
+
+
+def _ms(ms: float) -> str:
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
+def _x(a: float, b: float) -> str:
+    return f"{a / b:.3f}x" if b else "n/a"
+
+
+def _text_table(rows: list[list[str]], rules: tuple[int, ...] = (0,)) -> list[str]:
+    """Aligned columns (first left, the rest right) with a rule under the given rows."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i in rules:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def _details_markdown(details: dict[str, Any]) -> list[str]:

@@ -277,7 +277,7 @@ class Spec(StrictModel):
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise SpecError(f"spec: expected a mapping of settings, got {type(data).__name__}")
+            raise SpecError(f"spec: expected a mapping of settings (e.g. passes: [...]), got {type(data).__name__}")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -290,7 +290,10 @@ class Spec(StrictModel):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise SpecError(f"spec is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise SpecError(f"{_source_name(source)} is not valid YAML{at}: {problem}") from None
         return cls.parse(data)
 
     @classmethod
@@ -299,7 +302,7 @@ class Spec(StrictModel):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise SpecError(f"spec is not valid JSON: {exc}") from None
+            raise SpecError(f"{_source_name(source)} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
         return cls.parse(data)
 
     @classmethod
@@ -319,8 +322,17 @@ class Spec(StrictModel):
         return self.model_dump_json(indent=2)
 
 
+def _is_path(source: str | Path) -> bool:
+    return isinstance(source, Path) or ("\n" not in str(source) and Path(str(source)).suffix in {".yaml", ".yml", ".json"})
+
+
+def _source_name(source: str | Path) -> str:
+    """`spec file specs/x.yaml` or `spec` (a YAML string): what the error message names."""
+    return f"spec file {source}" if _is_path(source) else "spec"
+
+
 def _read_text(source: str | Path) -> str:
-    if isinstance(source, Path) or ("\n" not in str(source) and Path(str(source)).suffix in {".yaml", ".yml", ".json"}):
+    if _is_path(source):
         path = Path(source)
         if not path.exists():
             raise SpecError(f"spec file not found: {path}")
@@ -329,33 +341,76 @@ def _read_text(source: str | Path) -> str:
 
 
 def _explain(exc: ValidationError) -> str:
-    """One line per problem: field path, the bad value, and what is valid."""
-    lines = []
-    seen: set[str] = set()
+    """One line: per problem the field path, the bad value, and what is valid (problems joined by '; ').
+
+    A value that fits no member of a union (`layers: two` against int | float | list) gives
+    pydantic one error per member; they become one problem listing what each member accepts.
+    """
+    problems: dict[str, list[tuple[str, dict]]] = {}
     for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
         # drop pydantic's union-member tags ("prune", "list[...]", "int") from the path
         path = ".".join(p for p in loc if not _is_union_tag(p)) or "spec"
+        member = next((p for p in reversed(loc) if _is_union_tag(p) and p not in PASS_KINDS), "")
+        problems.setdefault(path, []).append((member, err))
+    lines = []
+    seen: set[str] = set()
+    for path, errs in problems.items():
+        members = {m for m, _ in errs}
+        if len(errs) > 1 and len(members) == len(errs) and all(e["type"] not in _STRUCTURAL for _, e in errs):
+            line = f"{path}: {_union_message(errs)}"
+            if line not in seen:
+                seen.add(line)
+                lines.append(line)
+            continue
+        for _, err in errs:
+            line = _one_problem(path, err)
+            if line not in seen:
+                seen.add(line)
+                lines.append(line)
+    return "invalid spec: " + "; ".join(lines[:8]) + (f"; and {len(lines) - 8} more" if len(lines) > 8 else "")
+
+
+_STRUCTURAL = {"union_tag_invalid", "union_tag_not_found", "extra_forbidden", "missing"}
+_MEMBER_NAMES = {"int": "an integer", "constrained-int": "an integer", "float": "a number", "constrained-float": "a number",
+                 "str": "a string", "bool": "a boolean"}
+
+
+def _union_message(errs: list[tuple[str, dict]]) -> str:
+    """`should be an integer greater than or equal to 1, a number greater than 0 or a valid list (got 0)`."""
+    options = []
+    for member, err in errs:
+        msg = err["msg"].replace("Value error, ", "")
+        msg = msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+        msg = msg.split(", unable to parse")[0].split(", got a number")[0]
         kind = err["type"]
-        value = err.get("input")
-        if kind == "union_tag_invalid":
-            msg = f"unknown pass kind {value.get('kind')!r}; valid kinds: {', '.join(PASS_KINDS)}" if isinstance(value, dict) else err["msg"]
-        elif kind == "union_tag_not_found":
-            msg = f"missing 'kind'; valid kinds: {', '.join(PASS_KINDS)}"
-        elif kind == "extra_forbidden":
-            msg = f"unknown field {loc[-1]!r} (value {value!r}); remove it or check its spelling"
-            path = ".".join(p for p in loc[:-1] if not _is_union_tag(p)) or "spec"
-        elif kind == "missing":
-            msg = "required field is missing"
-        else:
-            msg = f"{err['msg']} (got {value!r})" if not isinstance(value, dict) else err["msg"]
-            msg = msg.replace("Value error, ", "")
-        line = f"{path}: {msg}"
-        if line not in seen:
-            seen.add(line)
-            lines.append(line)
-    head = "invalid spec: " if len(lines) == 1 else "invalid spec:\n  "
-    return head + "\n  ".join(lines[:8])
+        if not (kind.endswith("_type") or kind.endswith("_parsing") or kind.startswith(("literal", "int_from"))):
+            desc = _MEMBER_NAMES.get(member, "a list" if member.startswith("list[") else "")
+            msg = f"{desc} {msg}".strip()
+        if msg not in options:
+            options.append(msg)
+    listed = ", ".join(options[:-1]) + f" or {options[-1]}" if len(options) > 1 else options[0]
+    value = errs[0][1].get("input")
+    return f"should be {listed} (got {value!r})"
+
+
+def _one_problem(path: str, err: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "union_tag_invalid":
+        msg = f"unknown pass kind {value.get('kind')!r}; valid kinds: {', '.join(PASS_KINDS)}" if isinstance(value, dict) else err["msg"]
+    elif kind == "union_tag_not_found":
+        msg = f"missing 'kind'; valid kinds: {', '.join(PASS_KINDS)}"
+    elif kind == "extra_forbidden":
+        msg = f"unknown field {loc[-1]!r} (value {value!r}); remove it or check its spelling"
+        path = ".".join(p for p in loc[:-1] if not _is_union_tag(p)) or "spec"
+    elif kind == "missing":
+        msg = "required field is missing"
+    else:
+        msg = f"{err['msg']} (got {value!r})" if not isinstance(value, dict) else err["msg"]
+        msg = msg.replace("Value error, ", "")
+    return f"{path}: {msg}"
 
 
 def _is_union_tag(part: str) -> bool:

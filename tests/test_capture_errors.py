@@ -46,3 +46,37 @@ def test_calibration_structure_mismatch():
 
     with pytest.raises(rewrite.CalibrationError, match="does not match example_inputs"):
         CalibrationData.from_user([{"input_ids": torch.ones(1)}], Inputs((torch.ones(1),), {}))
+
+
+def _ids(b, s, dtype=torch.long):
+    return torch.ones(b, s, dtype=dtype)
+
+
+@pytest.mark.parametrize("batch, words", [
+    ({"input_ids": _ids(4, 7).unsqueeze(-1), "attention_mask": _ids(4, 7)},
+     ["batch 1", "'input_ids'", "[4, 7, 1]", "expected [batch_size, sequence_length] torch.int64"]),
+    ({"input_ids": _ids(4, 7, torch.float32), "attention_mask": _ids(4, 7)},
+     ["batch 1", "'input_ids'", "torch.float32", "expected [batch_size, sequence_length] torch.int64", ".to(torch.int64)"]),
+    ({"input_ids": [1, 2, 3], "attention_mask": _ids(4, 7)}, ["batch 1", "nested differently", "[batch_size, sequence_length]"]),
+    ({"input_ids": _ids(4, 7)}, ["batch 1", "keywords ['input_ids']", "['attention_mask', 'input_ids']"]),
+    ("some text", ["batch 1", "cannot use a str"]),
+])
+def test_wrong_calibration_batch_names_the_batch_and_the_expected_shape(batch, words):
+    from rewrite.calibration import CalibrationData
+    from rewrite.inputs import Inputs
+
+    example = Inputs((), {"input_ids": _ids(2, 12), "attention_mask": _ids(2, 12)})
+    good = {"input_ids": _ids(3, 5), "attention_mask": _ids(3, 5)}  # other batch and sequence sizes are fine
+    with pytest.raises(rewrite.CalibrationError) as info:
+        CalibrationData.from_user([good, batch], example)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_wrong_image_size_in_calibration_is_refused_before_capture():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(rewrite.CalibrationError, match=r"batch 0 .* shape \[2, 3, 9, 9\].*expected \[batch_size, 3, 8, 8\]"):
+        rewrite.compile(model, None, example_inputs=(torch.randn(2, 3, 8, 8),), calibration=[(torch.randn(2, 3, 9, 9),)])

@@ -52,3 +52,34 @@ def test_invalid_spec_names_field_value_and_valid(data, path, words):
 def test_missing_spec_file():
     with pytest.raises(SpecError, match="not found"):
         Spec.load("does/not/exist.yaml")
+
+
+@pytest.mark.parametrize("data, line", [
+    ({"passes": [{"kind": "skip", "layers": "two"}]},
+     "invalid spec: passes.0.layers: should be a valid integer, a valid number or a valid list (got 'two')"),
+    ({"passes": [{"kind": "skip", "layers": 0}]},
+     "invalid spec: passes.0.layers: should be an integer greater than or equal to 1, a number greater than 0 or a valid list (got 0)"),
+])
+def test_a_value_that_fits_no_union_member_is_one_line(data, line):
+    with pytest.raises(SpecError) as info:
+        Spec.parse(data)
+    assert str(info.value) == line
+
+
+def test_several_problems_are_one_line():
+    with pytest.raises(SpecError) as info:
+        Spec.parse({"calibration": {"samples": -1}, "passes": [{"kind": "prune"}]})
+    msg = str(info.value)
+    assert "\n" not in msg and "calibration.samples" in msg and "passes.0.granularity: required field is missing" in msg
+
+
+def test_yaml_and_json_syntax_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes:\n  - kind: cleanup\n   oops: [\n")
+    with pytest.raises(SpecError, match=r"spec file .*bad\.yaml is not valid YAML at line 3") as info:
+        Spec.load(bad)
+    assert "\n" not in str(info.value)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"passes": [}')
+    with pytest.raises(SpecError, match=r"spec file .*bad\.json is not valid JSON at line 1, column 13"):
+        Spec.load(bad_json)
