@@ -1,10 +1,17 @@
 """Schedules for the generated TensorIR kernels (PrimFuncs with attr "rewrite.kernel").
 
-- llvm: our own schedules (below): the dequantize block inlined into the reduction for GEMV
-  (each weight is decoded once anyway), materialised and parallel for GEMM (decoded once,
-  reused by every row); reductions parallel over output columns, the K loop unrolled by 4.
-- GPU targets: dlight's rules (`tvm.s_tir.dlight.gpu`: GEMV for one row, Matmul otherwise,
-  Reduction/GeneralReduction, Fallback), applied by the backend after this, or MetaSchedule.
+- llvm, fused dequantize + matmul (`_dequant_matmul`): parallel over output channels; the K
+  loop split into [groups of V*P | V lanes | P codes per byte] (P = 8 // bits for 2/4/8 bits)
+  and the V lanes vectorised through an rfactor, so one vector load of V packed bytes feeds P
+  vectors of codes (shift + mask in registers) and the scale/zero of the group is one
+  broadcast. The activations are re-laid out once per call as x[i, k % P, k // P] so their
+  loads are contiguous too. Rows are tiled by up to 8: each decoded weight vector is reused by
+  every row of the tile, with the tile's accumulators in registers (GEMV is the 1-row case).
+  3-bit codes straddle bytes: the same schedule with P = 1 (byte loads gathered per lane).
+- llvm, token selection: the O(S^2) counting blocks parallel over (batch, position).
+- GPU targets: dlight's rules (`schedule_gpu`): GEMV / LowBatchGEMV / Matmul / reductions.
+- The rest of a graph on llvm (`schedule_cpu_rest`): dlight's cpu rules (GEMV, Reduction),
+  then a generic parallel + vectorise of the outer/inner spatial loops.
 A kernel whose schedule fails keeps its plain loop nest (still correct) with a log line.
 """
 from __future__ import annotations
@@ -12,53 +19,60 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .tvm_target import make_target, vector_lanes
+
 log = logging.getLogger("rewrite.tvm")
 
 KERNEL_ATTR = "rewrite.kernel"
+BITS_ATTR = "rewrite.bits"
+GROUP_ATTR = "rewrite.group_size"
+SCHEDULED_ATTR = "tirx.is_scheduled"
+ROW_TILE = 8  # rows sharing one decoded weight vector; 8 x (V-lane accumulator) fits 32 zmm / 16 ymm with room
 
 
 def schedule_kernels(mod: Any, target: Any) -> Any:
-    """Schedule every generated kernel in the IRModule for `target` (llvm only; GPU: dlight later)."""
+    """Schedule every generated kernel in the IRModule for `target` (llvm only; GPU: `schedule_gpu`)."""
     import tvm
-    from tvm import tirx
 
+    target = make_target(target)
     if target.kind.name != "llvm":
         return mod
-    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs) if hasattr(mod, "attrs") else mod
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+        if not _is_kernel(func) or _is_scheduled(func):
             continue
-        if "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"]):
-            continue  # tuned by MetaSchedule
         try:
-            out[gv] = schedule_llvm(func)
+            out[gv] = schedule_llvm(func, target)
         except Exception as exc:  # noqa: BLE001 - the unscheduled kernel is still correct
-            log.info("llvm schedule of %s failed (%s); using the plain loop nest", gv.name_hint, exc)
+            log.info("llvm schedule of %s failed (%s); using the plain loop nest", gv.name_hint,
+                     str(exc).strip().splitlines()[-1][:200])
     return out
 
 
-def schedule_llvm(func: Any) -> Any:
+def _is_kernel(func: Any) -> bool:
+    from tvm import tirx
+
+    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs
+
+
+def _is_scheduled(func: Any) -> bool:
+    return func.attrs is not None and SCHEDULED_ATTR in func.attrs and bool(func.attrs[SCHEDULED_ATTR])
+
+
+def schedule_llvm(func: Any, target: Any = "llvm") -> Any:
     """A CPU schedule for one generated kernel, chosen by its kind."""
     from tvm import s_tir
 
     kind = str(func.attrs[KERNEL_ATTR])
     sch = s_tir.Schedule(func)
     if kind.startswith("dequant_gemv") or kind.startswith("dequant_gemm"):
-        _dequant_matmul(sch, gemv=kind.startswith("dequant_gemv"))
+        bits, group = int(func.attrs[BITS_ATTR]), int(func.attrs[GROUP_ATTR])
+        _dequant_matmul(sch, bits, group, vector_lanes(target))
     elif kind == "token_select":
         _token_select(sch)
     else:
-        for name in ("dequantize",):
-            _parallel_outer(sch, name)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
-def _blocks(sch: Any) -> set[str]:
-    names = set()
-    root = sch.get_sblock("root") if _has(sch, "root") else None
-    for b in sch.get_child_blocks(root) if root is not None else []:
-        names.add(sch.get(b).name_hint)
-    return names
+        _parallel_outer(sch, "dequantize")
+    return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
 
 
 def _has(sch: Any, name: str) -> bool:
@@ -69,44 +83,68 @@ def _has(sch: Any, name: str) -> bool:
         return False
 
 
-def _parallel_outer(sch: Any, name: str) -> None:
+def _parallel_outer(sch: Any, name: str, fuse: int = 1) -> None:
     if not _has(sch, name):
         return
     loops = sch.get_loops(sch.get_sblock(name))
-    sch.parallel(loops[0])
+    sch.parallel(sch.fuse(*loops[:fuse]) if fuse > 1 else loops[0])
 
 
-def _dequant_matmul(sch: Any, gemv: bool) -> None:
+def lanes_for(bits: int, group: int, lanes: int) -> tuple[int, int]:
+    """(V, P): vector lanes over packed bytes and codes per byte, with V*P dividing the group."""
+    per = 8 // bits if 8 % bits == 0 else 1
+    v = lanes
+    while v > 1 and group % (v * per):
+        v //= 2
+    return v, per
+
+
+def _static(extent: Any) -> int | None:
+    try:
+        return int(extent)
+    except (TypeError, ValueError):
+        return None
+
+
+def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
     mm = sch.get_sblock("matmul")
-    if gemv:
-        sch.compute_inline(sch.get_sblock("dequantize"))
-        i, j, k = sch.get_loops(mm)
-        sch.reorder(j, i, k)
-        sch.parallel(j)
-        ko, ki = sch.split(k, [None, 4])
-        sch.unroll(ki)
-    else:
-        # decode once into a [K, N] buffer, so the row loop reads weights contiguously along N
-        dq = sch.get_sblock("dequantize")
-        sch.transform_layout(dq, ("write", 0), lambda n, k: (k, n))
-        n, kk = sch.get_loops(dq)
-        sch.reorder(kk, n)
-        sch.parallel(kk)
-        i, j, k = sch.get_loops(mm)
-        jo, ji = sch.split(j, [None, 16])
-        sch.reorder(jo, i, k, ji)
-        sch.parallel(jo)
-        init = sch.decompose_reduction(mm, k)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.unroll(ji)  # contiguous along N: LLVM vectorises the unrolled update
+    sch.compute_inline(sch.get_sblock("dequantize"))
+    v, per = lanes_for(bits, group, lanes)
+    if v < 4:
+        raise ValueError(f"group size {group} too small to vectorise {bits}-bit codes")
+    if per > 1:  # x[i, k] -> x[i, k % P, k // P]: lane t of code slot p reads x at byte t's code p
+        xc = sch.cache_read(mm, 0, "global")
+        sch.transform_layout(mm, ("read", 0), lambda i, k: (i, k % per, k // per))
+        _parallel_outer(sch, sch.get(xc).name_hint)
+    i, j, k = sch.get_loops(mm)
+    rows = _static(sch.get(i).extent)
+    tile = min(rows, ROW_TILE) if rows is not None else ROW_TILE
+    k_factors = [None, v, per] if per > 1 else [None, v]
+    ks = sch.split(k, k_factors)
+    io, ii = sch.split(i, [None, tile])
+    rf = sch.rfactor(ks[1], 0)  # the lanes become a spatial axis of a partial-sum block
+    loops = sch.get_loops(rf)
+    io, ii, j, k0, k1 = loops[:5]
+    k2 = loops[5] if per > 1 else None
+    order = [j, io, k0] + ([k2] if k2 is not None else []) + [ii, k1]
+    sch.reorder(*order)
+    sch.parallel(j)
+    sch.reverse_compute_at(mm, io)
+    sch.set_scope(rf, 0, "local")
+    sch.transform_layout(rf, ("write", 0), lambda a, b, c: (b, c, a))  # lanes innermost: one vector
+    sch.vectorize(k1)
+    sch.unroll(ii)
+    if k2 is not None:
+        sch.unroll(k2)
+    sch.decompose_reduction(rf, k0)
     if _has(sch, "bias_add"):
-        _parallel_outer(sch, "bias_add")
+        sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
 
 
 def _token_select(sch: Any) -> None:
     sch.compute_inline(sch.get_sblock("prepare"))
     for name in ("rank", "slot", "gather_index"):
-        _parallel_outer(sch, name)
+        _parallel_outer(sch, name, fuse=2)
 
 
 def schedule_gpu(mod: Any, target: Any) -> Any:
@@ -137,11 +175,114 @@ def _guarded(rule: Any) -> Any:
     return Guarded()
 
 
+def schedule_cpu_rest(mod: Any, target: Any) -> Any:
+    """Every PrimFunc not yet scheduled on llvm: dlight's cpu rules (GEMV, Reduction), then `CpuGeneric`."""
+    from tvm.s_tir import dlight as dl
+
+    target = make_target(target)
+    rules = [dl.cpu.GEMV(), dl.cpu.Reduction(), CpuGeneric(vector_lanes(target))]
+    with target:
+        return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])(mod)
+
+
+def _cpu_generic_rule() -> type:
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    class _CpuGeneric(dl.ScheduleRule):
+        """Parallel over the outer spatial loops, vectorise the innermost spatial loop.
+
+        Injective blocks: the innermost loop split by the vector width. Reductions whose
+        innermost spatial axis indexes the output contiguously (matmul N, softmax's rows): that
+        axis moved inside the reduction and vectorised, so each step of K updates a vector of
+        outputs (a broadcast times a contiguous load). Anything else keeps parallel loops only.
+        """
+
+        def __init__(self, lanes: int) -> None:
+            self.lanes = lanes
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if target.kind.name != "llvm":
+                return None
+            sch = s_tir.Schedule(func)
+            root = sch.get_sblock("root")
+            for block in sch.get_child_blocks(root):
+                self._block(sch, block)
+            return sch
+
+        def _block(self, sch: Any, block: Any) -> None:
+            loops = sch.get_loops(block)
+            kinds = _loop_kinds(sch, block, loops)
+            if not loops or kinds is None or kinds[0] != "S":
+                return
+            n_s = len(kinds) - len(kinds.lstrip("S"))
+            tail_static = _static(sch.get(loops[n_s - 1]).extent)
+            if "R" not in kinds:  # injective
+                if tail_static is not None and tail_static >= self.lanes and tail_static % self.lanes == 0 and n_s > 1:
+                    _, inner = sch.split(loops[n_s - 1], [None, self.lanes])
+                    sch.vectorize(inner)
+                sch.parallel(sch.fuse(*loops[: max(1, min(2, n_s - 1))]) if n_s > 1 else loops[0])
+                return
+            if kinds != "S" * n_s + "R" * (len(kinds) - n_s) or n_s < 2:
+                sch.parallel(loops[0])
+                return
+            if tail_static is not None and tail_static % self.lanes == 0 and _contiguous_out(sch, block):
+                jo, ji = sch.split(loops[n_s - 1], [None, self.lanes])
+                sch.reorder(*loops[n_s:], ji)
+                sch.parallel(sch.fuse(*loops[: n_s - 1]))
+                sch.vectorize(ji)
+                sch.decompose_reduction(block, loops[n_s])
+                return
+            sch.parallel(sch.fuse(*loops[: n_s - 1]) if n_s > 2 else loops[0])
+
+    return _CpuGeneric
+
+
+def CpuGeneric(lanes: int) -> Any:  # noqa: N802 - a rule instance, named like dlight's
+    return _cpu_generic_rule()(lanes)
+
+
+def _loop_kinds(sch: Any, block: Any, loops: list) -> str | None:
+    """'S'/'R' per loop from the block var each loop binds (None when a loop binds several)."""
+    from tvm import tirx
+
+    from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+
+    b = sch.get(block)
+    try:
+        binding = list(get_sblockrealize(sch, block).iter_values)
+    except Exception:  # noqa: BLE001
+        return None
+    loop_vars = [sch.get(lp).loop_var for lp in loops]
+    out = []
+    for lv in loop_vars:
+        kind = None
+        for iv, val in zip(b.iter_vars, binding):
+            used = tirx.analysis.undefined_vars(val) if not isinstance(val, tirx.Var) else [val]
+            if any(u.same_as(lv) for u in used):
+                k = "S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "O"
+                if kind not in (None, k):
+                    return None
+                kind = k
+        if kind is None or kind == "O":
+            return None
+        out.append(kind)
+    return "".join(out)
+
+
+def _contiguous_out(sch: Any, block: Any) -> bool:
+    """Does the block write one buffer, indexed by its last spatial var in the last dimension?"""
+    b = sch.get(block)
+    if len(b.writes) != 1:
+        return False
+    region = b.writes[0].region
+    spatial = [iv.var for iv in b.iter_vars if int(iv.iter_type) == 0]
+    return bool(spatial) and region[-1].min.same_as(spatial[-1])
+
+
 def build_kernel(func: Any, target: Any = "llvm") -> Any:
     """Schedule and compile one standalone kernel PrimFunc; returns the runtime module (`["main"]`)."""
     import tvm
-
-    from backends.tvm import make_target  # lazy: kernels never import a backend at import time
 
     tgt = make_target(target)
     mod = tvm.IRModule({"main": func})
@@ -173,8 +314,6 @@ def tune_kernel(func: Any, target: Any = "llvm", trials: int = 32, work_dir: str
 
     import tvm
     from tvm.s_tir import meta_schedule as ms
-
-    from backends.tvm import make_target
 
     tgt = with_num_cores(make_target(target))
     mod = tvm.IRModule({"main": func.without_attr(KERNEL_ATTR)})
