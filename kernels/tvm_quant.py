@@ -51,7 +51,8 @@ def decode_te(qweight: Any, scales: Any, zeros: Any, *, bits: int, group_size: i
         grp = tirx.floordiv(j, group_size)
         return (q.astype("float32") - zeros[i, grp].astype("float32")) * scales[i, grp].astype("float32")
 
-    return te.compute((n, k), value, name=name)
+    kdim = tirx.IntImm(str(n.ty), k) if isinstance(n, tirx.IntImm) else k  # one index type for both dims
+    return te.compute((n, kdim), value, name=name)
 
 
 def dequant_matmul_te(x: Any, qweight: Any, scales: Any, zeros: Any, bias: Any = None, *, bits: int,

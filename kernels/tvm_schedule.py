@@ -27,7 +27,10 @@ KERNEL_ATTR = "rewrite.kernel"
 BITS_ATTR = "rewrite.bits"
 GROUP_ATTR = "rewrite.group_size"
 SCHEDULED_ATTR = "tirx.is_scheduled"
-ROW_TILE = 8  # rows sharing one decoded weight vector; 8 x (V-lane accumulator) fits 32 zmm / 16 ymm with room
+# rows sharing one decoded weight vector: that many V-lane accumulators stay in registers
+# (16 of the 32 zmm registers with AVX-512, 8 of the 16 ymm with AVX2)
+def row_tile(lanes: int) -> int:
+    return 16 if lanes >= 16 else 8
 
 
 def schedule_kernels(mod: Any, target: Any) -> Any:
@@ -107,18 +110,19 @@ def _static(extent: Any) -> int | None:
 
 
 def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
+    v, per = lanes_for(bits, group, lanes)
+    if v < 4 or (per == 1 and bits != 8):  # 3-bit codes straddle bytes: lanes would gather bytes
+        _dequant_matmul_scalar(sch, gemv=_static(sch.get(sch.get_loops(sch.get_sblock("matmul"))[0]).extent) == 1)
+        return
     mm = sch.get_sblock("matmul")
     sch.compute_inline(sch.get_sblock("dequantize"))
-    v, per = lanes_for(bits, group, lanes)
-    if v < 4:
-        raise ValueError(f"group size {group} too small to vectorise {bits}-bit codes")
     if per > 1:  # x[i, k] -> x[i, k % P, k // P]: lane t of code slot p reads x at byte t's code p
         xc = sch.cache_read(mm, 0, "global")
         sch.transform_layout(mm, ("read", 0), lambda i, k: (i, k % per, k // per))
         _parallel_outer(sch, sch.get(xc).name_hint)
     i, j, k = sch.get_loops(mm)
     rows = _static(sch.get(i).extent)
-    tile = min(rows, ROW_TILE) if rows is not None else ROW_TILE
+    tile = min(rows, row_tile(lanes)) if rows is not None else row_tile(lanes)
     k_factors = [None, v, per] if per > 1 else [None, v]
     ks = sch.split(k, k_factors)
     io, ii = sch.split(i, [None, tile])
@@ -139,6 +143,33 @@ def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
     sch.decompose_reduction(rf, k0)
     if _has(sch, "bias_add"):
         sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
+
+
+def _dequant_matmul_scalar(sch: Any, gemv: bool) -> None:
+    """Codes that straddle bytes (3 bits): GEMV decodes in the reduction, GEMM decodes once into [K, N]."""
+    mm = sch.get_sblock("matmul")
+    if gemv:
+        sch.compute_inline(sch.get_sblock("dequantize"))
+        i, j, k = sch.get_loops(mm)
+        sch.reorder(j, i, k)
+        sch.parallel(j)
+        _, ki = sch.split(k, [None, 4])
+        sch.unroll(ki)
+    else:
+        dq = sch.get_sblock("dequantize")
+        sch.transform_layout(dq, ("write", 0), lambda n, k: (k, n))
+        n, kk = sch.get_loops(dq)
+        sch.reorder(kk, n)
+        sch.parallel(kk)
+        i, j, k = sch.get_loops(mm)
+        jo, ji = sch.split(j, [None, 16])
+        sch.reorder(jo, i, k, ji)
+        sch.parallel(jo)
+        init = sch.decompose_reduction(mm, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.unroll(ji)
+    if _has(sch, "bias_add"):
+        _parallel_outer(sch, "bias_add")
 
 
 def _token_select(sch: Any) -> None:
