@@ -337,13 +337,23 @@ def device_arch(device: torch.device | None = None) -> str:
     return f"sm_{major}{minor}"
 
 
+_GENERATED: list[CudaKernel] = []
+
+
+def generated_kernels() -> list[CudaKernel]:
+    """Every kernel generated in this process (for source dumps)."""
+    return list(_GENERATED)
+
+
 @functools.lru_cache(maxsize=None)
 def dequant_kernel(bits: int, group_size: int, k: int, n: int, bias: bool, gemv: bool, arch: str) -> CudaKernel:
     """The generated, compiled kernel for one linear_q configuration (cached per process)."""
     from .tvm_quant import dequant_matmul_primfunc
 
-    return generate(dequant_matmul_primfunc(1 if gemv else None, k, n, bits=bits, group_size=group_size, bias=bias),
+    kern = generate(dequant_matmul_primfunc(1 if gemv else None, k, n, bits=bits, group_size=group_size, bias=bias),
                     arch).compile()
+    _GENERATED.append(kern)
+    return kern
 
 
 def linear_q_generated(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -10,8 +10,8 @@ through TVM's public frontend and our converters), `build` (schedule + compile),
 """
 from .build import build_tvm, schedule_module
 from .importer import export_for_tvm, import_program
-from .runtime import TVMModule, load
+from .runtime import CudaTorchModule, TVMModule, load, tvm_runs
 from .target import device_for, is_gpu, make_target
 
-__all__ = ["TVMModule", "build_tvm", "device_for", "export_for_tvm", "import_program", "is_gpu", "load",
+__all__ = ["CudaTorchModule", "TVMModule", "tvm_runs", "build_tvm", "device_for", "export_for_tvm", "import_program", "is_gpu", "load",
            "make_target", "schedule_module"]

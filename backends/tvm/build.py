@@ -22,7 +22,7 @@ from rewrite.errors import ExportError
 from rewrite.program import Program
 
 from .importer import import_program
-from .runtime import TVMModule
+from .runtime import CudaTorchModule, TVMModule, tvm_runs
 from .target import is_gpu, make_target
 
 
@@ -80,7 +80,7 @@ def _apply_db(mod: Any, db: Any, target: Any) -> Any:
 
 def build_tvm(program: Program, target: Any = "llvm", *, dynamic: bool | None = None, tune: bool = False,
               trials: int = 64, fuse: bool = False, verify: bool = False, verify_inputs: Sequence[Any] | None = None,
-              rtol: float = 1e-4, **options: Any) -> "TVMModule":
+              rtol: float = 1e-4, **options: Any) -> "TVMModule | CudaTorchModule":
     """Import, schedule and build the program; returns a callable like `program.module`.
 
     `dynamic` (default: the program's) keeps batch/sequence dims symbolic; `tune` runs
@@ -94,6 +94,14 @@ def build_tvm(program: Program, target: Any = "llvm", *, dynamic: bool | None = 
                           "verify_inputs, rtol")
     start = time.perf_counter()
     tgt = make_target(target)
+    if tgt.kind.name == "cuda" and not tvm_runs(tgt) and _torch_cuda():
+        built = CudaTorchModule(program, tgt)  # TVM's kernels, launched by us; TVM's runtime has no CUDA
+        built.build_seconds = time.perf_counter() - start
+        if verify:
+            err = built.verify(verify_inputs or [program.example], rtol=max(rtol, 1e-3))
+            built.verify_note = (f"generated CUDA kernels launched from torch match the CPU torch module "
+                                 f"(max relative error {err:.1e})")
+        return built
     if tune and dynamic is None:
         dynamic = False
     mod = import_program(program, dynamic=dynamic)
@@ -111,3 +119,9 @@ def build_tvm(program: Program, target: Any = "llvm", *, dynamic: bool | None = 
     elif verify:
         built.verify_note = f"not verified: no {tgt.kind.name} device here (code generated only)"
     return built
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

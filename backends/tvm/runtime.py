@@ -17,6 +17,67 @@ from rewrite.program import Program
 from .target import device_for, make_target
 
 
+def tvm_runs(target: Any) -> bool:
+    """Can this TVM runtime run code for `target` here (its device exists)?"""
+    try:
+        return bool(device_for(target).exist)
+    except Exception:  # noqa: BLE001 - a wheel built without that runtime
+        return False
+
+
+class CudaTorchModule:
+    """The rewritten module on a GPU, every `rewrite::linear_q` running its TVM-generated CUDA kernel.
+
+    For TVM wheels without a CUDA runtime (the PyPI one): the kernels TVM generates are
+    compiled and launched by `kernels.cuda_runtime` from the op's CUDA implementation; the rest
+    of the graph runs as torch CUDA ops. Called like the module; outputs come back on the GPU.
+    """
+
+    def __init__(self, program: Program, target: Any):
+        import copy
+
+        from kernels import cuda_runtime
+
+        self.program = program
+        self.target = make_target(target)
+        self.device = torch.device("cuda", 0)
+        self.module = copy.deepcopy(program.module).to(self.device)
+        self.build_seconds = 0.0
+        self.verify_note = "not verified"
+        self.path = None
+        self._runtime = cuda_runtime
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        def move(x: Any) -> Any:
+            return x.to(self.device) if isinstance(x, torch.Tensor) else x
+
+        return self.module(*pytree.tree_map(move, args), **pytree.tree_map(move, kwargs))
+
+    def verify(self, batches: Sequence[Any], rtol: float = 1e-3) -> float:
+        """Largest relative error against the CPU torch module; raises above `rtol`."""
+        worst = 0.0
+        for batch in batches:
+            b = Inputs.of(batch)
+            ref = [t for t in pytree.tree_leaves(self.program.run(b)) if isinstance(t, torch.Tensor)]
+            got = [t.cpu() for t in pytree.tree_leaves(b.call(self)) if isinstance(t, torch.Tensor)]
+            for r, g in zip(ref, got):
+                if r.is_floating_point() and r.numel():
+                    worst = max(worst, float((r.double() - g.double()).abs().max()) / max(float(r.abs().max()), 1e-3))
+        if not self._runtime._generated_ok():
+            raise VerificationError(f"generated CUDA kernels could not run: {self._runtime._STATE['why']}")
+        if worst > rtol:
+            raise VerificationError(f"generated CUDA kernels do not match the torch module: {worst:.2e} > {rtol:.0e}")
+        return worst
+
+    def source(self) -> str:
+        """CUDA source of every kernel generated so far in this process."""
+        return "\n".join(k.source for k in self._runtime.generated_kernels())
+
+    def save(self, path: str | os.PathLike) -> Path:
+        raise ExportError("a CUDA build run through torch is not a TVM library: save the rewritten module "
+                          "(torch.save / export) and rebuild with target='cuda' on the GPU machine")
+
+
 class TVMModule:
     """A built Relax executable called like the rewritten module (same output structure)."""
 
