@@ -28,9 +28,14 @@ BITS_ATTR = "rewrite.bits"
 GROUP_ATTR = "rewrite.group_size"
 SCHEDULED_ATTR = "tirx.is_scheduled"
 # rows sharing one decoded weight vector: that many V-lane accumulators stay in registers
-# (16 of the 32 zmm registers with AVX-512, 8 of the 16 ymm with AVX2)
+# (8 rows x 2 channels = 16 of the 32 zmm registers with AVX-512; measured: 16 rows spilled)
 def row_tile(lanes: int) -> int:
-    return 16 if lanes >= 16 else 8
+    return 8
+
+
+def col_tile(rows: int | None) -> int:
+    """Output channels per step for GEMM: two weight rows share every activation load."""
+    return 1 if rows == 1 else 2
 
 
 def schedule_kernels(mod: Any, target: Any) -> Any:
@@ -130,9 +135,13 @@ def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
     loops = sch.get_loops(rf)
     io, ii, j, k0, k1 = loops[:5]
     k2 = loops[5] if per > 1 else None
-    order = [j, io, k0] + ([k2] if k2 is not None else []) + [ii, k1]
+    cols = col_tile(rows)
+    jo, ji = sch.split(j, [None, cols]) if cols > 1 else (j, None)
+    order = [jo, io, k0] + ([k2] if k2 is not None else []) + ([ji] if ji is not None else []) + [ii, k1]
     sch.reorder(*order)
-    sch.parallel(j)
+    sch.parallel(jo)
+    if ji is not None:
+        sch.unroll(ji)
     sch.reverse_compute_at(mm, io)
     sch.set_scope(rf, 0, "local")
     sch.transform_layout(rf, ("write", 0), lambda a, b, c: (b, c, a))  # lanes innermost: one vector
@@ -182,10 +191,51 @@ def schedule_gpu(mod: Any, target: Any) -> Any:
     """dlight's GPU rules on every unscheduled PrimFunc (needs no GPU, only the target)."""
     from tvm.s_tir import dlight as dl
 
-    rules = [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Matmul(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-             dl.gpu.Fallback()]
+    rules = [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), _gpu_gemv_rule()(), dl.gpu.Matmul(), dl.gpu.Reduction(),
+             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     with target:
         return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])(mod)
+
+
+def _gpu_gemv_rule() -> type:
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    class _DequantGEMV(dl.ScheduleRule):
+        """Our GEMV kernels that dlight's GEMV declines (3-bit codes read two bytes).
+
+        One warp-wide cross-thread reduction per output channel: K split over 32 x 4 threads
+        (consecutive threads read consecutive codes, so x and the packed bytes are coalesced),
+        8 channels per block.
+        """
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if target.kind.name != "cuda" or not _is_kernel(func) or not str(func.attrs[KERNEL_ATTR]).startswith(
+                    "dequant_gemv"):
+                return None
+            sch = s_tir.Schedule(func)
+            sch.compute_inline(sch.get_sblock("dequantize"))
+            mm = sch.get_sblock("matmul")
+            i, j, k = sch.get_loops(mm)
+            threads = 128
+            if _static(sch.get(k).extent) is None or _static(sch.get(k).extent) % threads:
+                return None
+            jo, ji = sch.split(j, [None, 8])
+            ko, ki = sch.split(k, [None, threads])
+            sch.reorder(i, jo, ji, ki, ko)
+            sch.bind(sch.fuse(i, jo), "blockIdx.x")
+            sch.bind(ji, "threadIdx.y")
+            sch.bind(ki, "threadIdx.x")  # a reduction loop bound to threads: TVM emits the cross-thread reduction
+            if _has(sch, "bias_add"):
+                bias = sch.get_sblock("bias_add")
+                loops = sch.get_loops(bias)
+                fused = sch.fuse(*loops)
+                bo, bi = sch.split(fused, [None, 256])
+                sch.bind(bo, "blockIdx.x")
+                sch.bind(bi, "threadIdx.x")
+            return sch
+
+    return _DequantGEMV
 
 
 def _guarded(rule: Any) -> Any:

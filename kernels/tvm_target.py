@@ -28,14 +28,15 @@ def make_target(target: Any = "llvm") -> Any:
         if name in ("llvm", "cpu"):
             return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
         if name in ("cuda", "gpu"):
-            return tvm.target.Target({"kind": "cuda", "arch": cuda_arch()})
+            return make_target({"kind": "cuda"})
         if name.startswith("{"):
             return make_target(json.loads(name))
         return tvm.target.Target(name)
     if isinstance(target, dict):
         cfg = dict(target)
-        if cfg.get("kind") == "cuda" and "arch" not in cfg:
-            cfg["arch"] = cuda_arch()
+        if cfg.get("kind") == "cuda":
+            cfg.setdefault("arch", cuda_arch())
+            cfg.setdefault("max_shared_memory_per_block", 49152)  # every arch since sm_20 (static shared memory)
         if cfg.get("kind") == "llvm" and "mcpu" not in cfg:
             cfg["mcpu"] = codegen.llvm_get_system_cpu()
         return tvm.target.Target(cfg)
