@@ -5,11 +5,13 @@
   and the V lanes vectorised through an rfactor, so one vector load of V packed bytes feeds P
   vectors of codes (shift + mask in registers) and the scale/zero of the group is one
   broadcast. The activations are re-laid out once per call as x[i, k % P, k // P] so their
-  loads are contiguous too. Rows are tiled by up to 8: each decoded weight vector is reused by
-  every row of the tile, with the tile's accumulators in registers (GEMV is the 1-row case).
-  3-bit codes straddle bytes: the same schedule with P = 1 (byte loads gathered per lane).
+  loads are contiguous too. GEMM: 8 rows x 2 output channels per step, each decoded weight
+  vector reused by 8 rows and each activation load by 2 channels, the 16 accumulators in
+  registers (GEMV is the 1-row, 1-channel case). 3-bit codes straddle bytes: a scalar
+  schedule (`_dequant_matmul_scalar`; lanes would gather bytes).
 - llvm, token selection: the O(S^2) counting blocks parallel over (batch, position).
-- GPU targets: dlight's rules (`schedule_gpu`): GEMV / LowBatchGEMV / Matmul / reductions.
+- GPU targets: dlight's rules (`schedule_gpu`): GEMV / LowBatchGEMV / Matmul / reductions,
+  and our cross-thread-reduction GEMV for kernels dlight's GEMV declines (3-bit codes).
 - The rest of a graph on llvm (`schedule_cpu_rest`): dlight's cpu rules (GEMV, Reduction),
   then a generic parallel + vectorise of the outer/inner spatial loops.
 A kernel whose schedule fails keeps its plain loop nest (still correct) with a log line.

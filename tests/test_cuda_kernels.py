@@ -52,3 +52,9 @@ def test_launch_extent_needs_its_shape() -> None:
     kern = generate(KERNELS["w4_gemm"](), "sm_90")
     with pytest.raises(CudaKernelError, match="'m'"):
         [evaluate(e, {}) for ln in kern.launches for e in ln.grid]
+
+
+def test_linear_q_has_a_cuda_implementation() -> None:
+    import torch
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("rewrite::linear_q", "CUDA")

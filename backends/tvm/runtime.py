@@ -73,9 +73,7 @@ class CudaTorchModule:
         """CUDA source of every kernel generated so far in this process."""
         return "\n".join(k.source for k in self._runtime.generated_kernels())
 
-    def save(self, path: str | os.PathLike) -> Path:
-        raise ExportError("a CUDA build run through torch is not a TVM library: save the rewritten module "
-                          "(torch.save / export) and rebuild with target='cuda' on the GPU machine")
+    # no save(): it is the torch module plus kernels compiled at first use, not a TVM library
 
 
 class TVMModule:
