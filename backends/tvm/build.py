@@ -4,12 +4,13 @@ Scheduling: our kernels carry their own schedules per target (`kernels/tvm_sched
 llvm the rest of the graph gets dlight's cpu rules and a generic parallel/vectorise schedule
 (`schedule_cpu_rest`), on GPUs dlight's gpu rules. With `tune=True` MetaSchedule tunes every
 PrimFunc within `trials` total trials (static shapes; needs the `tune` extra, psutil). Caveat:
-MetaSchedule's search segfaults in the apache-tvm 0.27 wheel installed here, even on a plain
-64x64 matmul, so this option is wired but unexercised.
+in the apache-tvm 0.27 wheel here MetaSchedule segfaulted on a plain 64x64 matmul (earlier) and
+made no progress in 6 minutes on an 8-trial tune of one small kernel (2026-12), so this option
+is wired but unexercised.
 
 CUDA without a CUDA-enabled TVM runtime: `build_tvm(..., target="cuda")` returns a
-`kernels.cuda_runtime.CudaTorchModule` when TVM cannot run CUDA but torch can: the rewritten
-torch module with every `rewrite::` kernel replaced by the CUDA source TVM generated for it,
+`runtime.CudaTorchModule` when TVM cannot run CUDA but torch can: the rewritten
+torch module on the GPU, whose `rewrite::linear_q` runs the CUDA source TVM generated for it,
 compiled with nvcc/NVRTC and launched through the CUDA driver (see kernels/cuda_runtime.py).
 """
 from __future__ import annotations
