@@ -5,10 +5,13 @@
   and the V lanes vectorised through an rfactor, so one vector load of V packed bytes feeds P
   vectors of codes (shift + mask in registers) and the scale/zero of the group is one
   broadcast. The activations are re-laid out once per call as x[i, k % P, k // P] so their
-  loads are contiguous too. GEMM: 8 rows x 2 output channels per step, each decoded weight
-  vector reused by 8 rows and each activation load by 2 channels, the 16 accumulators in
-  registers (GEMV is the 1-row, 1-channel case). 3-bit codes straddle bytes: a scalar
-  schedule (`_dequant_matmul_scalar`; lanes would gather bytes).
+  loads are contiguous too. Up to 16 rows: 8 rows x 2 output channels per step, each decoded
+  weight vector reused by 8 rows and each activation load by 2 channels, the 16 accumulators
+  in registers (GEMV is the 1-row, 1-channel case). 3-bit GEMV: a scalar schedule
+  (`_dequant_matmul_scalar`; lanes would gather bytes).
+- llvm, many rows (more than 16, or symbolic, as in a batch x sequence graph;
+  `_dequant_gemm_tiled`): each parallel task decodes its [K, 2V] weight slice once, then an
+  outer-product GEMM over all rows in 8 x 2V register tiles; any bit width.
 - llvm, token selection: the O(S^2) counting blocks parallel over (batch, position).
 - GPU targets: dlight's rules (`schedule_gpu`): GEMV / LowBatchGEMV / Matmul / reductions,
   and our cross-thread-reduction GEMV for kernels dlight's GEMV declines (3-bit codes).
@@ -33,6 +36,12 @@ SCHEDULED_ATTR = "tirx.is_scheduled"
 # (8 rows x 2 channels = 16 of the 32 zmm registers with AVX-512; measured: 16 rows spilled)
 def row_tile(lanes: int) -> int:
     return 8
+
+
+# above this many rows (or a symbolic row count) weights are decoded once per task into a
+# buffer and the GEMM is an outer product (at 544x384x1152: 47 ms vs 108 ms for the rfactor
+# form, torch fp32 67 ms; at 16x4096x4096 the rfactor form wins: 117 vs 138 ms)
+MANY_ROWS = 16
 
 
 def col_tile(rows: int | None) -> int:
@@ -117,6 +126,10 @@ def _static(extent: Any) -> int | None:
 
 
 def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
+    rows = _static(sch.get(sch.get_loops(sch.get_sblock("matmul"))[0]).extent)
+    if rows is None or rows > MANY_ROWS:  # decode once per task, outer-product GEMM (measured faster here)
+        _dequant_gemm_tiled(sch, lanes)
+        return
     v, per = lanes_for(bits, group, lanes)
     if v < 4 or (per == 1 and bits != 8):  # 3-bit codes straddle bytes: lanes would gather bytes
         _dequant_matmul_scalar(sch, gemv=_static(sch.get(sch.get_loops(sch.get_sblock("matmul"))[0]).extent) == 1)
@@ -152,6 +165,32 @@ def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
     if k2 is not None:
         sch.unroll(k2)
     sch.decompose_reduction(rf, k0)
+    if _has(sch, "bias_add"):
+        sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
+
+
+def _dequant_gemm_tiled(sch: Any, lanes: int) -> None:
+    """GEMM for many rows: each parallel task decodes its [K, 2V] weight slice once into a
+    buffer, then runs a register-tiled outer product over all rows (8 rows x 2V columns of
+    accumulators, a broadcast of x times two contiguous weight vectors per step). No
+    horizontal reductions, so short K (a BERT-size 384) costs nothing extra."""
+    mm = sch.get_sblock("matmul")
+    dq = sch.get_sblock("dequantize")
+    cols = 2 * lanes
+    i, j, k = sch.get_loops(mm)
+    jo, ji = sch.split(j, [None, cols])
+    io, ii = sch.split(i, [None, 8])
+    sch.reorder(jo, io, k, ii, ji)
+    sch.parallel(jo)
+    acc = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(acc, io)
+    sch.compute_at(dq, jo)
+    sch.transform_layout(dq, ("write", 0), lambda n, kk: (kk, n))
+    dl = sch.get_loops(dq)
+    sch.reorder(dl[-1], dl[-2])
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    sch.decompose_reduction(mm, k)
     if _has(sch, "bias_add"):
         sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
 
