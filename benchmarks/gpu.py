@@ -1,7 +1,11 @@
 """One prepared GPU run: generated CUDA kernels checked against their reference and timed vs torch fp16.
 
-    python benchmarks/gpu.py              # on a GPU machine (< 8 minutes)
+    python benchmarks/gpu.py              # on a GPU machine with TVM installed (< 8 minutes)
     python benchmarks/gpu.py --dry-run    # anywhere: generate + compile every kernel to PTX, no launch
+
+    # prepared elsewhere, run on a GPU machine that has torch but no TVM or network:
+    python benchmarks/gpu.py --dry-run --save-plans out/gpu_plans.json     # here (TVM + nvcc)
+    python benchmarks/gpu.py --plans out/gpu_plans.json                    # there (torch + driver)
 
 Steps (each prints one line; a failed step says what is missing and the script exits non-zero):
 1. requirements: torch with CUDA, apache-tvm (>= 0.27, the PyPI wheel: no CUDA runtime needed),
@@ -50,7 +54,7 @@ def step(msg: str) -> None:
 
 def ensure(args: argparse.Namespace) -> None:
     """Import what the run needs; pip-install what is missing (torch first, then TVM)."""
-    wanted = [("torch", "torch"), ("numpy", "numpy"), ("tvm", "apache-tvm>=0.27")]
+    wanted = [("torch", "torch"), ("numpy", "numpy")] + ([] if args.plans else [("tvm", "apache-tvm>=0.27")])
     for module, spec in wanted:
         try:
             importlib.import_module(module)
@@ -70,7 +74,12 @@ def ensure(args: argparse.Namespace) -> None:
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit(f"torch {torch.__version__} sees no CUDA device (a CPU-only torch, or no GPU): use --dry-run")
     compiler = nvcc_path()
-    if compiler is None:
+    if args.plans:
+        from kernels.cuda_runtime import load_plans
+
+        step(f"loaded {load_plans(args.plans)} precompiled kernels from {args.plans} (no TVM or compiler needed)")
+        compiler = compiler or "none needed (plans)"
+    elif compiler is None:
         try:
             importlib.import_module("cuda.bindings.nvrtc")
             compiler = "NVRTC (cuda-python)"
@@ -135,19 +144,27 @@ def kernel_bytes(rows: int, k: int, n: int, bits: int) -> int:
 
 
 def dry_run(args: argparse.Namespace) -> None:
-    """Everything that needs no GPU: generate and compile every kernel, show its launches."""
-    from kernels.cuda_runtime import evaluate, generate
+    """Everything that needs no GPU: generate and compile every kernel, show its launches, save plans."""
+    from kernels.cuda_runtime import evaluate, generate, plan_key, save_plans
     from kernels.tvm_quant import dequant_matmul_primfunc
 
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    plans = {}
     for k, n in SHAPES:
         for bits in sorted(set(TABLE_BITS + CHECK_BITS)):
             for rows in (1, None):
-                t = time.perf_counter()
-                kern = generate(dequant_matmul_primfunc(rows, k, n, bits=bits, group_size=GROUP), args.arch).compile()
-                plan = "; ".join(f"{ln.name} grid={[evaluate(e, {'m': 16}) for e in ln.grid]} "
-                                 f"block={[evaluate(e, {'m': 16}) for e in ln.block]}" for ln in kern.launches)
-                step(f"W{bits} {k}x{n} {'gemv' if rows == 1 else 'gemm'}: PTX {len(kern.ptx or b'')} bytes for "
-                     f"{args.arch} in {time.perf_counter() - t:.1f}s; {plan}")
+                for arch in archs:
+                    t = time.perf_counter()
+                    kern = generate(dequant_matmul_primfunc(rows, k, n, bits=bits, group_size=GROUP), arch).compile()
+                    plans[plan_key(bits, GROUP, k, n, False, rows == 1, arch)] = kern
+                    plan = "; ".join(f"{ln.name} grid={[evaluate(e, {'m': 16}) for e in ln.grid]} "
+                                     f"block={[evaluate(e, {'m': 16}) for e in ln.block]}" for ln in kern.launches)
+                    step(f"W{bits} {k}x{n} {'gemv' if rows == 1 else 'gemm'}: PTX {len(kern.ptx or b'')} bytes for "
+                         f"{arch} in {time.perf_counter() - t:.1f}s; {plan}")
+    if args.save_plans:
+        Path(args.save_plans).parent.mkdir(parents=True, exist_ok=True)
+        save_plans(args.save_plans, plans)
+        step(f"wrote {len(plans)} kernel plans to {args.save_plans} ({Path(args.save_plans).stat().st_size / 1e6:.1f} MB)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="no GPU: generate and compile every kernel only")
-    p.add_argument("--arch", default="sm_90", help="architecture for --dry-run")
+    p.add_argument("--archs", default="sm_80,sm_90", help="architectures for --dry-run (comma-separated)")
+    p.add_argument("--save-plans", default="", help="--dry-run: write the compiled kernels + launch plans (JSON)")
+    p.add_argument("--plans", default="", help="run the kernels from a --save-plans file (no TVM/nvcc needed)")
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--peak-gbs", type=float, default=0.0)
     p.add_argument("--no-install", action="store_true")

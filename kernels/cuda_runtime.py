@@ -68,6 +68,25 @@ class CudaKernel:
     _functions: dict[str, Any] = field(default_factory=dict)
     _types: dict[str, list[str]] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able plan (source, PTX, launches as text): runs later with torch + libcuda only, no TVM."""
+        self.compile()
+        return {"source": self.source, "arch": self.arch, "params": self.params,
+                "ptx": (self.ptx or b"").decode(), "types": self._types,
+                "launches": [{"name": ln.name,
+                              "args": [[k, w if k == "buffer" else expr_text(w)] for k, w in ln.args],
+                              "grid": [expr_text(e) for e in ln.grid], "block": [expr_text(e) for e in ln.block],
+                              "shared": expr_text(ln.shared_bytes)} for ln in self.launches]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CudaKernel":
+        launches = [Launch(ln["name"], [(k, w) for k, w in ln["args"]], ln["grid"], ln["block"], ln["shared"])
+                    for ln in d["launches"]]
+        kern = cls(source=d["source"], launches=launches, arch=d["arch"], params=list(d["params"]),
+                   ptx=d["ptx"].encode())
+        kern._types = {k: list(v) for k, v in d["types"].items()}
+        return kern
+
     def compile(self) -> "CudaKernel":
         if self.ptx is None:
             self.ptx = compile_ptx(self.source, self.arch)
@@ -100,12 +119,14 @@ class CudaKernel:
 
 
 def evaluate(expr: Any, shapes: dict[str, int]) -> int:
-    """An integer TIR expression of the shape variables, for concrete shapes."""
+    """An integer TIR expression (or saved expression text) of the shape variables, for concrete shapes."""
+    if isinstance(expr, int):
+        return expr
+    if isinstance(expr, str):
+        return eval_text(expr, shapes)
     import tvm
     from tvm import tirx
 
-    if isinstance(expr, int):
-        return expr
     if isinstance(expr, tirx.IntImm):
         return int(expr.value)
     if isinstance(expr, tirx.Var):
@@ -122,6 +143,57 @@ def evaluate(expr: Any, shapes: dict[str, int]) -> int:
             return fn(evaluate(expr.a, shapes), evaluate(expr.b, shapes))
     del tvm
     raise CudaKernelError(f"cannot evaluate launch extent {expr}")
+
+
+_BINOPS = {"Add": "+", "Sub": "-", "Mul": "*", "FloorDiv": "//", "FloorMod": "%"}
+
+
+def expr_text(expr: Any) -> str:
+    """A launch expression as Python text over the shape names (for plans saved without TVM)."""
+    from tvm import tirx
+
+    if isinstance(expr, int):
+        return str(expr)
+    if isinstance(expr, tirx.IntImm):
+        return str(int(expr.value))
+    if isinstance(expr, tirx.Var):
+        return expr.name
+    if isinstance(expr, tirx.Cast):
+        return expr_text(expr.value)
+    name = type(expr).__name__
+    if name in _BINOPS:
+        return f"({expr_text(expr.a)} {_BINOPS[name]} {expr_text(expr.b)})"
+    if name in ("Min", "Max"):
+        return f"{name.lower()}({expr_text(expr.a)}, {expr_text(expr.b)})"
+    raise CudaKernelError(f"cannot save launch expression {expr}")
+
+
+def eval_text(text: str, shapes: dict[str, int]) -> int:
+    """Evaluate `expr_text` output: integers, shape names, + - * // %, min, max; nothing else."""
+    import ast
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in shapes:
+                raise CudaKernelError(f"launch needs shape {node.id!r} (have {sorted(shapes)})")
+            return int(shapes[node.id])
+        if isinstance(node, ast.BinOp):
+            a, b = ev(node.left), ev(node.right)
+            ops = {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b}
+            if type(node.op) in ops:
+                return ops[type(node.op)]
+            if isinstance(node.op, ast.FloorDiv):
+                return a // b
+            if isinstance(node.op, ast.Mod):
+                return a % b
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max"):
+            vals = [ev(a) for a in node.args]
+            return min(vals) if node.func.id == "min" else max(vals)
+        raise CudaKernelError(f"unexpected launch expression {text!r}")
+
+    return ev(ast.parse(text, mode="eval").body)
 
 
 def _walk(node: Any, visit: Any) -> None:
@@ -345,9 +417,38 @@ def generated_kernels() -> list[CudaKernel]:
     return list(_GENERATED)
 
 
+PRECOMPILED: dict[str, CudaKernel] = {}
+
+
+def plan_key(bits: int, group_size: int, k: int, n: int, bias: bool, gemv: bool, arch: str) -> str:
+    return f"w{bits}g{group_size}_k{k}_n{n}_{'bias' if bias else 'nobias'}_{'gemv' if gemv else 'gemm'}_{arch}"
+
+
+def load_plans(path: str) -> int:
+    """Kernels generated elsewhere (`save_plans`): used before generating, so no TVM is needed here."""
+    import json
+
+    with open(path) as f:
+        data = json.load(f)
+    for key, d in data.items():
+        PRECOMPILED[key] = CudaKernel.from_dict(d)
+    return len(data)
+
+
+def save_plans(path: str, kernels: dict[str, CudaKernel]) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump({key: kern.to_dict() for key, kern in kernels.items()}, f)
+
+
 @functools.lru_cache(maxsize=None)
 def dequant_kernel(bits: int, group_size: int, k: int, n: int, bias: bool, gemv: bool, arch: str) -> CudaKernel:
     """The generated, compiled kernel for one linear_q configuration (cached per process)."""
+    key = plan_key(bits, group_size, k, n, bias, gemv, arch)
+    if key in PRECOMPILED:
+        _GENERATED.append(PRECOMPILED[key])
+        return PRECOMPILED[key]
     from .tvm_quant import dequant_matmul_primfunc
 
     kern = generate(dequant_matmul_primfunc(1 if gemv else None, k, n, bits=bits, group_size=group_size, bias=bias),

@@ -58,3 +58,19 @@ def test_linear_q_has_a_cuda_implementation() -> None:
     import torch
 
     assert torch._C._dispatch_has_kernel_for_dispatch_key("rewrite::linear_q", "CUDA")
+
+
+def test_saved_plan_runs_without_tvm_expressions() -> None:
+    """A plan saved for a TVM-less GPU machine evaluates its launches exactly like the TIR original."""
+    from kernels.cuda_runtime import CudaKernel, expr_text
+
+    kern = generate(KERNELS["w4_gemm"](), "sm_90")
+    kern.ptx = b"// not compiled in this test"
+    again = CudaKernel.from_dict(kern.to_dict())
+    for m in (1, 7, 544):
+        for a, b in zip(kern.launches, again.launches):
+            assert [evaluate(e, {"m": m}) for e in a.grid + a.block] == [evaluate(e, {"m": m}) for e in b.grid + b.block]
+            assert [k for k, _ in a.args] == [k for k, _ in b.args]
+    with pytest.raises(CudaKernelError):
+        evaluate("__import__('os')", {})
+    assert expr_text(kern.launches[0].grid[0]) == again.launches[0].grid[0]
