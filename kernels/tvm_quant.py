@@ -23,6 +23,8 @@ from typing import Any
 from . import registry
 
 KERNEL_ATTR = "rewrite.kernel"
+BITS_ATTR = "rewrite.bits"
+GROUP_ATTR = "rewrite.group_size"
 
 
 # ------------------------------------------------------------------------ TE definitions
@@ -42,13 +44,15 @@ def decode_te(qweight: Any, scales: Any, zeros: Any, *, bits: int, group_size: i
         if bits in (1, 2, 4, 8):  # a value never straddles a byte
             word = lo
         else:  # 3 (5, 6, 7) bits: the value may continue in the next byte
-            hi = tirx.if_then_else(byte + 1 < width, qweight[i, tirx.min(byte + 1, width - 1)].astype("int32"), 0)
+            last = qweight.shape[1] - 1  # the index type of the buffer (int64 under Relax)
+            hi = tirx.if_then_else(byte < last, qweight[i, tirx.min(byte + 1, last)].astype("int32"), 0)
             word = lo | (hi << 8)
         q = tirx.bitwise_and(tirx.shift_right(word, shift.astype("int32")), mask) if bits != 8 else lo
         grp = tirx.floordiv(j, group_size)
         return (q.astype("float32") - zeros[i, grp].astype("float32")) * scales[i, grp].astype("float32")
 
-    return te.compute((n, k), value, name=name)
+    kdim = tirx.IntImm(str(n.ty), k) if isinstance(n, tirx.IntImm) else k  # one index type for both dims
+    return te.compute((n, kdim), value, name=name)
 
 
 def dequant_matmul_te(x: Any, qweight: Any, scales: Any, zeros: Any, bias: Any = None, *, bits: int,
@@ -60,7 +64,7 @@ def dequant_matmul_te(x: Any, qweight: Any, scales: Any, zeros: Any, bias: Any =
     k_int = int(k)
     n = qweight.shape[0]
     w = decode_te(qweight, scales, zeros, bits=bits, group_size=group_size, k=k_int)
-    r = te.reduce_axis((0, k_int), name="k")
+    r = te.reduce_axis((0, k), name="k")  # K's own dtype (int64 under Relax): one index type per buffer
     y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="matmul")
     if bias is None:
         return y
@@ -85,20 +89,30 @@ def dequant_matmul_primfunc(m: Any, k: int, n: int, *, bits: int, group_size: in
     from .quant import packed_width
 
     _check(k, bits, group_size)
-    rows = tirx.Var("m", "int64") if m is None else m
-    x = te.placeholder((rows, k), "float32", name="x")
-    q = te.placeholder((n, packed_width(k, bits)), "uint8", name="qweight")
-    s = te.placeholder((n, k // group_size), "float32", name="scales")
-    z = te.placeholder((n, k // group_size), "uint8", name="zeros")
-    b = te.placeholder((n,), "float32", name="bias") if bias else None
+    def i64(v: int) -> Any:  # Relax's index type: the standalone kernel is the one Relax builds
+        return tirx.IntImm("int64", v)
+
+    rows = tirx.Var("m", "int64") if m is None else i64(m)
+    x = te.placeholder((rows, i64(k)), "float32", name="x")
+    q = te.placeholder((i64(n), i64(packed_width(k, bits))), "uint8", name="qweight")
+    s = te.placeholder((i64(n), i64(k // group_size)), "float32", name="scales")
+    z = te.placeholder((i64(n), i64(k // group_size)), "uint8", name="zeros")
+    b = te.placeholder((i64(n),), "float32", name="bias") if bias else None
     y = dequant_matmul_te(x, q, s, z, b, bits=bits, group_size=group_size)
     args = [x, q, s, z] + ([b] if bias else []) + [y]
     func = te.create_prim_func(args)
-    return func.with_attr(KERNEL_ATTR, _kernel_name(kernel_kind(rows), bits, group_size))
+    for key, val in kernel_attrs(kernel_kind(rows), bits, group_size).items():
+        func = func.with_attr(key, val)
+    return func
 
 
 def _kernel_name(kind: str, bits: int, group_size: int) -> str:
     return f"dequant_{kind}_w{bits}g{group_size}"
+
+
+def kernel_attrs(kind: str, bits: int, group_size: int) -> dict[str, Any]:
+    """PrimFunc attributes the schedules read (the kernel kind, bit width and group size)."""
+    return {KERNEL_ATTR: _kernel_name(kind, bits, group_size), BITS_ATTR: bits, GROUP_ATTR: group_size}
 
 
 def _check(k: int, bits: int, group_size: int) -> None:
@@ -146,7 +160,7 @@ def convert_linear_q(node: Any, importer: Any) -> Any:
         return dequant_matmul_te(*ts[:4], ts[4] if len(ts) > 4 else None, bits=bits, group_size=group_size)
 
     y = bb.emit_te(fn, *te_args, primfunc_name_hint=name,
-                   primfunc_attrs={KERNEL_ATTR: name, "op_pattern": 8})
+                   primfunc_attrs={**kernel_attrs(kind, bits, group_size), "op_pattern": 8})
     if len(lead) != 1:
         y = bb.emit(relax.op.reshape(y, lead + [n]))
     return y

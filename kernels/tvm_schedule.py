@@ -1,10 +1,22 @@
 """Schedules for the generated TensorIR kernels (PrimFuncs with attr "rewrite.kernel").
 
-- llvm: our own schedules (below): the dequantize block inlined into the reduction for GEMV
-  (each weight is decoded once anyway), materialised and parallel for GEMM (decoded once,
-  reused by every row); reductions parallel over output columns, the K loop unrolled by 4.
-- GPU targets: dlight's rules (`tvm.s_tir.dlight.gpu`: GEMV for one row, Matmul otherwise,
-  Reduction/GeneralReduction, Fallback), applied by the backend after this, or MetaSchedule.
+- llvm, fused dequantize + matmul (`_dequant_matmul`): parallel over output channels; the K
+  loop split into [groups of V*P | V lanes | P codes per byte] (P = 8 // bits for 2/4/8 bits)
+  and the V lanes vectorised through an rfactor, so one vector load of V packed bytes feeds P
+  vectors of codes (shift + mask in registers) and the scale/zero of the group is one
+  broadcast. The activations are re-laid out once per call as x[i, k % P, k // P] so their
+  loads are contiguous too. Up to 16 rows: 8 rows x 2 output channels per step, each decoded
+  weight vector reused by 8 rows and each activation load by 2 channels, the 16 accumulators
+  in registers (GEMV is the 1-row, 1-channel case). 3-bit GEMV: a scalar schedule
+  (`_dequant_matmul_scalar`; lanes would gather bytes).
+- llvm, many rows (more than 16, or symbolic, as in a batch x sequence graph;
+  `_dequant_gemm_tiled`): each parallel task decodes its [K, 4V] weight slice once, then an
+  outer-product GEMM over all rows in 6 x 4V register tiles; any bit width.
+- llvm, token selection: the O(S^2) counting blocks parallel over (batch, position).
+- GPU targets: dlight's rules (`schedule_gpu`): GEMV / LowBatchGEMV / Matmul / reductions,
+  and our cross-thread-reduction GEMV for kernels dlight's GEMV declines (3-bit codes).
+- The rest of a graph on llvm (`schedule_cpu_rest`): dlight's cpu rules (GEMV, Reduction),
+  then a generic parallel + vectorise of the outer/inner spatial loops.
 A kernel whose schedule fails keeps its plain loop nest (still correct) with a log line.
 """
 from __future__ import annotations
@@ -12,53 +24,81 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .tvm_target import make_target, vector_lanes
+
 log = logging.getLogger("rewrite.tvm")
 
 KERNEL_ATTR = "rewrite.kernel"
+BITS_ATTR = "rewrite.bits"
+GROUP_ATTR = "rewrite.group_size"
+SCHEDULED_ATTR = "tirx.is_scheduled"
+# rows sharing one decoded weight vector: that many V-lane accumulators stay in registers
+# (8 rows x 2 channels = 16 of the 32 zmm registers with AVX-512; measured: 16 rows spilled)
+def row_tile(lanes: int) -> int:
+    return 8
+
+
+# above this many rows (or a symbolic row count) weights are decoded once per task into a
+# buffer and the GEMM is an outer product (at 544x384x1152: 47 ms vs 108 ms for the rfactor
+# form, torch fp32 67 ms; at 16x4096x4096 the rfactor form wins: 117 vs 138 ms)
+MANY_ROWS = 16
+
+
+def outer_product_tile(lanes: int) -> tuple[int, int]:
+    """(rows, columns) of the many-row GEMM's accumulator tile: 6 x 4 vectors = 24 of the 32 zmm
+    registers with AVX-512 (measured at 544x384x1152: 28 ms vs 45 ms for 8 x 2, 32 ms for
+    4 x 4, 47 ms for 16 x 1); 6 x 2 = 12 of the 16 ymm registers with AVX2."""
+    return (6, 4 * lanes) if lanes >= 16 else (6, 2 * lanes)
+
+
+def col_tile(rows: int | None) -> int:
+    """Output channels per step for GEMM: two weight rows share every activation load."""
+    return 1 if rows == 1 else 2
 
 
 def schedule_kernels(mod: Any, target: Any) -> Any:
-    """Schedule every generated kernel in the IRModule for `target` (llvm only; GPU: dlight later)."""
+    """Schedule every generated kernel in the IRModule for `target` (llvm only; GPU: `schedule_gpu`)."""
     import tvm
-    from tvm import tirx
 
+    target = make_target(target)
     if target.kind.name != "llvm":
         return mod
-    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs) if hasattr(mod, "attrs") else mod
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for gv, func in mod.functions_items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+        if not _is_kernel(func) or _is_scheduled(func):
             continue
-        if "tirx.is_scheduled" in func.attrs and bool(func.attrs["tirx.is_scheduled"]):
-            continue  # tuned by MetaSchedule
         try:
-            out[gv] = schedule_llvm(func)
+            out[gv] = schedule_llvm(func, target)
         except Exception as exc:  # noqa: BLE001 - the unscheduled kernel is still correct
-            log.info("llvm schedule of %s failed (%s); using the plain loop nest", gv.name_hint, exc)
+            log.info("llvm schedule of %s failed (%s); using the plain loop nest", gv.name_hint,
+                     str(exc).strip().splitlines()[-1][:200])
     return out
 
 
-def schedule_llvm(func: Any) -> Any:
+def _is_kernel(func: Any) -> bool:
+    from tvm import tirx
+
+    return isinstance(func, tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs
+
+
+def _is_scheduled(func: Any) -> bool:
+    return func.attrs is not None and SCHEDULED_ATTR in func.attrs and bool(func.attrs[SCHEDULED_ATTR])
+
+
+def schedule_llvm(func: Any, target: Any = "llvm") -> Any:
     """A CPU schedule for one generated kernel, chosen by its kind."""
     from tvm import s_tir
 
     kind = str(func.attrs[KERNEL_ATTR])
     sch = s_tir.Schedule(func)
     if kind.startswith("dequant_gemv") or kind.startswith("dequant_gemm"):
-        _dequant_matmul(sch, gemv=kind.startswith("dequant_gemv"))
+        bits, group = int(func.attrs[BITS_ATTR]), int(func.attrs[GROUP_ATTR])
+        _dequant_matmul(sch, bits, group, vector_lanes(target))
     elif kind == "token_select":
         _token_select(sch)
     else:
-        for name in ("dequantize",):
-            _parallel_outer(sch, name)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
-def _blocks(sch: Any) -> set[str]:
-    names = set()
-    root = sch.get_sblock("root") if _has(sch, "root") else None
-    for b in sch.get_child_blocks(root) if root is not None else []:
-        names.add(sch.get(b).name_hint)
-    return names
+        _parallel_outer(sch, "dequantize")
+    return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
 
 
 def _has(sch: Any, name: str) -> bool:
@@ -69,24 +109,110 @@ def _has(sch: Any, name: str) -> bool:
         return False
 
 
-def _parallel_outer(sch: Any, name: str) -> None:
+def _parallel_outer(sch: Any, name: str, fuse: int = 1) -> None:
     if not _has(sch, name):
         return
     loops = sch.get_loops(sch.get_sblock(name))
-    sch.parallel(loops[0])
+    sch.parallel(sch.fuse(*loops[:fuse]) if fuse > 1 else loops[0])
 
 
-def _dequant_matmul(sch: Any, gemv: bool) -> None:
+def lanes_for(bits: int, group: int, lanes: int) -> tuple[int, int]:
+    """(V, P): vector lanes over packed bytes and codes per byte, with V*P dividing the group."""
+    per = 8 // bits if 8 % bits == 0 else 1
+    v = lanes
+    while v > 1 and group % (v * per):
+        v //= 2
+    return v, per
+
+
+def _static(extent: Any) -> int | None:
+    try:
+        return int(extent)
+    except (TypeError, ValueError):
+        return None
+
+
+def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
+    rows = _static(sch.get(sch.get_loops(sch.get_sblock("matmul"))[0]).extent)
+    if rows is None or rows > MANY_ROWS:  # decode once per task, outer-product GEMM (measured faster here)
+        _dequant_gemm_tiled(sch, lanes)
+        return
+    v, per = lanes_for(bits, group, lanes)
+    if v < 4 or (per == 1 and bits != 8):  # 3-bit codes straddle bytes: lanes would gather bytes
+        _dequant_matmul_scalar(sch, gemv=_static(sch.get(sch.get_loops(sch.get_sblock("matmul"))[0]).extent) == 1)
+        return
+    mm = sch.get_sblock("matmul")
+    sch.compute_inline(sch.get_sblock("dequantize"))
+    if per > 1:  # x[i, k] -> x[i, k % P, k // P]: lane t of code slot p reads x at byte t's code p
+        xc = sch.cache_read(mm, 0, "global")
+        sch.transform_layout(mm, ("read", 0), lambda i, k: (i, k % per, k // per))
+        _parallel_outer(sch, sch.get(xc).name_hint)
+    i, j, k = sch.get_loops(mm)
+    rows = _static(sch.get(i).extent)
+    tile = min(rows, row_tile(lanes)) if rows is not None else row_tile(lanes)
+    k_factors = [None, v, per] if per > 1 else [None, v]
+    ks = sch.split(k, k_factors)
+    io, ii = sch.split(i, [None, tile])
+    rf = sch.rfactor(ks[1], 0)  # the lanes become a spatial axis of a partial-sum block
+    loops = sch.get_loops(rf)
+    io, ii, j, k0, k1 = loops[:5]
+    k2 = loops[5] if per > 1 else None
+    cols = col_tile(rows)
+    jo, ji = sch.split(j, [None, cols]) if cols > 1 else (j, None)
+    order = [jo, io, k0] + ([k2] if k2 is not None else []) + ([ji] if ji is not None else []) + [ii, k1]
+    sch.reorder(*order)
+    sch.parallel(jo)
+    if ji is not None:
+        sch.unroll(ji)
+    sch.reverse_compute_at(mm, io)
+    sch.set_scope(rf, 0, "local")
+    sch.transform_layout(rf, ("write", 0), lambda a, b, c: (b, c, a))  # lanes innermost: one vector
+    sch.vectorize(k1)
+    sch.unroll(ii)
+    if k2 is not None:
+        sch.unroll(k2)
+    sch.decompose_reduction(rf, k0)
+    if _has(sch, "bias_add"):
+        sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
+
+
+def _dequant_gemm_tiled(sch: Any, lanes: int) -> None:
+    """GEMM for many rows: each parallel task decodes its [K, C] weight slice once into a
+    buffer, then runs a register-tiled outer product over all rows (`outer_product_tile`:
+    a broadcast of x times C/V contiguous weight vectors per step). No
+    horizontal reductions, so short K (a BERT-size 384) costs nothing extra."""
+    mm = sch.get_sblock("matmul")
+    dq = sch.get_sblock("dequantize")
+    rows, cols = outer_product_tile(lanes)
+    i, j, k = sch.get_loops(mm)
+    jo, ji = sch.split(j, [None, cols])
+    io, ii = sch.split(i, [None, rows])
+    sch.reorder(jo, io, k, ii, ji)
+    sch.parallel(jo)
+    acc = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(acc, io)
+    sch.compute_at(dq, jo)
+    sch.transform_layout(dq, ("write", 0), lambda n, kk: (kk, n))
+    dl = sch.get_loops(dq)
+    sch.reorder(dl[-1], dl[-2])
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    sch.decompose_reduction(mm, k)
+    if _has(sch, "bias_add"):
+        sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
+
+
+def _dequant_matmul_scalar(sch: Any, gemv: bool) -> None:
+    """Codes that straddle bytes (3 bits): GEMV decodes in the reduction, GEMM decodes once into [K, N]."""
     mm = sch.get_sblock("matmul")
     if gemv:
         sch.compute_inline(sch.get_sblock("dequantize"))
         i, j, k = sch.get_loops(mm)
         sch.reorder(j, i, k)
         sch.parallel(j)
-        ko, ki = sch.split(k, [None, 4])
+        _, ki = sch.split(k, [None, 4])
         sch.unroll(ki)
     else:
-        # decode once into a [K, N] buffer, so the row loop reads weights contiguously along N
         dq = sch.get_sblock("dequantize")
         sch.transform_layout(dq, ("write", 0), lambda n, k: (k, n))
         n, kk = sch.get_loops(dq)
@@ -98,7 +224,7 @@ def _dequant_matmul(sch: Any, gemv: bool) -> None:
         sch.parallel(jo)
         init = sch.decompose_reduction(mm, k)
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.unroll(ji)  # contiguous along N: LLVM vectorises the unrolled update
+        sch.unroll(ji)
     if _has(sch, "bias_add"):
         _parallel_outer(sch, "bias_add")
 
@@ -106,17 +232,58 @@ def _dequant_matmul(sch: Any, gemv: bool) -> None:
 def _token_select(sch: Any) -> None:
     sch.compute_inline(sch.get_sblock("prepare"))
     for name in ("rank", "slot", "gather_index"):
-        _parallel_outer(sch, name)
+        _parallel_outer(sch, name, fuse=2)
 
 
 def schedule_gpu(mod: Any, target: Any) -> Any:
     """dlight's GPU rules on every unscheduled PrimFunc (needs no GPU, only the target)."""
     from tvm.s_tir import dlight as dl
 
-    rules = [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Matmul(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-             dl.gpu.Fallback()]
+    rules = [dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), _gpu_gemv_rule()(), dl.gpu.Matmul(), dl.gpu.Reduction(),
+             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     with target:
         return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])(mod)
+
+
+def _gpu_gemv_rule() -> type:
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    class _DequantGEMV(dl.ScheduleRule):
+        """Our GEMV kernels that dlight's GEMV declines (3-bit codes read two bytes).
+
+        One warp-wide cross-thread reduction per output channel: K split over 32 x 4 threads
+        (consecutive threads read consecutive codes, so x and the packed bytes are coalesced),
+        8 channels per block.
+        """
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if target.kind.name != "cuda" or not _is_kernel(func) or not str(func.attrs[KERNEL_ATTR]).startswith(
+                    "dequant_gemv"):
+                return None
+            sch = s_tir.Schedule(func)
+            sch.compute_inline(sch.get_sblock("dequantize"))
+            mm = sch.get_sblock("matmul")
+            i, j, k = sch.get_loops(mm)
+            threads = 128
+            if _static(sch.get(k).extent) is None or _static(sch.get(k).extent) % threads:
+                return None
+            jo, ji = sch.split(j, [None, 8])
+            ko, ki = sch.split(k, [None, threads])
+            sch.reorder(i, jo, ji, ki, ko)
+            sch.bind(sch.fuse(i, jo), "blockIdx.x")
+            sch.bind(ji, "threadIdx.y")
+            sch.bind(ki, "threadIdx.x")  # a reduction loop bound to threads: TVM emits the cross-thread reduction
+            if _has(sch, "bias_add"):
+                bias = sch.get_sblock("bias_add")
+                loops = sch.get_loops(bias)
+                fused = sch.fuse(*loops)
+                bo, bi = sch.split(fused, [None, 256])
+                sch.bind(bo, "blockIdx.x")
+                sch.bind(bi, "threadIdx.x")
+            return sch
+
+    return _DequantGEMV
 
 
 def _guarded(rule: Any) -> Any:
@@ -137,11 +304,114 @@ def _guarded(rule: Any) -> Any:
     return Guarded()
 
 
+def schedule_cpu_rest(mod: Any, target: Any) -> Any:
+    """Every PrimFunc not yet scheduled on llvm: dlight's cpu rules (GEMV, Reduction), then `CpuGeneric`."""
+    from tvm.s_tir import dlight as dl
+
+    target = make_target(target)
+    rules = [dl.cpu.GEMV(), dl.cpu.Reduction(), CpuGeneric(vector_lanes(target))]
+    with target:
+        return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])(mod)
+
+
+def _cpu_generic_rule() -> type:
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    class _CpuGeneric(dl.ScheduleRule):
+        """Parallel over the outer spatial loops, vectorise the innermost spatial loop.
+
+        Injective blocks: the innermost loop split by the vector width. Reductions whose
+        innermost spatial axis indexes the output contiguously (matmul N, softmax's rows): that
+        axis moved inside the reduction and vectorised, so each step of K updates a vector of
+        outputs (a broadcast times a contiguous load). Anything else keeps parallel loops only.
+        """
+
+        def __init__(self, lanes: int) -> None:
+            self.lanes = lanes
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if target.kind.name != "llvm":
+                return None
+            sch = s_tir.Schedule(func)
+            root = sch.get_sblock("root")
+            for block in sch.get_child_blocks(root):
+                self._block(sch, block)
+            return sch
+
+        def _block(self, sch: Any, block: Any) -> None:
+            loops = sch.get_loops(block)
+            kinds = _loop_kinds(sch, block, loops)
+            if not loops or kinds is None or kinds[0] != "S":
+                return
+            n_s = len(kinds) - len(kinds.lstrip("S"))
+            tail_static = _static(sch.get(loops[n_s - 1]).extent)
+            if "R" not in kinds:  # injective
+                if tail_static is not None and tail_static >= self.lanes and tail_static % self.lanes == 0 and n_s > 1:
+                    _, inner = sch.split(loops[n_s - 1], [None, self.lanes])
+                    sch.vectorize(inner)
+                sch.parallel(sch.fuse(*loops[: max(1, min(2, n_s - 1))]) if n_s > 1 else loops[0])
+                return
+            if kinds != "S" * n_s + "R" * (len(kinds) - n_s) or n_s < 2:
+                sch.parallel(loops[0])
+                return
+            if tail_static is not None and tail_static % self.lanes == 0 and _contiguous_out(sch, block):
+                jo, ji = sch.split(loops[n_s - 1], [None, self.lanes])
+                sch.reorder(*loops[n_s:], ji)
+                sch.parallel(sch.fuse(*loops[: n_s - 1]))
+                sch.vectorize(ji)
+                sch.decompose_reduction(block, loops[n_s])
+                return
+            sch.parallel(sch.fuse(*loops[: n_s - 1]) if n_s > 2 else loops[0])
+
+    return _CpuGeneric
+
+
+def CpuGeneric(lanes: int) -> Any:  # noqa: N802 - a rule instance, named like dlight's
+    return _cpu_generic_rule()(lanes)
+
+
+def _loop_kinds(sch: Any, block: Any, loops: list) -> str | None:
+    """'S'/'R' per loop from the block var each loop binds (None when a loop binds several)."""
+    from tvm import tirx
+
+    from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+
+    b = sch.get(block)
+    try:
+        binding = list(get_sblockrealize(sch, block).iter_values)
+    except Exception:  # noqa: BLE001
+        return None
+    loop_vars = [sch.get(lp).loop_var for lp in loops]
+    out = []
+    for lv in loop_vars:
+        kind = None
+        for iv, val in zip(b.iter_vars, binding):
+            used = tirx.analysis.undefined_vars(val) if not isinstance(val, tirx.Var) else [val]
+            if any(u.same_as(lv) for u in used):
+                k = "S" if int(iv.iter_type) == 0 else "R" if int(iv.iter_type) == 2 else "O"
+                if kind not in (None, k):
+                    return None
+                kind = k
+        if kind is None or kind == "O":
+            return None
+        out.append(kind)
+    return "".join(out)
+
+
+def _contiguous_out(sch: Any, block: Any) -> bool:
+    """Does the block write one buffer, indexed by its last spatial var in the last dimension?"""
+    b = sch.get(block)
+    if len(b.writes) != 1:
+        return False
+    region = b.writes[0].region
+    spatial = [iv.var for iv in b.iter_vars if int(iv.iter_type) == 0]
+    return bool(spatial) and region[-1].min.same_as(spatial[-1])
+
+
 def build_kernel(func: Any, target: Any = "llvm") -> Any:
     """Schedule and compile one standalone kernel PrimFunc; returns the runtime module (`["main"]`)."""
     import tvm
-
-    from backends.tvm import make_target  # lazy: kernels never import a backend at import time
 
     tgt = make_target(target)
     mod = tvm.IRModule({"main": func})
@@ -173,8 +443,6 @@ def tune_kernel(func: Any, target: Any = "llvm", trials: int = 32, work_dir: str
 
     import tvm
     from tvm.s_tir import meta_schedule as ms
-
-    from backends.tvm import make_target
 
     tgt = with_num_cores(make_target(target))
     mod = tvm.IRModule({"main": func.without_attr(KERNEL_ATTR)})
