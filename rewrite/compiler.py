@@ -170,10 +170,11 @@ def compile(
     several specs); it is cloned, not changed.
     """
     with showing(progress):
-        return _compile(model, spec, example_inputs, calibration, dynamic, task_loss)
+        return _compile(model, spec, example_inputs, calibration, dynamic, task_loss, task)
 
 
-def _compile(model: torch.nn.Module, spec: Any, example_inputs: Any, calibration: Any, dynamic: bool, task_loss: Any) -> Compiled:
+def _compile(model: torch.nn.Module | Program, spec: Any, example_inputs: Any, calibration: Any, dynamic: bool, task_loss: Any,
+             task: str | None) -> Compiled:
     spec = Spec.load(spec)
     example = Inputs.of(example_inputs)
     passes = [pass_for(s) for s in spec.passes]
@@ -190,7 +191,8 @@ def _compile(model: torch.nn.Module, spec: Any, example_inputs: Any, calibration
         calibration = generation.prefill_batches(layout, calibration)
         dynamic = generation.GenerationShapes(layout.num_layers, layout.position_ids) if dynamic else False
         model = generation.CacheGraph(model)
-    calib = CalibrationData.from_user(calibration, example, samples=spec.calibration.samples, holdout=spec.calibration.holdout)
+    calib = CalibrationData.from_user(calibration, example, samples=spec.calibration.samples, holdout=spec.calibration.holdout,
+                                      check_shapes=layout is None)
     for p in passes:
         if "calibration" in p.needs:
             calib.require(f"the {p.kind} pass")
