@@ -290,7 +290,7 @@ def run_inspect(args: Any) -> int:
     calib_spec = spec.calibration if spec is not None else Spec().calibration
     tokenizer = None
     if getattr(args, "model", None):
-        model, example, calib = cli._load_factory(args.model)
+        model, example, calib, _ = cli._load_factory(args.model)
     else:
         model, example, calib, tokenizer = cli._default_model(calib_spec.samples, calib_spec.batch_size, calib_spec.seed)
     example = Inputs.of(example)
