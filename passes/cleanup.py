@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 
 aten = torch.ops.aten

@@ -22,7 +22,7 @@ import torch.fx as fx
 from rewrite.dims import analyse, kept_sizes
 from rewrite.errors import PassError
 from rewrite.measure import count_flops
-from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 from rewrite.spec import PruneSpec
 

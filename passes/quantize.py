@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from kernels import quant as kq
 from rewrite.errors import PassError
-from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.calibration import observe
 from rewrite.program import Program
 from rewrite.statistics import token_rows

@@ -24,7 +24,7 @@ import fnmatch
 from typing import Callable
 
 from rewrite.errors import PassError
-from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 
 from .importance.layer import mean_output_cosine, score_regions

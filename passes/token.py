@@ -38,7 +38,7 @@ from kernels.token import keep_count
 from passes.importance.token import (HIDDEN_ONLY, SDPA, AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
                                      padding_input, same_size)
 from rewrite.errors import PassError
-from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 
 token_select = torch.ops.rewrite.token_select.default

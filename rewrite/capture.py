@@ -17,27 +17,9 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from .errors import CaptureError
-from .inputs import Inputs
+from .inputs import Inputs, dim_names  # dim_names re-exported: the dims capture keeps dynamic
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-def dim_names(is_float: bool, rank: int) -> dict[int, str]:
-    """What each dimension of an input means, by the conventions the exported interface uses.
-
-    Batch (dim 0) always; `sequence_length` (dim 1) for token-like inputs: integer tensors of
-    rank >= 2 (ids, masks) and float tensors of rank 3 (B, S, H embeddings); `height`/`width`
-    (dims 2, 3) for images (float, rank 4). Capture makes batch and sequence dynamic; image
-    sizes stay static, so their names only appear where a model makes them dynamic itself.
-    """
-    if rank == 0:
-        return {}
-    names = {0: "batch_size"}
-    if rank >= 2 and (not is_float or rank == 3):
-        names[1] = "sequence_length"
-    if is_float and rank == 4:
-        names[2], names[3] = "height", "width"
-    return names
 
 
 def _dynamic_axes(x: torch.Tensor) -> list[int]:

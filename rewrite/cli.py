@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import RewriteError
+from .model_refs import default_model as _default_model, load_factory as _load_factory
 
 # The example specs live in the repo's specs/ folder (an editable install finds them).
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
@@ -34,34 +35,6 @@ DEFAULT_SPEC = SPECS_DIR / "minilm-deploy.yaml"
 """`rewrite compile` with no spec: every rewrite composed for the default model (all-MiniLM-L6-v2)."""
 MODEL_DEFAULT_SPEC = SPECS_DIR / "cleanup.yaml"
 """With --model and no spec: capture, clean up and export (the deploy spec is tuned for MiniLM)."""
-
-
-def _load_factory(ref: str) -> tuple[Any, Any, Any, Any]:
-    if ":" not in ref:
-        raise RewriteError(f"--model must look like MODULE:FACTORY (e.g. mypkg.models:build), got {ref!r}")
-    mod_name, fn_name = ref.split(":", 1)
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise RewriteError(f"cannot import {mod_name!r} for --model: {exc}") from None
-    fn = getattr(module, fn_name, None)
-    if fn is None:
-        raise RewriteError(f"{mod_name!r} has no attribute {fn_name!r} (from --model {ref})")
-    got = fn()
-    if isinstance(got, tuple):
-        if 2 <= len(got) <= 4:
-            return tuple(got) + (None,) * (4 - len(got))  # type: ignore[return-value]
-        raise RewriteError(f"{ref} returned a tuple of {len(got)}; expected (model, inputs[, calibration[, tokenizer]])")
-    raise RewriteError(f"{ref} returned only a model: return (model, example_inputs[, calibration]) so it can be captured")
-
-
-def _default_model(samples: int, batch_size: int, seed: int) -> tuple[Any, Any, Any, Any]:
-    from . import demo
-
-    model, tok = demo.load_minilm()
-    calib = demo.calibration_batches(tok, samples=samples, batch_size=batch_size, seed=seed)
-    return model, demo.example_inputs(tok), calib, tok
 
 
 def check_writable(out_dir: Path) -> None:
@@ -222,10 +195,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        from passes.importance.inspect import run_inspect
-    except ImportError:
-        raise RewriteError("rewrite inspect is not available in this build (passes.importance.inspect missing)") from None
+    from .cli_inspect import run_inspect
+
     return run_inspect(args)
 
 

@@ -52,6 +52,15 @@ class Compiled:
 
         A text-generation graph is exported with its KV cache (`backends.onnx_generation`) and
         also verified by greedy generation; `tokenizer` is then saved beside the file.
+
+        Example:
+            >>> import tempfile, torch, rewrite
+            >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).eval()
+            >>> compiled = rewrite.compile(model, None, example_inputs=(torch.randn(2, 16),), progress=False)
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     record = compiled.export(f"{d}/model.onnx", progress=False)
+            >>> record.verified
+            True
         """
         with showing(progress):
             return self._export(path, verify=verify, opset=opset, dynamic=dynamic, verify_inputs=verify_inputs,
@@ -168,6 +177,18 @@ def compile(
     for HF causal LMs; None keeps the full-sequence graph.
     `model` may also be a `Program` from `Program.capture` (captured once, compiled with
     several specs); it is cloned, not changed.
+
+    Example: 8-bit weights for a small MLP (RTN needs no calibration data):
+        >>> import torch
+        >>> import rewrite
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).eval()
+        >>> x = torch.randn(4, 64)
+        >>> compiled = rewrite.compile(model, {"passes": [{"kind": "quantize", "weights": {"bits": 8, "group_size": 32}}]},
+        ...                            example_inputs=(x,), progress=False)
+        >>> compiled.report.passes[0].kind
+        'quantize'
+        >>> bool((compiled(x) - model(x)).abs().max() < 0.05)
+        True
     """
     with showing(progress):
         return _compile(model, spec, example_inputs, calibration, dynamic, task_loss, task)

@@ -16,6 +16,24 @@ import torch.utils._pytree as pytree
 from .errors import CalibrationError
 
 
+def dim_names(is_float: bool, rank: int) -> dict[int, str]:
+    """What each dimension of an input means, by the conventions the exported interface uses.
+
+    Batch (dim 0) always; `sequence_length` (dim 1) for token-like inputs: integer tensors of
+    rank >= 2 (ids, masks) and float tensors of rank 3 (B, S, H embeddings); `height`/`width`
+    (dims 2, 3) for images (float, rank 4). Capture makes batch and sequence dynamic; image
+    sizes stay static, so their names only appear where a model makes them dynamic itself.
+    """
+    if rank == 0:
+        return {}
+    names = {0: "batch_size"}
+    if rank >= 2 and (not is_float or rank == 3):
+        names[1] = "sequence_length"
+    if is_float and rank == 4:
+        names[2], names[3] = "height", "width"
+    return names
+
+
 @dataclass(frozen=True)
 class Inputs:
     args: tuple = ()
@@ -23,6 +41,7 @@ class Inputs:
 
     @classmethod
     def of(cls, batch: Any) -> "Inputs":
+        """Normalise one batch: a tensor, a tuple/list of positional args, a dict of keyword args, or Inputs."""
         if isinstance(batch, Inputs):
             return batch
         if isinstance(batch, torch.Tensor):
@@ -39,23 +58,29 @@ class Inputs:
         )
 
     def call(self, fn) -> Any:
+        """`fn(*args, **kwargs)` with this batch."""
         return fn(*self.args, **self.kwargs)
 
     def tensors(self) -> list[torch.Tensor]:
+        """Every tensor in the batch, flattened in (args, kwargs) order."""
         return [x for x in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(x, torch.Tensor)]
 
     def batch_size(self) -> int:
+        """The leading dim of the first tensor (1 when there is none)."""
         tensors = self.tensors()
         return int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 1
 
     def map(self, fn) -> "Inputs":
+        """A new batch with `fn` applied to every tensor (structure kept)."""
         args, kwargs = pytree.tree_map_only(torch.Tensor, fn, (self.args, self.kwargs))
         return Inputs(tuple(args), dict(kwargs))
 
     def structure_matches(self, other: "Inputs") -> bool:
+        """Same number of positional args and the same keyword names as `other`."""
         return len(self.args) == len(other.args) and set(self.kwargs) == set(other.kwargs)
 
     def flat(self) -> list[Any]:
+        """Every leaf (tensors and constants), flattened in (args, kwargs) order."""
         return pytree.tree_leaves((self.args, self.kwargs))
 
     def mismatch(self, example: "Inputs") -> str | None:
@@ -65,8 +90,6 @@ class Inputs:
         rank, the dtype and the nesting must match, or the captured graph's guards fail deep
         inside a pass with an unexplained AssertionError.
         """
-        from .capture import dim_names
-
         if not self.structure_matches(example):
             return (f"it has {len(self.args)} positional inputs and keywords {sorted(self.kwargs)}; expected "
                     f"{len(example.args)} positional and keywords {sorted(example.kwargs)}")
@@ -88,6 +111,7 @@ class Inputs:
         return None
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs: `argI` for positional args, the key for keyword args."""
         for i, a in enumerate(self.args):
             if isinstance(a, torch.Tensor):
                 yield f"arg{i}", a
@@ -106,8 +130,6 @@ def _dtype(x: torch.Tensor) -> str:
 
 def _expected(x: torch.Tensor) -> str:
     """`[batch_size, sequence_length]` / `[batch_size, 3, 32, 32]`: the dims that may vary by name."""
-    from .capture import dim_names
-
     names = {d: n for d, n in dim_names(x.is_floating_point(), x.dim()).items() if n in ("batch_size", "sequence_length")}
     return "[" + ", ".join(names.get(d, str(s)) for d, s in enumerate(x.shape)) + "]"
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from .calibration import CalibrationData
 from .errors import PassError, VerificationError
 from .measure import cost, fidelity
+from .pass_base import REGISTRY, Pass, PassContext, PassResult, register  # noqa: F401  (re-exported)
 from .program import Program
 from .progress import stage
 from .report import PassRecord
@@ -25,78 +23,13 @@ from .spec import Spec
 
 log = logging.getLogger("rewrite")
 
-_REGISTRY: dict[str, type["Pass"]] = {}
-
-
-def register(cls: type["Pass"]) -> type["Pass"]:
-    """Class decorator: make a pass available under its spec `kind`."""
-    _REGISTRY[cls.kind] = cls
-    return cls
-
-
 def pass_for(spec: BaseModel) -> "Pass":
     import passes  # noqa: F401  (registers the built-in passes)
 
     kind = getattr(spec, "kind")
-    if kind not in _REGISTRY:
-        raise PassError(f"no pass is registered for kind {kind!r}; known kinds: {sorted(_REGISTRY)}")
-    return _REGISTRY[kind](spec)
-
-
-@dataclass
-class PassContext:
-    """What a pass may use besides the program: calibration data, the original, settings."""
-
-    spec: Spec
-    calibration: CalibrationData
-    original: Program
-    index: int = 0
-    state: set[str] = field(default_factory=set)
-    """Graph properties established by earlier passes (e.g. 'quantized', 'tokens-pruned')."""
-    task_loss: Any = None
-    """Optional callable(output, batch) -> scalar loss for gradient-based importance."""
-    progress: bool | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
-    """Calibration statistics shared between passes (see passes.importance). The manager
-    clears it after every pass whose class does not set `preserves_stats = True`, because a
-    rewrite changes the activations the statistics were collected on."""
-
-
-@dataclass
-class PassResult:
-    program: Program
-    summary: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-class Pass:
-    """Base class of every pass. Subclasses set the class attributes and implement `run`."""
-
-    kind: ClassVar[str] = ""
-    needs: ClassVar[frozenset[str]] = frozenset()
-    reads: ClassVar[frozenset[str]] = frozenset()
-    """Annotation keys (node.meta["rewrite"]) this pass expects an earlier pass to have written."""
-    writes: ClassVar[frozenset[str]] = frozenset()
-    """Annotation keys this pass writes for later passes."""
-    requires_absent: ClassVar[dict[str, str]] = {}
-    """{property: why this pass cannot run once an earlier pass established it}."""
-    establishes: ClassVar[frozenset[str]] = frozenset()
-    preserves_stats: ClassVar[bool] = False
-    """True for passes that do not change any activation (analysis-only passes)."""
-
-    def __init__(self, spec: BaseModel):
-        self.spec = spec
-
-    @property
-    def name(self) -> str:
-        return self.kind
-
-    def check(self, program: Program, ctx: PassContext) -> None:
-        """Raise PassError if the pass cannot apply to this program (before any work)."""
-
-    def run(self, program: Program, ctx: PassContext) -> PassResult:
-        raise NotImplementedError
+    if kind not in REGISTRY:
+        raise PassError(f"no pass is registered for kind {kind!r}; known kinds: {sorted(REGISTRY)}")
+    return REGISTRY[kind](spec)
 
 
 def check_order(passes: list[Pass]) -> None:

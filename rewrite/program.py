@@ -67,7 +67,19 @@ def _is_float_tensor(node: fx.Node) -> bool:
 
 
 class Program:
-    """A captured model: a GraphModule plus the inputs it was captured with."""
+    """A captured model: a GraphModule plus the inputs it was captured with.
+
+    Passes take a Program and return a new one; `module` is called exactly like the original.
+
+    Example:
+        >>> import torch
+        >>> from rewrite.program import Program
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+        >>> program = Program.capture(model, (torch.randn(2, 8),))
+        >>> x = torch.randn(5, 8)  # the batch dim is captured dynamic
+        >>> torch.equal(program.module(x), model(x))
+        True
+    """
 
     def __init__(self, module: fx.GraphModule, example: Inputs, *, dynamic: bool = True, name: str = "model"):
         self.module = module
@@ -79,6 +91,7 @@ class Program:
     # -- construction --------------------------------------------------------------
     @classmethod
     def capture(cls, model: torch.nn.Module, example: Inputs | Any, *, dynamic: bool = True, name: str | None = None) -> "Program":
+        """Export `model` with torch.export on `example` (batch and sequence dims dynamic) and wrap the graph."""
         from .capture import capture
 
         example = Inputs.of(example)
@@ -95,6 +108,7 @@ class Program:
         return out
 
     def clone(self) -> "Program":
+        """A deep copy: passes rewrite a clone, so the caller's program never changes."""
         out = Program(copy.deepcopy(self.module), self.example, dynamic=self.dynamic, name=self.name)
         out.notes = copy.deepcopy(self.notes)
         return out
@@ -104,6 +118,7 @@ class Program:
         return self.module(*args, **kwargs)
 
     def run(self, inputs: Inputs | Any) -> Any:
+        """Call the captured module on one batch without gradients."""
         with torch.no_grad():
             return Inputs.of(inputs).call(self.module)
 
@@ -130,6 +145,7 @@ class Program:
         return self.module.graph
 
     def nodes(self, op: str | None = None, target: Any = None) -> list[fx.Node]:
+        """Graph nodes, optionally only those with this `op` and/or `target`."""
         out = []
         for n in self.graph.nodes:
             if op is not None and n.op != op:
@@ -140,9 +156,11 @@ class Program:
         return out
 
     def placeholders(self) -> list[fx.Node]:
+        """The graph's input nodes, in the captured order."""
         return self.nodes("placeholder")
 
     def output_node(self) -> fx.Node:
+        """The graph's single output node."""
         return next(n for n in reversed(self.graph.nodes) if n.op == "output")
 
     @staticmethod
@@ -165,6 +183,7 @@ class Program:
 
     @classmethod
     def module_type(cls, node: fx.Node) -> str:
+        """The class name of the innermost module that produced `node` ('' for top-level ops)."""
         stack = cls.module_stack(node)
         return stack[-1][1] if stack else ""
 
@@ -225,9 +244,11 @@ class Program:
 
     @staticmethod
     def is_tensor(node: fx.Node) -> bool:
+        """True when `node` produces one tensor (not a tuple, symbol or None)."""
         return isinstance(node.meta.get("val"), torch.Tensor)
 
     def users_outside(self, node: fx.Node, inside: set[fx.Node]) -> list[fx.Node]:
+        """The users of `node` that are not in `inside` (a region's outgoing edges)."""
         return [u for u in node.users if u not in inside]
 
     # -- module hierarchy: repeated blocks --------------------------------------------
@@ -303,10 +324,12 @@ class Program:
     # -- annotations -----------------------------------------------------------------
     @staticmethod
     def annotate(node: fx.Node, key: str, value: Any) -> None:
+        """Attach `value` under `key` to `node` for later passes (kept in node.meta)."""
         node.meta.setdefault(ANNOTATION_KEY, {})[key] = value
 
     @staticmethod
     def annotation(node: fx.Node, key: str, default: Any = None) -> Any:
+        """The value an earlier pass attached to `node` under `key`, else `default`."""
         return node.meta.get(ANNOTATION_KEY, {}).get(key, default)
 
     # -- housekeeping ------------------------------------------------------------------

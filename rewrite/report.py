@@ -103,6 +103,8 @@ class TaskMetric(BaseModel):
 
 
 class Report(BaseModel):
+    """What a compile did: cost before and after, one record per pass, exports, latency and notes."""
+
     model: str
     before: Cost
     after: Cost
@@ -155,6 +157,7 @@ class Report(BaseModel):
 
     # -- rendering ---------------------------------------------------------------------
     def rows(self) -> list[list[str]]:
+        """The main table: one row for the original, one per pass, with cost and fidelity columns."""
         head = ["step", "params", "FLOPs", "weights MB", "cosine", "rel err", "time s"]
         rows = [head, ["original", _n(self.before.params), _n(self.before.flops), f"{self.before.weight_mb:.2f}", "1.000000", "0", "-"]]
         for p in self.passes:
@@ -181,6 +184,7 @@ class Report(BaseModel):
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
+        """The report as Markdown (the `report.md` the CLI writes)."""
         rows = self.rows()
         out = [f"# rewrite report: {self.model}", ""]
         if self.calibration:
@@ -203,6 +207,7 @@ class Report(BaseModel):
         return "\n".join(out) + "\n"
 
     def to_json(self) -> str:
+        """The report as JSON (every field, for tools)."""
         return self.model_dump_json(indent=2)
 
     def _prose(self, markdown: bool) -> list[str]:

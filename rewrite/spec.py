@@ -262,7 +262,21 @@ PASS_KINDS = ("cleanup", "prune", "quantize", "skip", "token")
 
 
 class Spec(StrictModel):
-    """A compression spec: passes applied in order, plus calibration, verify and export."""
+    """A compression spec: passes applied in order, plus calibration, verify and export.
+
+    Load one from a dict, YAML/JSON text or a file (`Spec.load`); a bad field raises one
+    `SpecError` line naming the field and the fix.
+
+    Example:
+        >>> from rewrite.spec import Spec
+        >>> spec = Spec.load({"passes": [{"kind": "prune", "granularity": "neuron", "amount": 0.25}]})
+        >>> spec.passes[0].kind, spec.passes[0].amount, spec.calibration.samples > 0
+        ('prune', 0.25, True)
+        >>> Spec.load({"passes": [{"kind": "prune", "granularity": "neurons"}]})
+        Traceback (most recent call last):
+        ...
+        rewrite.errors.SpecError: ...
+    """
 
     calibration: CalibrationSpec = CalibrationSpec()
     passes: list[PassSpec] = [CleanupSpec()]
@@ -300,6 +314,7 @@ class Spec(StrictModel):
 
     @classmethod
     def from_json(cls, source: str | Path) -> "Spec":
+        """Load from a JSON file path or a JSON string."""
         text = _read_text(source)
         try:
             data = json.loads(text)
@@ -318,9 +333,11 @@ class Spec(StrictModel):
         return cls.from_json(path) if path.suffix.lower() == ".json" else cls.from_yaml(path)
 
     def to_yaml(self) -> str:
+        """The spec as YAML, every field included (what `rewrite compile` writes next to the model)."""
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
 
     def to_json(self) -> str:
+        """The spec as JSON, every field included."""
         return self.model_dump_json(indent=2)
 
 

@@ -1,4 +1,6 @@
-"""`rewrite inspect`: importance tables per granularity and plots, without rewriting.
+"""Importance tables per granularity and plots, without rewriting (the analysis behind `rewrite inspect`).
+
+The command line around it (model loading, files) is `rewrite.cli_inspect`:
 
     rewrite inspect [SPEC] [--importance KIND ...] [--model MODULE:FACTORY] [--out DIR] [--groups]
 
@@ -23,13 +25,11 @@ Plots (PNG, needs matplotlib): `layers.png` (per-layer bars, one panel per metri
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from rewrite.calibration import CalibrationData
 from rewrite.errors import RewriteError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -82,7 +82,7 @@ def _block_of(module: str, blocks: list[str]) -> str | None:
     return None
 
 
-def _try_groups(program: Program) -> tuple[list[Any] | None, str]:
+def try_groups(program: Program) -> tuple[list[Any] | None, str]:
     try:
         from rewrite.dims import find_groups
     except ImportError:
@@ -138,7 +138,7 @@ def inspect_program(program: Program, batches: list[Inputs], kinds: dict[str, li
             notes.append(f"{k}: least important layer {min(vals, key=vals.get)}")
 
     # groups, heads, neurons ----------------------------------------------------------
-    groups, why = _try_groups(program)
+    groups, why = try_groups(program)
     head_rows: list[dict[str, Any]] = []
     neuron_rows: list[dict[str, Any]] = []
     group_rows_: list[dict[str, Any]] = []
@@ -277,44 +277,5 @@ def plot(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def _jsonable(tables: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def jsonable(tables: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return json.loads(json.dumps(tables, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
-def run_inspect(args: Any) -> int:
-    """Entry point of `rewrite inspect` (see the module docstring)."""
-    from rewrite import cli
-
-    spec = Spec.load(args.spec) if getattr(args, "spec", None) else None
-    kinds = kinds_from(spec, getattr(args, "importance", None))
-    calib_spec = spec.calibration if spec is not None else Spec().calibration
-    tokenizer = None
-    if getattr(args, "model", None):
-        model, example, calib, _ = cli._load_factory(args.model)
-    else:
-        model, example, calib, tokenizer = cli._default_model(calib_spec.samples, calib_spec.batch_size, calib_spec.seed)
-    example = Inputs.of(example)
-    print(f"inspecting {type(model).__name__}: weight {kinds['weight']}, layer {kinds['layer']}, token {kinds['token']}",
-          file=sys.stderr)
-    program = Program.capture(model, example)
-    data = CalibrationData.from_user(calib, example, samples=calib_spec.samples, holdout=calib_spec.holdout)
-    if getattr(args, "groups", False):
-        groups, why = _try_groups(program)
-        if groups is None:
-            raise RewriteError(why)
-        from rewrite.dims import describe
-
-        print(describe(groups))
-    result = inspect_program(program, data.batches, kinds, holdout=data.holdout, tokenizer=tokenizer)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = render(result["tables"])
-    if result["notes"]:
-        text += "\n" + "\n".join(f"- {n}" for n in result["notes"]) + "\n"
-    (out_dir / "importance.md").write_text(f"# importance: {type(model).__name__}\n\n" + text, encoding="utf-8")
-    (out_dir / "importance.json").write_text(json.dumps(_jsonable(result["tables"]), indent=1), encoding="utf-8")
-    print(text)
-    written = plot(result, out_dir)
-    print(f"wrote {out_dir / 'importance.md'}, {out_dir / 'importance.json'}"
-          + "".join(f", {p}" for p in written), file=sys.stderr)
-    return 0
