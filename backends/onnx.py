@@ -22,6 +22,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from rewrite.capture import export_program
+from rewrite.compare import compare
 from rewrite.errors import ExportError, VerificationError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -228,48 +229,20 @@ def verify_onnx(program: Program, model_path: Path, batches: Sequence[Inputs], *
     """Run onnxruntime and the torch module on each batch; raise if they disagree.
 
     The error checked is the `quantile` of the absolute errors over all float outputs (1.0:
-    the largest), relative to the largest output magnitude; the record keeps the largest.
+    the largest), relative to the largest output magnitude (`rewrite.compare`); the record
+    keeps the largest.
     """
     sess = session(model_path)
-    errors: list[np.ndarray] = []
-    worst_abs = 0.0
-    scale = 1e-6
-    cos_min = 1.0
+    pairs: list[tuple[Any, Any]] = []
     for batch in batches:
         with torch.no_grad():
             ref = [t for t in pytree.tree_leaves(program.run(batch)) if isinstance(t, torch.Tensor)]
         got = sess.run(None, feeds_for(sess, program, batch))
         if len(got) != len(ref):
             raise VerificationError(f"onnxruntime returned {len(got)} outputs, the torch module {len(ref)}")
-        for i, (r, g) in enumerate(zip(ref, got)):
-            r = r.detach().cpu().numpy()
-            if r.shape != g.shape:
-                raise VerificationError(f"output {i}: onnxruntime shape {g.shape} != torch shape {r.shape}")
-            if not np.issubdtype(r.dtype, np.floating):
-                if not np.array_equal(r, g):
-                    raise VerificationError(f"output {i}: integer outputs differ between onnxruntime and torch")
-                continue
-            if not r.size:
-                continue
-            a, b = r.reshape(-1).astype(np.float64), g.reshape(-1).astype(np.float64)
-            errors.append(np.abs(a - b))
-            worst_abs = max(worst_abs, float(errors[-1].max()))
-            scale = max(scale, float(np.abs(a).max()))
-            na, nb = np.linalg.norm(a), np.linalg.norm(b)
-            if np.linalg.norm(a - b) > 1e-7 * max(na, nb, 1e-30):
-                cos_min = min(cos_min, float(a @ b / max(na * nb, 1e-30)))
-    # relative error: worst absolute error over the largest output magnitude (outputs that
-    # are ~0 by construction, like the mean of a LayerNorm, would make a per-output ratio noise)
-    worst_rel = worst_abs / scale
-    checked = worst_rel
-    if quantile < 1.0 and errors:
-        checked = float(np.quantile(np.concatenate(errors), quantile)) / scale
-    if checked > rtol:
-        what = "max relative error" if quantile >= 1.0 else f"relative error at the {quantile:.0%} quantile"
-        raise VerificationError(
-            f"onnxruntime does not match the rewritten torch module: {what} {checked:.2e} "
-            f"> tolerance {rtol:.0e} (max abs error {worst_abs:.2e}); the ONNX file was not written"
-        )
+        pairs += zip(ref, got)
+    agreement = compare(pairs, rtol=rtol, quantile=quantile).check("onnxruntime", consequence="; the ONNX file was not written")
+    worst_abs, worst_rel, cos_min = agreement.max_abs, agreement.max_rel, agreement.cosine
     return worst_abs, worst_rel, cos_min, sess.get_providers()[0]
 
 

@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 from pydantic import BaseModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .compare import compare
 from .inputs import Inputs
 from .program import Program
 
@@ -72,23 +73,16 @@ def flat_float_outputs(out: Any) -> list[torch.Tensor]:
 def compare_outputs(ref: Any, got: Any) -> tuple[float, float, float, str] | None:
     """(cosine, relative L2 error, max abs error, what was compared) over float leaves.
 
-    Leaves are paired by position; pairs whose shapes differ (a token-pruned sequence
-    output without restoration) are skipped and named in the description.
+    Leaves are paired by position (`rewrite.compare.compare`); pairs whose shapes differ (a
+    token-pruned sequence output without restoration) are skipped and named in the description.
     """
     a, b = flat_float_outputs(ref), flat_float_outputs(got)
-    pairs = [(x, y) for x, y in zip(a, b) if x.shape == y.shape]
-    if not pairs:
+    same = sum(x.shape == y.shape for x, y in zip(a, b))
+    if not same:
         return None
-    x = torch.cat([p[0].reshape(-1) for p in pairs])
-    y = torch.cat([p[1].reshape(-1) for p in pairs])
-    diff = (x - y).double().norm().item()
-    scale = max(x.double().norm().item(), y.double().norm().item())
-    # identical (or both ~zero) outputs: cosine is 1 by definition, not numerically
-    cos = 1.0 if diff <= 1e-7 * max(scale, 1e-30) or scale < 1e-20 else torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=0).item()
-    rel = diff / max(scale, 1e-12) if scale >= 1e-20 else 0.0
-    mx = (x - y).abs().max().item() if x.numel() else 0.0
-    what = "all outputs" if len(pairs) == len(a) == len(b) else f"{len(pairs)} of {max(len(a), len(b))} outputs (others changed shape)"
-    return cos, rel, mx, what
+    agreement = compare(zip(a, b), skip_mismatched_shapes=True)
+    what = "all outputs" if same == len(a) == len(b) else f"{same} of {max(len(a), len(b))} outputs (others changed shape)"
+    return agreement.cosine, agreement.rel_l2, agreement.max_abs, what
 
 
 def fidelity(original: Program, rewritten: Program, batches: Iterable[Inputs]) -> Fidelity | None:

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-DOCUMENTED = ["rewrite.compiler", "rewrite.program", "rewrite.spec", "rewrite.pass_base", "rewrite.model_refs"]
+DOCUMENTED = ["rewrite.compiler", "rewrite.program", "rewrite.spec", "rewrite.pass_base", "rewrite.model_refs", "rewrite.compare"]
 
 
 @pytest.mark.parametrize("module_name", DOCUMENTED)
