@@ -154,34 +154,110 @@ def onnx_latency(program: Program, inputs: Inputs | None = None, *, repeats: int
     return times[len(times) // 2]
 
 
+@dataclass
+class Rebuild:
+    """How a worker that cannot receive a captured graph rebuilds the allocator's base program:
+    compile `model` with the spec minus its budget, exactly as the driver did."""
+
+    model: Any
+    spec: dict[str, Any]
+    example_inputs: Any
+    calibration: Any
+    dynamic: bool = True
+    task: str | None = "auto"
+
+
+@dataclass
+class KnobBench:
+    """What every cost-table measurement needs: the base program, its context and costs."""
+
+    program: Program
+    ctx: PassContext
+    base_flops: int
+    base_bytes: int
+    latency_fn: LatencyFn | None
+    base_latency: float
+
+
+def _bench(program: Program, ctx: PassContext, latency_fn: LatencyFn | None) -> KnobBench:
+    base = cost(program)
+    return KnobBench(program, ctx, base.flops, base.weight_bytes, latency_fn,
+                     latency_fn(program) if latency_fn is not None else 1.0)
+
+
+def default_latency_fn(ctx: PassContext) -> LatencyFn:
+    """onnxruntime on the largest calibration batch: the example inputs are often tiny, and at
+    tiny shapes fixed per-op overheads hide what a rewrite saves."""
+    largest = max(ctx.calibration.batches, key=lambda b: sum(t.numel() for t in b.tensors()))
+    return lambda p: onnx_latency(p, largest)
+
+
+def rebuild_bench(rebuild: Rebuild, with_latency: bool) -> KnobBench:
+    """A worker's `setup`: recompile the base program from picklable parts (see `Rebuild`)."""
+    from .compiler import compile
+
+    compiled = compile(rebuild.model, rebuild.spec, example_inputs=rebuild.example_inputs,
+                       calibration=rebuild.calibration, dynamic=rebuild.dynamic, task=rebuild.task, progress=False)
+    ctx = PassContext(spec=compiled.spec, calibration=compiled.calibration, original=compiled.original)
+    return _bench(compiled.program, ctx, default_latency_fn(ctx) if with_latency else None)
+
+
+def measure_knob(bench: KnobBench, passes: list[dict[str, Any]]) -> dict[str, float] | str:
+    """One row of the cost table: a setting applied alone. A string says why it does not apply."""
+    try:
+        prog, _ = apply_passes(bench.program, bench.ctx, passes)
+    except PassError as exc:  # the setting does not apply to this model (e.g. heads on a CNN)
+        return str(exc)
+    c = cost(prog)
+    fid = fidelity(bench.program, prog, bench.ctx.calibration.batches[:2])
+    row = {"cosine_drop": fid.cosine_drop if fid else 1.0,
+           "flops_ratio": c.flops / bench.base_flops if bench.base_flops else 1.0,
+           "bytes_saved": bench.base_bytes - c.weight_bytes}
+    if bench.latency_fn is not None:
+        row["latency_ratio"] = bench.latency_fn(prog) / bench.base_latency
+    return row
+
+
 def allocate(original: Program, ctx: PassContext, budget: BudgetSpec, *, latency_fn: LatencyFn | None = None,
-             tolerance: float = 0.10, max_builds: int = 4) -> Allocation:
-    """Latency defaults to onnxruntime on the largest calibration batch: the example inputs are
-    often tiny, and at tiny shapes fixed per-op overheads hide what a rewrite saves."""
+             tolerance: float = 0.10, max_builds: int = 4, executor: str | None = None,
+             rebuild: Rebuild | None = None) -> Allocation:
+    """Choose and build the plan that meets `budget` (see the module docstring).
+
+    Latency defaults to onnxruntime on the largest calibration batch. `executor: "ray"`
+    measures the cost table on Ray workers; each rebuilds the base program from `rebuild`
+    and takes its latency ratios against its own base measurement. The plans are built here.
+    """
+    from .executor import executor_for
+
     ctx.calibration.require("the budget allocator")
-    if latency_fn is None:
-        largest = max(ctx.calibration.batches, key=lambda b: sum(t.numel() for t in b.tensors()))
-        latency_fn = lambda p: onnx_latency(p, largest)  # noqa: E731
+    if budget.latency is None:
+        latency_fn = None
+    elif latency_fn is None:
+        latency_fn = default_latency_fn(ctx)
     base = cost(original)
-    base_latency = latency_fn(original) if budget.latency is not None else 1.0
     knobs = candidate_knobs(original, budget)
     if not knobs:
         raise PassError("the budget allocator found nothing to apply to this model (no repeated blocks, no prunable groups)")
+    runner = executor_for(executor)
+    if runner.name == "local":
+        local = _bench(original, ctx, latency_fn)
+        base_latency = local.base_latency
+        rows = runner.map(lambda: local, (), measure_knob, [k.passes for k in knobs], description="budget: cost table")
+    else:
+        if rebuild is None:
+            raise PassError("executor 'ray' needs the model itself (an nn.Module, not a Program) to rebuild the base "
+                            "program on each worker; pass the module to compile, or use executor: local")
+        rows = runner.map(rebuild_bench, (rebuild, budget.latency is not None), measure_knob, [k.passes for k in knobs],
+                          description="budget: cost table")
+        base_latency = latency_fn(original) if latency_fn is not None else 1.0
     usable = []
-    for knob in knobs:  # the cost table: each setting alone
-        try:
-            prog, _ = apply_passes(original, ctx, knob.passes)
-        except PassError as exc:  # the setting does not apply to this model (e.g. heads on a CNN)
-            log.info("budget: %s does not apply: %s", knob.name, exc)
+    for knob, row in zip(knobs, rows):
+        if isinstance(row, str):
+            log.info("budget: %s does not apply: %s", knob.name, row)
             continue
         usable.append(knob)
-        c = cost(prog)
-        fid = fidelity(original, prog, ctx.calibration.batches[:2])
-        knob.cosine_drop = fid.cosine_drop if fid else 1.0
-        knob.flops_ratio = c.flops / base.flops if base.flops else 1.0
-        knob.bytes_saved = base.weight_bytes - c.weight_bytes
-        if budget.latency is not None:
-            knob.latency_ratio = latency_fn(prog) / base_latency
+        knob.cosine_drop, knob.flops_ratio, knob.bytes_saved = row["cosine_drop"], row["flops_ratio"], int(row["bytes_saved"])
+        knob.latency_ratio = row.get("latency_ratio", 1.0)
     knobs = usable
     if not knobs:
         raise PassError("the budget allocator found nothing to apply to this model (no repeated blocks, no prunable groups)")

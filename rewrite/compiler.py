@@ -232,8 +232,15 @@ def _compile(model: torch.nn.Module | Program, spec: Any, example_inputs: Any, c
     warnings: list[str] = []
     program = run_passes(program, ctx, passes, records, warnings)
     if spec.budget is not None:
+        rebuild = None
+        if spec.executor != "local" and not isinstance(model, Program) and layout is None:
+            from .allocate import Rebuild
+
+            rebuild = Rebuild(model=model, spec=spec.model_dump(mode="json", exclude={"budget", "executor"}),
+                              example_inputs=example, calibration=None if calib.from_example else calib.batches + calib.holdout,
+                              dynamic=dynamic, task=None)
         with stage("budget: choosing the rewrites"):
-            program = _apply_budget(program, ctx, records)
+            program = _apply_budget(program, ctx, records, rebuild)
     n_cal = sum(b.batch_size() for b in calib.batches)
     n_hold = sum(b.batch_size() for b in calib.holdout)
     report = Report(
@@ -246,14 +253,14 @@ def _compile(model: torch.nn.Module | Program, spec: Any, example_inputs: Any, c
     return Compiled(program=program, original=original, report=report, spec=spec, calibration=calib)
 
 
-def _apply_budget(program: Program, ctx: PassContext, records: list[PassRecord]) -> Program:
+def _apply_budget(program: Program, ctx: PassContext, records: list[PassRecord], rebuild: Any = None) -> Program:
     """Let the allocator choose the rewrites that meet `spec.budget`; record its decision."""
     import time
 
     from .allocate import allocate
 
     start = time.perf_counter()
-    alloc = allocate(program, ctx, ctx.spec.budget)
+    alloc = allocate(program, ctx, ctx.spec.budget, executor=ctx.spec.executor, rebuild=rebuild)
     chosen = next(r for r in alloc.tried if r.verdict == "chosen")
     records.append(PassRecord(
         name=f"{len(records)}:budget", kind="budget", seconds=time.perf_counter() - start,

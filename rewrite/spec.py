@@ -283,6 +283,9 @@ class Spec(StrictModel):
     verify: VerifySpec = VerifySpec()
     export: ExportSpec = ExportSpec()
     budget: BudgetSpec | None = None
+    executor: Literal["local", "ray"] = "local"
+    """Where plan-search measurements run (the budget allocator's cost table): "ray" spreads them over
+    Ray workers (in-process Ray, or the cluster at RAY_ADDRESS; needs the `ray` extra)."""
 
     # -- loading ---------------------------------------------------------------
     @classmethod

@@ -1,0 +1,49 @@
+"""Plan search on Ray: the allocator's cost table measured by 2 local Ray workers gives the
+same table and the same chosen plan as the local executor."""
+from __future__ import annotations
+
+import pytest
+
+import rewrite
+from rewrite import zoo
+from rewrite.errors import RewriteError
+from rewrite.executor import LocalExecutor, RayExecutor, executor_for
+
+
+def _table(compiled: rewrite.Compiled) -> tuple[list[dict], list[str]]:
+    record = compiled.report.passes[-1]
+    table = record.details["cost table (each setting alone)"]
+    chosen = next(p for p in record.details["plans (chosen and rejected)"] if p["verdict"] == "chosen")
+    return table, chosen["knobs"]
+
+
+def test_executor_names():
+    assert isinstance(executor_for(None), LocalExecutor)
+    assert isinstance(executor_for("ray"), RayExecutor)
+    with pytest.raises(RewriteError, match="unknown executor 'dask'"):
+        executor_for("dask")
+
+
+@pytest.mark.slow
+def test_ray_workers_give_the_local_cost_table_and_plan():
+    pytest.importorskip("ray")
+    import ray
+
+    z = zoo.load("bert", calibration_batches=4)
+    spec = {"passes": [{"kind": "cleanup"}], "budget": {"flops": 0.7}}
+    local = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, progress=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env=RayExecutor()._runtime_env())
+        remote = rewrite.compile(z.model, {**spec, "executor": "ray"}, example_inputs=z.example, calibration=z.calibration,
+                                 progress=False)
+    finally:
+        ray.shutdown()
+    local_table, local_plan = _table(local)
+    remote_table, remote_plan = _table(remote)
+    assert [k["name"] for k in remote_table] == [k["name"] for k in local_table]
+    for a, b in zip(local_table, remote_table):
+        assert a["flops_ratio"] == pytest.approx(b["flops_ratio"], rel=1e-9), a["name"]
+        assert a["bytes_saved"] == b["bytes_saved"], a["name"]
+        assert a["cosine_drop"] == pytest.approx(b["cosine_drop"], abs=1e-6), a["name"]
+    assert remote_plan == local_plan
