@@ -2,6 +2,7 @@
 
     rewrite compile [SPEC] [--model MODULE:FACTORY] [--calibration FILE] [--out DIR] [--backend onnx|tvm]
     rewrite inspect [SPEC] [--importance KIND] [--model MODULE:FACTORY] [--out DIR]
+    rewrite search SPEC --grid KEY=V1,V2 [--executor local|ray]
     rewrite schema
     rewrite --version
 
@@ -194,6 +195,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import run_search
+
+    return run_search(args)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .cli_inspect import run_inspect
 
@@ -312,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="out/inspect")
     i.add_argument("--groups", action="store_true", help="print the coupled dimension groups")
     i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("search", parents=[common], help="sweep spec parameters; print the Pareto front; write the best spec")
+    r.add_argument("spec", help="the base spec (YAML or JSON)")
+    r.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
+                   help="a spec field by its path and the values to try, e.g. passes.0.amount=0.1,0.25 (repeatable)")
+    r.add_argument("--model", help="MODULE:FACTORY; default: all-MiniLM-L6-v2")
+    r.add_argument("--executor", choices=["local", "ray"], default="local", help="where combinations run (ray: Ray workers)")
+    r.add_argument("--max-drop", type=float, default=0.01, help="largest cosine drop the best spec may have (default 0.01)")
+    r.add_argument("--out", default="out/search", help="folder for search.md and best.yaml")
+    r.set_defaults(func=cmd_search)
 
     s = sub.add_parser("schema", help="print the spec's JSON schema")
     s.set_defaults(func=cmd_schema)

@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-DOCUMENTED = ["rewrite.compiler", "rewrite.program", "rewrite.spec", "rewrite.pass_base", "rewrite.model_refs", "rewrite.compare"]
+DOCUMENTED = ["rewrite.compiler", "rewrite.program", "rewrite.spec", "rewrite.pass_base", "rewrite.model_refs", "rewrite.compare",
+              "rewrite.executor", "rewrite.search"]
 
 
 @pytest.mark.parametrize("module_name", DOCUMENTED)

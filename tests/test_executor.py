@@ -47,3 +47,33 @@ def test_ray_workers_give_the_local_cost_table_and_plan():
         assert a["bytes_saved"] == b["bytes_saved"], a["name"]
         assert a["cosine_drop"] == pytest.approx(b["cosine_drop"], abs=1e-6), a["name"]
     assert remote_plan == local_plan
+
+
+def test_search_grid_validates_every_combination_before_work():
+    from rewrite.errors import SpecError
+    from rewrite.search import grid_specs
+
+    base = {"passes": [{"kind": "prune", "granularity": "neuron", "amount": 0.1}]}
+    specs = grid_specs(base, ["passes.0.amount=0.25,0.5", "passes.0.importance=magnitude,wanda"])
+    assert [setting for setting, _ in specs] == [
+        {"passes.0.amount": 0.25, "passes.0.importance": "magnitude"}, {"passes.0.amount": 0.25, "passes.0.importance": "wanda"},
+        {"passes.0.amount": 0.5, "passes.0.importance": "magnitude"}, {"passes.0.amount": 0.5, "passes.0.importance": "wanda"}]
+    assert base["passes"][0]["amount"] == 0.1  # the base spec is not changed
+    with pytest.raises(SpecError, match="amount"):
+        grid_specs(base, ["passes.0.amount=0.25,1.5"])  # 1.5 is out of range: refused before any compile
+    with pytest.raises(SpecError, match="the spec has no passes.3"):
+        grid_specs(base, ["passes.3.amount=0.1"])
+    with pytest.raises(SpecError, match="KEY=V1,V2"):
+        grid_specs(base, ["passes.0.amount"])
+
+
+def test_search_pareto_front_and_best():
+    from rewrite.search import Point, best, mark_pareto
+
+    pts = [Point({"a": i}, {}, cosine_drop=d, weight_mb=mb, latency_ratio=lat)
+           for i, (d, mb, lat) in enumerate([(0.001, 10, 0.9), (0.002, 8, 0.7), (0.003, 9, 0.8), (0.05, 5, 0.4)])]
+    pts.append(Point({"a": 4}, {}, error="does not apply"))
+    mark_pareto(pts)
+    assert [p.pareto for p in pts] == [True, True, False, True, False]  # #2 is beaten by #1 on all three
+    assert best(pts, max_drop=0.01).setting == {"a": 1}
+    assert best(pts, max_drop=0.0001) is None
