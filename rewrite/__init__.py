@@ -6,6 +6,7 @@
     out.report          # what each pass did and what it cost
     out.export("model.onnx")   # ONNX, verified in onnxruntime
 """
+from .checkpoint import load_hf
 from .compiler import Compiled, compile
 from .decoding import GenerationError, generate
 from .errors import (
@@ -23,7 +24,7 @@ from .report import Report
 from .spec import Spec
 
 __all__ = [
-    "compile", "Compiled", "generate", "GenerationError", "Spec", "Program", "Block", "Inputs", "Report",
+    "compile", "Compiled", "load_hf", "generate", "GenerationError", "Spec", "Program", "Block", "Inputs", "Report",
     "RewriteError", "SpecError", "CaptureError", "CalibrationError", "PassError", "ExportError", "VerificationError",
 ]
 __version__ = "0.1.0"

@@ -41,76 +41,117 @@ class CheckpointError(RewriteError, ValueError):
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int      # absolute file offsets of the raw little-endian data
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensors of a safetensors file (name -> TensorInfo) and its metadata, from the header alone.
+
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the raw bytes (offsets relative to the end of the header).
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (shorter than its header): re-save the checkpoint")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise CheckpointError(f"{path} has no valid safetensors header: re-save the checkpoint") from None
+    meta = header.pop("__metadata__", None) or {}
+    out = {}
+    for name, e in header.items():
+        if e["dtype"] not in _DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {path.name} has dtype {e['dtype']}, which rewrite cannot "
+                                  "read (use bf16, fp16 or fp32)")
+        a, b = e["data_offsets"]
+        out[name] = TensorInfo(path, _DTYPES[e["dtype"]], tuple(e["shape"]), 8 + n + a, 8 + n + b)
+    return out, meta
 
 
 class WeightStore:
-    """Tensors of a folder's safetensors files, read one at a time (never the whole file).
+    """Tensors of a folder's safetensors files, read one at a time (never a whole file).
 
-    `get(name)` returns the tensor in its stored dtype (or `dtype`), `rows(name, a, b)` a slice of
-    its first dimension; file handles are opened once and kept (safetensors memory-maps them,
-    so an open handle costs address space, not resident memory).
+    Reads are plain positioned file reads into memory the caller owns, not a memory map:
+    pages of a mapped checkpoint count in the process's resident memory for as long as the
+    map lives, so reading a 7B checkpoint through one would grow RSS with depth.
+    `get(name)` returns the tensor in its stored dtype (or `dtype`); `rows(name, a, b)` reads
+    only the bytes of rows [a, b) of the first dimension.
     """
 
-    def __init__(self, directory: Path, files: dict[str, Path]):
+    def __init__(self, directory: Path, tensors: dict[str, TensorInfo]):
         self.directory = directory
-        self._file_of = files                   # tensor name -> file
-        self._handles: dict[Path, Any] = {}
+        self.tensors = tensors
         self.aliases: dict[str, str] = {}       # model parameter name -> checkpoint tensor name
 
     def __contains__(self, name: str) -> bool:
-        return self._resolve(name, strict=False) is not None
+        return name in self.tensors or name in self.aliases
 
     def names(self) -> list[str]:
-        return list(self._file_of)
+        return list(self.tensors)
 
-    def _resolve(self, name: str, strict: bool = True) -> str | None:
-        key = name if name in self._file_of else self.aliases.get(name)
-        if key is None and strict:
+    def info(self, name: str) -> TensorInfo:
+        key = name if name in self.tensors else self.aliases.get(name)
+        if key is None:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint {self.directory} "
-                                  f"({len(self._file_of)} tensors in {len(set(self._file_of.values()))} safetensors "
-                                  "files): the config does not match the weights; check config.json")
-        return key
-
-    def _slice(self, name: str) -> Any:
-        key = self._resolve(name)
-        path = self._file_of[key]
-        if path not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_slice(key)
+                                  f"({len(self.tensors)} tensors): the config does not match the weights; "
+                                  "check config.json")
+        return self.tensors[key]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self.info(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._slice(name).get_dtype()
-        if code not in _DTYPES:
-            raise CheckpointError(f"tensor {name!r} has dtype {code}, which rewrite cannot read (use bf16, fp16 or fp32)")
-        return _DTYPES[code]
+        return self.info(name).dtype
+
+    def nbytes(self, name: str) -> int:
+        i = self.info(name)
+        return i.end - i.begin
+
+    def read_bytes(self, name: str, start: int = 0, stop: int | None = None) -> bytearray:
+        """Raw bytes [start, stop) of the tensor's data."""
+        i = self.info(name)
+        stop = i.end - i.begin if stop is None else stop
+        buf = bytearray(stop - start)
+        with open(i.path, "rb") as f:
+            f.seek(i.begin + start)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise CheckpointError(f"{i.path} is truncated: tensor {name!r} needs {len(buf)} bytes at offset "
+                                  f"{i.begin + start}, the file has {got}; copy the file again")
+        return buf
+
+    def _tensor(self, name: str, buf: bytearray, shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+        i = self.info(name)
+        t = torch.frombuffer(buf, dtype=i.dtype) if len(buf) else torch.empty(0, dtype=i.dtype)
+        t = t.reshape(shape)
+        return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = self._slice(name)[:]
-        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+        return self._tensor(name, self.read_bytes(name), self.shape(name), dtype)
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [start, stop) of the first dimension, read without the rest of the tensor."""
-        t = self._slice(name)[start:stop]
-        return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-    def nbytes(self, name: str) -> int:
         shape = self.shape(name)
-        n = 1
-        for s in shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype(name)).element_size()
-
-    def close(self) -> None:
-        self._handles.clear()
+        stop = min(stop, shape[0])
+        row = (self.nbytes(name) // shape[0]) if shape[0] else 0
+        return self._tensor(name, self.read_bytes(name, start * row, stop * row), (stop - start, *shape[1:]), dtype)
 
 
-def _safetensors_files(directory: Path) -> dict[str, Path]:
-    """tensor name -> file, from the index when there is one, else from every *.safetensors header."""
+def _safetensors_files(directory: Path) -> dict[str, TensorInfo]:
+    """tensor name -> where it lies: the files the index names when there is one, else every *.safetensors."""
     index = directory / INDEX
     if index.is_file():
         try:
@@ -118,28 +159,25 @@ def _safetensors_files(directory: Path) -> dict[str, Path]:
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {exc}; "
                                   "re-save the checkpoint with save_pretrained") from None
-        out = {}
+        files = []
         for name, fname in weight_map.items():
             path = directory / fname
             if not path.is_file():
                 raise CheckpointError(f"{index} lists {fname} for {name!r}, but {path} does not exist: "
                                       "copy the missing shard into the folder")
-            out[name] = path
-        return out
-    files = sorted(directory.glob("*.safetensors"))
+            if path not in files:
+                files.append(path)
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         bins = sorted(p.name for p in directory.glob("*.bin"))
         hint = (f" (it has {', '.join(bins[:3])}: convert them with save_pretrained(safe_serialization=True))"
                 if bins else "")
         raise CheckpointError(f"no *.safetensors files in {directory}{hint}; a checkpoint folder needs "
                               "config.json and the weights as safetensors")
-    from safetensors import safe_open
-
-    out = {}
+    out: dict[str, TensorInfo] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                out[name] = path
+        out.update(read_header(path)[0])
     return out
 
 

@@ -51,8 +51,14 @@ from .inputs import Inputs
 from .progress import note, showing
 from .spec import QuantizeSpec
 
-SHARD_BYTES = 1 << 30          # output shard size (safetensors files are written whole)
-ROW_CHUNK_ELEMENTS = 1 << 24   # weights larger than this are read and quantized in row chunks (RTN is row-wise)
+SHARD_BYTES = 1 << 28          # output shard size; computed tensors are held until their shard is written
+ROW_CHUNK_ELEMENTS = 1 << 22
+"""RTN reads and quantizes weights in chunks of rows of about this many elements: RTN is row-wise,
+so the result is the same, and packing (`kernels.quant.pack`, which expands every value to
+`bits` int32 lanes) then needs ~250 MB instead of ~64 bytes per weight (1 GB for one 4096 x 4096)."""
+GPTQ_ROW_CHUNK_ELEMENTS = 1 << 24
+"""GPTQ rows are independent given the Hessian, so large weights are fitted in chunks of rows too
+(each chunk refactors the Hessian, so the chunks are larger than RTN's)."""
 
 
 # ----------------------------------------------------------------------------- memory per phase
@@ -193,44 +199,100 @@ def _set_weight(lin: Linear, w_hat: torch.Tensor) -> None:
     lin.module._parameters["weight"] = nn.Parameter(value.to(lin.module.weight.dtype), requires_grad=False)
 
 
-# ----------------------------------------------------------------------------- output
-class ShardWriter:
-    """Tensors written as safetensors shards of about `SHARD_BYTES` each, plus the index.
+def by_rows(n: int, k: int, chunk_elements: int, quantize: Callable[[int, int], qm.Quantized]) -> qm.Quantized:
+    """`quantize(a, b)` of rows [a, b) in chunks of about `chunk_elements`, concatenated (one call when it fits)."""
+    step = max(1, chunk_elements // max(k, 1))
+    if n <= step:
+        return quantize(0, n)
+    parts = [quantize(a, min(a + step, n)) for a in range(0, n, step)]
+    p0 = parts[0]
+    return qm.Quantized(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                        torch.cat([p.zeros for p in parts]), p0.bits, p0.group_size, p0.k)
 
-    A safetensors file is written whole, so a shard's tensors are held until it is written:
-    memory stays about one shard (or one tensor when a tensor is larger).
+
+# ----------------------------------------------------------------------------- output
+@dataclass
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    tensor: torch.Tensor | None = None                       # held until its shard is written
+    chunks: Callable[[], Iterable[Any]] | None = None        # or streamed from the source when written
+
+
+def _raw(t: torch.Tensor) -> Any:
+    """The tensor's bytes as a buffer (a view, no copy)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+class ShardWriter:
+    """Tensors written as safetensors shards of about `shard_bytes`, plus the index.
+
+    The file format is written directly (an 8-byte header length, the JSON header, the raw
+    bytes) so that nothing is serialised to one buffer first: computed tensors are held until
+    their shard is written (at most one shard's worth), and tensors copied unchanged from the
+    checkpoint (`copy`) are streamed from its file in chunks, never held whole.
     """
 
     def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES):
         self.directory = directory
         self.shard_bytes = shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.pending: list[_Entry] = []
         self.pending_bytes = 0
         self.weight_map: dict[str, str] = {}
         self.shards = 0
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.weight_map or name in self.pending:
-            raise PassError(f"tensor {name!r} written twice")
-        t = tensor.detach().contiguous()
-        self.pending[name] = t
-        self.pending_bytes += t.numel() * t.element_size()
+    def _queue(self, e: _Entry) -> None:
+        if e.name in self.weight_map or any(p.name == e.name for p in self.pending):
+            raise PassError(f"tensor {e.name!r} written twice")
+        self.pending.append(e)
+        self.pending_bytes += e.nbytes
         if self.pending_bytes >= self.shard_bytes:
             self.flush()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous()
+        self._queue(_Entry(name, t.dtype, tuple(t.shape), t.numel() * t.element_size(), tensor=t))
+
+    def copy(self, name: str, store: Any, chunk_bytes: int = 1 << 26) -> None:
+        """Tensor `name` of a `WeightStore`, byte for byte, read in chunks when its shard is written."""
+        n = store.nbytes(name)
+
+        def chunks() -> Iterator[Any]:
+            for a in range(0, n, chunk_bytes):
+                yield store.read_bytes(name, a, min(a + chunk_bytes, n))
+
+        self._queue(_Entry(name, store.dtype(name), store.shape(name), n, chunks=chunks))
 
     def flush(self) -> None:
         if not self.pending:
             return
-        from safetensors.torch import save_file
+        from .checkpoint import DTYPE_CODES
 
         fname = f"rewritten-{self.shards:05d}.safetensors"
-        save_file(self.pending, str(self.directory / fname), metadata={"format": "pt"})
-        for name in self.pending:
-            self.weight_map[name] = fname
-        self.total_bytes += self.pending_bytes
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for e in self.pending:
+            header[e.name] = {"dtype": DTYPE_CODES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(self.directory / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for e in self.pending:
+                if e.tensor is not None:
+                    if e.nbytes:
+                        f.write(_raw(e.tensor))
+                else:
+                    for chunk in e.chunks():
+                        f.write(chunk)
+                self.weight_map[e.name] = fname
+        self.total_bytes += offset
         self.shards += 1
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_bytes = [], 0
 
     def close(self, metadata: dict[str, Any]) -> None:
         self.flush()
@@ -551,21 +613,16 @@ class _Run:
         for name in self.ckpt.store.names():
             if name in self.written or not inside(name):
                 continue
-            self.writer.add(name, self.ckpt.store.get(name))
+            self.writer.copy(name, self.ckpt.store)
             self.written.add(name)
 
     def _rtn_streamed(self, lin: Linear) -> qm.Quantized:
         """RTN of a weight read from the checkpoint in row chunks (RTN is row-wise: the same result)."""
-        name = lin.weight_name
-        n_rows = self.ckpt.store.shape(name)[0]
-        sym = self.spec.weights.symmetric
-        if lin.transposed or lin.n * lin.k <= ROW_CHUNK_ELEMENTS:
+        name, sym = lin.weight_name, self.spec.weights.symmetric
+        if lin.transposed:  # stored [K, N]: rows of the stored tensor are columns of W
             return qm.rtn(_float_weight(lin, self.ckpt.load(name)), lin.bits, lin.group_size, sym)
-        step = max(1, ROW_CHUNK_ELEMENTS // lin.k)
-        parts = [qm.rtn(self.ckpt.store.rows(name, a, min(a + step, n_rows), torch.float32), lin.bits, lin.group_size, sym)
-                 for a in range(0, n_rows, step)]
-        return qm.Quantized(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
-                            torch.cat([p.zeros for p in parts]), lin.bits, lin.group_size, lin.k)
+        return by_rows(lin.n, lin.k, ROW_CHUNK_ELEMENTS, lambda a, b: qm.rtn(
+            self.ckpt.store.rows(name, a, b, torch.float32), lin.bits, lin.group_size, sym))
 
     # -- phases ----------------------------------------------------------------------------
     def go(self) -> None:
@@ -648,7 +705,9 @@ class _Run:
                 if st.rows == 0:
                     qz, method, err = qm.rtn(w, lin.bits, lin.group_size, sym), "rtn (not reached by calibration)", None
                 else:
-                    qz = qm.gptq(w, st.hessian, lin.bits, lin.group_size, sym, **self._options())
+                    h = st.hessian
+                    qz = by_rows(lin.n, lin.k, GPTQ_ROW_CHUNK_ELEMENTS, lambda a, b: qm.gptq(
+                        w[a:b], h, lin.bits, lin.group_size, sym, **self._options()))
                     method = "gptq"
                 w_hat = qz.weight()
                 if st.rows:
