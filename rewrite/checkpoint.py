@@ -23,7 +23,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -239,6 +239,7 @@ class Checkpoint:
     store: WeightStore
     dtype: torch.dtype
     aliases: dict[str, list[str]] = field(default_factory=dict)   # parameter name -> every name of that parameter
+    lazy_buffers: set[str] = field(default_factory=set)           # buffers created on meta, read from the store
 
     def parameter_names(self, prefix: str = "") -> list[str]:
         """Names of the model's parameters under `prefix` (a tied parameter once, under its first name)."""
@@ -273,6 +274,10 @@ class Checkpoint:
                 for alias in self.aliases.get(full, [full]):
                     _set_tensor(self.model, alias, real)
                 done.add(id(param))
+            for leaf, buf in list(mod._buffers.items()):
+                full = p + (f"{mod_name}.{leaf}" if mod_name else leaf)
+                if buf is not None and buf.device.type == "meta" and full in self.lazy_buffers:
+                    _set_tensor(self.model, full, self.store.get(full))
 
     def release(self, prefix: str) -> None:
         """Put the submodule's parameters back on the meta device (their memory is freed)."""
@@ -286,15 +291,21 @@ class Checkpoint:
                 meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
                 for alias in self.aliases.get(full, [full]):
                     _set_tensor(self.model, alias, meta)
+            for leaf, buf in list(mod._buffers.items()):
+                full = p + (f"{mod_name}.{leaf}" if mod_name else leaf)
+                if buf is not None and full in self.lazy_buffers and buf.device.type != "meta":
+                    _set_tensor(self.model, full, torch.empty_like(buf, device="meta"))
 
 
-def load_hf(directory: str | Path, *, trust_remote_code: bool = False) -> Checkpoint:
+def load_hf(directory: str | Path, *, trust_remote_code: bool = False,
+            prepare: Callable[[nn.Module, Any], None] | None = None) -> Checkpoint:
     """Open a Hugging Face checkpoint folder (config.json + *.safetensors) without loading its weights.
 
     Returns a `Checkpoint`: the model built from the config with parameters on the meta device,
     and a store that reads each tensor from safetensors when asked, in the checkpoint's dtype.
     Every model parameter is checked against the store here (a missing one is named now, not
-    in the middle of a long run).
+    in the middle of a long run). `prepare(model, config)` may change the meta model first (e.g.
+    swap linears for packed ones); buffers it leaves on the meta device are read from the store too.
     """
     directory = Path(directory).expanduser()
     if not directory.is_dir():
@@ -322,6 +333,8 @@ def load_hf(directory: str | Path, *, trust_remote_code: bool = False) -> Checkp
         else:  # pragma: no cover
             model = cls(config)
     model.eval()
+    if prepare is not None:
+        prepare(model, config)
     # every name of each parameter (tied ones share one nn.Parameter); resolve each to a stored tensor
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -341,14 +354,24 @@ def load_hf(directory: str | Path, *, trust_remote_code: bool = False) -> Checkp
         raise CheckpointError(f"{len(missing)} parameters of {cls.__name__} are not in the safetensors files of "
                               f"{directory}, e.g. {missing[0]!r}: the config does not match the weights "
                               "(or transformers renames these tensors on load, which load_hf does not do yet)")
-    # persistent buffers the checkpoint holds (e.g. running statistics) replace the init values
+    # persistent buffers the checkpoint holds (e.g. running statistics) replace the init values;
+    # buffers left on meta (packed weights of a rewritten checkpoint) are read on materialize
+    lazy: set[str] = set()
     for name, buf in model.named_buffers():
-        if name in files and buf is not None:
+        if buf is None:
+            continue
+        if buf.device.type == "meta":
+            if name not in files:
+                missing.append(name)
+            lazy.add(name)
+        elif name in files:
             _set_tensor(model, name, store.get(name, buf.dtype))
+    if missing:
+        raise CheckpointError(f"buffer {missing[0]!r} of {cls.__name__} is not in the safetensors files of {directory}")
     counts: dict[torch.dtype, int] = {}
     for name in files:
         dt = store.dtype(name)
         if dt.is_floating_point:
             counts[dt] = counts.get(dt, 0) + 1
     dtype = max(counts, key=counts.get) if counts else torch.float32
-    return Checkpoint(directory, config, model, store, dtype, aliases)
+    return Checkpoint(directory, config, model, store, dtype, aliases, lazy)

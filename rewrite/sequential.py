@@ -752,3 +752,55 @@ class _Run:
         report = {"quantization": meta, "modules": self.rows, "notes": self.notes,
                   "phases": [asdict(p) for p in self.meter.phases]}
         (self.out / "quantization.json").write_text(json.dumps(report, indent=1))
+
+
+# ----------------------------------------------------------------------------- reading the output
+class PackedLinear(nn.Module):
+    """A linear whose weight is stored packed: `rewrite::linear_q` on `weight_q/_scales/_zeros`.
+
+    Built on the meta device by `load_rewritten` and filled from the rewritten checkpoint, so a
+    torch user runs the quantized model with 4-bit storage (and the graph it captures carries
+    `rewrite::linear_q`, which every backend lowers).
+    """
+
+    def __init__(self, n: int, k: int, bits: int, group_size: int, bias: torch.Tensor | None):
+        super().__init__()
+        from kernels.quant import packed_width
+
+        self.in_features, self.out_features, self.bits, self.group_size = k, n, bits, group_size
+        self.register_buffer("weight_q", torch.empty(n, packed_width(k, bits), dtype=torch.uint8, device="meta"))
+        self.register_buffer("weight_scales", torch.empty(n, k // group_size, dtype=torch.float32, device="meta"))
+        self.register_buffer("weight_zeros", torch.empty(n, k // group_size, dtype=torch.uint8, device="meta"))
+        self.bias = None if bias is None else nn.Parameter(torch.empty(n, device="meta"), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import kernels.quant  # noqa: F401 - registers rewrite::linear_q
+
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.ops.rewrite.linear_q(x, self.weight_q, self.weight_scales, self.weight_zeros, bias,
+                                          self.bits, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def load_rewritten(directory: str | Path) -> Checkpoint:
+    """A folder written by `quantize_sequential`, opened like `load_hf`: every quantized linear is a
+    `PackedLinear` (on meta until `materialize`), everything else as in the source model."""
+    directory = Path(directory)
+    qfile = directory / "quantization.json"
+    if not qfile.is_file():
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"no quantization.json in {directory}: it is not a folder written by quantize_sequential "
+                              "(open a plain checkpoint with rewrite.load_hf)")
+    modules = json.loads(qfile.read_text())["modules"]
+
+    def prepare(model: nn.Module, config: Any) -> None:
+        for row in modules:
+            owner_path, _, leaf = row["module"].rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            old = getattr(owner, leaf)
+            setattr(owner, leaf, PackedLinear(row["n"], row["k"], row["bits"], row["group"], getattr(old, "bias", None)))
+
+    return load_hf(directory, prepare=prepare)
