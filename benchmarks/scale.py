@@ -95,7 +95,9 @@ def write_checkpoint(size: str, directory: Path, layers: int | None = None, seed
 def calibration(n: int, seq_len: int) -> list[dict]:
     import torch
 
-    text = (ROOT.parent / "shared" / "data" / "wiki" / "wiki-train.txt").read_bytes()
+    from rewrite.llm_data import wiki_dir
+
+    text = (wiki_dir() / "wiki-train.txt").read_bytes()
     ids = torch.tensor(list(text[: n * seq_len]), dtype=torch.int64)
     if ids.numel() < n * seq_len:
         raise SystemExit(f"wiki-train.txt has fewer than {n * seq_len} bytes")
