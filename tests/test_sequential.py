@@ -209,3 +209,33 @@ def test_rewritten_checkpoint_runs_like_the_compiled_module(untied, tmp_path):
         got = ckpt.model(**batch).logits
         want = compiled.module(**batch).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sequential_gpt2_conv1d_equals_the_quantize_pass(tmp_path):
+    """A second architecture, with transformers' Conv1D (weight stored [K, N]) and a tied lm_head.
+
+    Unpadded batches: the in-memory sequential GPTQ (`qm.sequential_input_stats`) drops padded
+    rows only from 3-D inputs, and GPT-2's Conv1D reads a 2-D view, so with padding the pass
+    counts padded tokens there and the pipeline (which drops them, the project's policy) does not.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
+                                       use_cache=False, bos_token_id=1, eos_token_id=2)).eval()
+    model.save_pretrained(tmp_path / "ckpt", safe_serialization=True)
+    batches = [{"input_ids": b["input_ids"], "attention_mask": torch.ones_like(b["attention_mask"])} for b in _batches()]
+    program = Program.capture(model, Inputs.of(batches[0]))
+    fit = [b.kwargs for b in CalibrationData.from_user(batches, Inputs.of(batches[0])).batches]
+    spec = {"kind": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 32}, "gptq": {"sequential": True}}
+    out = rewrite.compile(program, {"passes": [spec]}, example_inputs=batches[0], calibration=batches)
+    expected = {n: b for n, b in out.module.named_buffers() if n.endswith(("_q", "_scales", "_zeros"))}
+    quantize_sequential(tmp_path / "ckpt", spec, tmp_path / "out", calibration=fit)
+    got = _written(tmp_path / "out")
+    assert {n for n in got if n.endswith(("_q", "_scales", "_zeros"))} == set(expected)
+    assert "lm_head.weight_q" not in got  # tied to the embedding: stays float, as in the pass
+    for name, value in expected.items():
+        if value.dtype == torch.uint8:
+            assert (got[name] != value).float().mean() <= 0.01, name
+        else:
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=name)
