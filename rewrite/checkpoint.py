@@ -279,6 +279,11 @@ class Checkpoint:
                 if buf is not None and buf.device.type == "meta" and full in self.lazy_buffers:
                     _set_tensor(self.model, full, self.store.get(full))
 
+    def module(self, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+        """The whole model with real weights (for models that fit in memory: `rewrite.compile(ckpt.module(), ...)`)."""
+        self.materialize("", dtype)
+        return self.model
+
     def release(self, prefix: str) -> None:
         """Put the submodule's parameters back on the meta device (their memory is freed)."""
         root = self.model.get_submodule(prefix) if prefix else self.model

@@ -104,6 +104,10 @@ def test_load_hf_builds_on_meta_and_reads_lazily(untied):
     assert ckpt.model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
     ckpt.release("model.layers.0")
     assert layer.self_attn.q_proj.weight.device.type == "meta"
+    full = ckpt.module()          # everything real, in float32: what rewrite.compile takes
+    batch = _batches(1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(full(**batch).logits, model(**batch).logits)
 
 
 def test_load_hf_tied_embedding(tmp_path):
