@@ -13,8 +13,8 @@ Calibration for `--method gptq`: sequences of `--seq-len` tokens from
 random, so any ids in the vocabulary exercise the same work; the Llama tokenizers are not
 available offline).
 
-Not yet here (issue 19): the ONNX export in bounded memory and its onnxruntime check, the
-compile-time-vs-depth table, the Ray allocator run.
+Not yet here (issue 19): the ONNX export in bounded memory and its onnxruntime check, and the
+compile-time-vs-depth table (the Ray allocator run is `benchmarks/ray_allocator.py`).
 
     python benchmarks/scale.py --sizes 1b                  # W4 g128 RTN on the 1B-size checkpoint
     python benchmarks/scale.py --sizes 1b --layers 4,8,16  # peak RSS vs depth at one block size
