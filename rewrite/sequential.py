@@ -581,6 +581,9 @@ def quantize_sequential(checkpoint: Checkpoint | str | Path, spec: QuantizeSpec 
     with showing(progress):
         with meter.phase("load"):
             ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_hf(checkpoint)
+            if out.resolve() == ckpt.directory.resolve():
+                raise PassError(f"out_dir {out} is the checkpoint folder itself: writing there would replace its "
+                                "index and config; give another folder")
             if hasattr(ckpt.model.config, "use_cache"):
                 ckpt.model.config.use_cache = False
             blocks_path, blocks = find_blocks(ckpt.model)

@@ -187,6 +187,8 @@ def test_sequential_refuses_what_it_does_not_do(untied, tmp_path):
         quantize_sequential(fp32, {"method": "awq"}, tmp_path)
     with pytest.raises(CalibrationError, match="gptq needs calibration"):
         quantize_sequential(fp32, {"method": "gptq"}, tmp_path)
+    with pytest.raises(PassError, match="is the checkpoint folder itself"):
+        quantize_sequential(fp32, {"method": "rtn"}, fp32)
 
 
 def test_find_blocks_is_generic():
