@@ -32,6 +32,7 @@ KERNEL_ATTR = "rewrite.kernel"
 BITS_ATTR = "rewrite.bits"
 GROUP_ATTR = "rewrite.group_size"
 SCHEDULED_ATTR = "tirx.is_scheduled"
+SCHEDULE_ATTR = "rewrite.schedule"  # the rule that scheduled a non-kernel PrimFunc (dlight's or ours)
 # rows sharing one decoded weight vector: that many V-lane accumulators stay in registers
 # (8 rows x 2 channels = 16 of the 32 zmm registers with AVX-512; measured: 16 rows spilled)
 def row_tile(lanes: int) -> int:
@@ -184,6 +185,17 @@ def _dequant_gemm_tiled(sch: Any, lanes: int) -> None:
     mm = sch.get_sblock("matmul")
     dq = sch.get_sblock("dequantize")
     rows, cols = outer_product_tile(lanes)
+    epilogue = None
+    m = _static(sch.get(sch.get_loops(mm)[0]).extent)
+    if m is None or m % rows:  # rows padded to whole tiles: no bounds test inside the register tile
+        sch.pad_einsum(mm, [rows, 1, 1])
+        for block in sch.get_producers(mm):  # the zero-padded copy of x ("<x>_pad")
+            if sch.get(block).name_hint.endswith("_pad"):
+                sch.parallel(sch.get_loops(block)[0])
+        epilogue = sch.get_sblock("matmul_pad")  # the copy of the valid rows out of the padded result
+        if _has(sch, "bias_add"):
+            sch.compute_inline(epilogue)
+            epilogue = None
     i, j, k = sch.get_loops(mm)
     jo, ji = sch.split(j, [None, cols])
     io, ii = sch.split(i, [None, rows])
@@ -198,8 +210,9 @@ def _dequant_gemm_tiled(sch: Any, lanes: int) -> None:
     sch.vectorize(ji)
     sch.unroll(ii)
     sch.decompose_reduction(mm, k)
-    if _has(sch, "bias_add"):
-        sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
+    for block in [epilogue] + ([sch.get_sblock("bias_add")] if _has(sch, "bias_add") else []):
+        if block is not None:
+            sch.reverse_compute_at(block, io)
 
 
 def _dequant_matmul_scalar(sch: Any, gemv: bool) -> None:
@@ -250,6 +263,8 @@ def _gpu_gemv_rule() -> type:
     from tvm.s_tir import dlight as dl
 
     class _DequantGEMV(dl.ScheduleRule):
+        tag = "rewrite.DequantGEMV"
+
         """Our GEMV kernels that dlight's GEMV declines (3-bit codes read two bytes).
 
         One warp-wide cross-thread reduction per output channel: K split over 32 x 4 threads
@@ -293,13 +308,21 @@ def _guarded(rule: Any) -> Any:
     """
     from tvm.s_tir import dlight as dl
 
+    from tvm import s_tir
+
+    name = getattr(rule, "tag", None) or f"dlight.{type(rule).__module__.split('.')[-2]}.{type(rule).__name__}"
+
     class Guarded(dl.ScheduleRule):
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
             try:
-                return rule.apply(func, target, tunable)
+                sch = rule.apply(func, target, tunable)
             except Exception as exc:  # noqa: BLE001
                 log.debug("dlight %s declined: %s", type(rule).__name__, exc)
                 return None
+            if not isinstance(sch, s_tir.Schedule):
+                return sch
+            # which rule scheduled the function, for the benchmark's per-op table
+            return s_tir.Schedule(sch.mod["main"].with_attr(SCHEDULE_ATTR, name))
 
     return Guarded()
 
@@ -309,7 +332,7 @@ def schedule_cpu_rest(mod: Any, target: Any) -> Any:
     from tvm.s_tir import dlight as dl
 
     target = make_target(target)
-    rules = [dl.cpu.GEMV(), dl.cpu.Reduction(), CpuGeneric(vector_lanes(target))]
+    rules = [dl.cpu.GEMV(), RowWise(), dl.cpu.Reduction(), CpuGeneric(vector_lanes(target))]
     with target:
         return dl.ApplyDefaultSchedule(*[_guarded(r) for r in rules])(mod)
 
@@ -319,6 +342,8 @@ def _cpu_generic_rule() -> type:
     from tvm.s_tir import dlight as dl
 
     class _CpuGeneric(dl.ScheduleRule):
+        tag = "rewrite.CpuGeneric"
+
         """Parallel over the outer spatial loops, vectorise the innermost spatial loop.
 
         Injective blocks: the innermost loop split by the vector width. Reductions whose
@@ -335,6 +360,7 @@ def _cpu_generic_rule() -> type:
                 return None
             sch = s_tir.Schedule(func)
             root = sch.get_sblock("root")
+            _inline_elementwise(sch, root)
             for block in sch.get_child_blocks(root):
                 self._block(sch, block)
             return sch
@@ -365,6 +391,70 @@ def _cpu_generic_rule() -> type:
             sch.parallel(sch.fuse(*loops[: n_s - 1]) if n_s > 2 else loops[0])
 
     return _CpuGeneric
+
+
+def _row_wise_rule() -> type:
+    from tvm import s_tir
+    from tvm.s_tir import dlight as dl
+
+    class _RowWise(dl.ScheduleRule):
+        tag = "rewrite.RowWise"
+
+        """Row-wise reductions (softmax, layer norm): every block computed per row of the output.
+
+        The output's leading spatial loops fused and parallel, every other block computed at
+        that loop, so a row's max/sum/exp stay in cache and the intermediates shrink to one row;
+        the short inner loops are left to LLVM's vectoriser. (dlight's cpu Reduction vectorised
+        them with bounds predicates on a symbolic sequence length: softmax at 34 columns ran
+        12 ms per call, this schedule: see benchmarks/kernels.py.)
+        """
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if target.kind.name != "llvm" or _is_kernel(func):
+                return None
+            sch = s_tir.Schedule(func)
+            root = sch.get_sblock("root")
+            _inline_elementwise(sch, root)
+            blocks = list(sch.get_child_blocks(root))
+            kinds = [_loop_kinds(sch, b, sch.get_loops(b)) for b in blocks]
+            if len(blocks) < 2 or any(k is None for k in kinds) or not any("R" in k for k in kinds):
+                return None
+            if "R" in kinds[-1] or len(kinds[-1]) < 2:
+                return None
+            try:
+                loops = sch.get_loops(blocks[-1])
+                outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+                for block in reversed(blocks[:-1]):
+                    sch.compute_at(block, outer)
+                sch.parallel(outer)
+            except Exception:  # noqa: BLE001 - not a row-wise pattern: the next rule
+                return None
+            return sch
+
+    return _RowWise
+
+
+def RowWise() -> Any:  # noqa: N802 - a rule instance, named like dlight's
+    return _row_wise_rule()()
+
+
+def _inline_elementwise(sch: Any, root: Any) -> None:
+    """Inline every injective block whose consumers are all injective (gelu's four passes become
+    one): no intermediate buffers, one read and one write per element. Producers feeding a
+    reduction stay, so e.g. softmax's exp is not computed twice."""
+    for block in list(sch.get_child_blocks(root))[:-1]:
+        loops = sch.get_loops(block)
+        kinds = _loop_kinds(sch, block, loops)
+        consumers = sch.get_consumers(block)
+        if kinds is None or "R" in kinds or not consumers:
+            continue
+        if any(_loop_kinds(sch, c, sch.get_loops(c)) is None or "R" in _loop_kinds(sch, c, sch.get_loops(c))
+               for c in consumers):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - e.g. a block writing a function output: keep it
+            pass
 
 
 def CpuGeneric(lanes: int) -> Any:  # noqa: N802 - a rule instance, named like dlight's

@@ -147,7 +147,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
                 built = compiled.build("tvm", target=args.target, verify=True, verify_inputs=compiled.verification_batches())
             if hasattr(built, "save"):
                 built.save(out.file("model.tvm.so"))
-            _status(args, f"wrote {out_dir / 'model.tvm.so'} (TVM {args.target}); {getattr(built, 'verify_note', '')}")
+                _status(args, f"wrote {out_dir / 'model.tvm.so'} (TVM {args.target}); {getattr(built, 'verify_note', '')}")
+            else:  # e.g. CUDA without a CUDA-enabled TVM: torch module + kernels compiled at first use
+                _status(args, f"built for TVM {args.target}, no library written ({type(built).__name__} has no "
+                              f"saved form); {getattr(built, 'verify_note', '')}")
             if args.emit_source and hasattr(built, "source"):
                 src_name = "kernels.cu" if "cuda" in str(args.target) else "kernels.ll"  # CUDA C, else LLVM IR
                 out.write_text(src_name, built.source())

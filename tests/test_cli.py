@@ -155,3 +155,18 @@ def test_library_calls_print_nothing_unless_asked(capfd, tmp_path):
     err = capfd.readouterr().err
     assert "capture MLP with torch.export: done in" in err and "pass 1/1: prune (granularity=neuron): done in" in err
     assert "importance statistics" in err  # the calibration sweep's bar
+
+
+def test_tvm_build_without_a_saved_form_writes_no_library_and_says_so(tmp_path, capsys, monkeypatch):
+    """A TVM build with no save() (CUDA launched from torch) must not claim a model.tvm.so."""
+    from rewrite.compiler import Compiled
+
+    class Unsaveable:
+        verify_note = "verified"
+
+    monkeypatch.setattr(Compiled, "build", lambda self, *a, **k: Unsaveable())
+    assert main(["compile", "--model", "rewrite.zoo_factories:mlp", "--out", str(tmp_path), "--backend", "tvm",
+                 "--no-latency"]) == 0
+    err = capsys.readouterr().err
+    assert not (tmp_path / "model.tvm.so").exists()
+    assert "model.tvm.so" not in err and "no library written (Unsaveable has no saved form)" in err

@@ -34,6 +34,46 @@ def test_plain_graph_dict_output_and_dynamic_batch() -> None:
     _same(program.module(other, torch.tensor(0.5)), built(other, torch.tensor(0.5)))
 
 
+class NormGeluSoftmax(nn.Module):
+    """The non-matmul ops of a BERT layer: layer norm, gelu, softmax, a residual add."""
+
+    def __init__(self, d: int = 32, h: int = 48):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.fc(self.ln(x)))
+        return torch.softmax(h, dim=-1) + h
+
+
+def test_cpu_rules_fast_gelu_row_wise_softmax_and_inlined_elementwise() -> None:
+    """gelu without per-lane libm erf calls, softmax / layer norm per row, elementwise chains inlined."""
+    from kernels.tvm_schedule import SCHEDULE_ATTR
+
+    torch.manual_seed(0)
+    model = NormGeluSoftmax().eval()
+    x = torch.randn(2, 5, 32)
+    program = Program.capture(model, (x,))
+    built = build_tvm(program, "llvm")
+    with torch.no_grad():
+        _same(model(x), built(x), tol=1e-5)
+        other = torch.randn(3, 7, 32)
+        _same(model(other), built(other), tol=1e-5)
+    rules = {}
+    for gv, func in built.ir.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            rules[gv.name_hint] = str(func.attrs[SCHEDULE_ATTR]) if SCHEDULE_ATTR in func.attrs else None
+    gelu = [n for n in rules if "gelu" in n]
+    assert gelu and all("T.erf(" not in built.ir[n].script() for n in gelu), rules
+    def blocks(name: str) -> int:
+        text = built.ir[name].script()
+        return text.count("T.sblock(") - text.count('T.sblock("root")')
+
+    assert [n for n in gelu if blocks(n) == 1], "gelu's blocks not inlined into one"
+    assert any("softmax" in n and r == "rewrite.RowWise" for n, r in rules.items()), rules
+
+
 class QuantTokenNet(nn.Module):
     """W3 (no bias) and W4 (bias) linears, token selection on a score, gather of the kept tokens."""
 

@@ -42,7 +42,12 @@ def schedule_module(mod: Any, target: Any, *, tune: bool = False, trials: int = 
 
     target = make_target(target)
     T = relax.transform
-    passes = [T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant()]
+    # llvm: exp/erf/tanh as TVM's vectorisable polynomial approximations (fast_exp, fast_erf),
+    # instead of one libm call per lane (softmax and gelu were 15% of MiniLM's time)
+    cpu = not is_gpu(target)
+    passes = [T.FastMathTransform()] if cpu else []
+    passes += [T.LegalizeOps(customize_legalize_map=_FAST_GELU if cpu else None), T.AnnotateTIROpPattern(),
+               T.FoldConstant()]
     if fuse:
         passes += [T.FuseOps(), T.FuseTIR()]
     mod = tvm.transform.Sequential(passes)(mod)
@@ -54,6 +59,26 @@ def schedule_module(mod: Any, target: Any, *, tune: bool = False, trials: int = 
     elif cpu_rules:
         mod = tvm_schedule.schedule_cpu_rest(mod, target)
     return mod
+
+
+def _gelu_fast_erf(bb: Any, call: Any) -> Any:
+    """nn.gelu with TVM's polynomial fast_erf (float32): FastMathTransform rewrites erf, exp and
+    softmax but gelu legalizes straight to erf, which llvm lowers to one libm call per lane
+    (measured: gelu 23% of MiniLM's time under TVM)."""
+    import tvm
+    from tvm import topi
+
+    x = call.args[0]
+    if x.ty.dtype != "float32":  # fast_erf is float32 only: TVM's own legalization
+        return tvm.ir.Op.get("relax.nn.gelu").get_attr("FLegalize")(bb, call)
+
+    def gelu(t: Any) -> Any:
+        return topi.multiply(t, topi.add(topi.multiply(topi.fast_erf(topi.multiply(t, 0.7071067811865476)), 0.5), 0.5))
+
+    return bb.call_te(gelu, x, primfunc_name_hint="gelu")
+
+
+_FAST_GELU = {"relax.nn.gelu": _gelu_fast_erf}
 
 
 def _tune(mod: Any, target: Any, trials: int, work_dir: str | None) -> Any:
