@@ -10,7 +10,7 @@ com.microsoft::MatMulNBits (a one-node model on the same packed weights, scales 
 points; accuracy_level 0 = fp32 compute, the same numerics), all with 2 threads. Achieved
 bandwidth = bytes of packed weights + scales + zeros + activations + output / time. Timings are
 medians with the contenders interleaved (A, B, C, A, B, C, ...) because the machine is shared:
-compare the ratios, not the milliseconds. No runtime spins its idle threads (see below). On a
+compare the ratios, not the milliseconds. No runtime spins idle threads (see below). On a
 shared machine run it alone and ahead of background jobs:
 
     flock /work/wt/_notes/timing.lock nice -n -5 python benchmarks/kernels.py
@@ -36,13 +36,18 @@ import statistics
 import time
 from typing import Any, Callable
 
-# Three runtimes share 2 cores here (torch's OpenMP, onnxruntime's and TVM's thread pools). Each
-# spins its idle workers after a parallel region by default, and interleaving A, B, C then times
-# B while A's workers still burn the cores (measured: TVM's GEMV 9 ms alone, 20 ms right after an
-# onnxruntime call). So no runtime spins: set before torch/TVM start their pools, and
-# onnxruntime's session option below. Same setting for every contender.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+# Three runtimes share 2 cores here (torch's OpenMP, onnxruntime's and TVM's thread pools), and
+# by default each keeps its idle workers spinning (TVM's yield in a loop) after a parallel
+# region. Interleaved, the next contender's timed call then competes with those workers
+# (measured: TVM's GEMV 9 ms alone, 20 ms right after an onnxruntime call; eager torch 12 s
+# instead of 0.34 s after TVM). So by default no runtime spins (set here, before torch and TVM
+# start their pools, and in onnxruntime's session options): nothing runs between the calls.
+# `--spin` keeps each runtime's default and pauses `--gap` seconds before every timed call
+# instead; TVM's yielding workers may still be awake then, which can favour TVM.
+SPIN = "1" if "--spin" in sys.argv else "0"
+if SPIN == "0":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 import numpy as np
 import torch
@@ -53,8 +58,9 @@ ROWS = [1, 16]
 GROUP = 128
 
 
-def interleaved(fns: list[Callable[[], Any]], repeat: int, sync: Callable[[], None] = lambda: None) -> list[float]:
-    """Median seconds of each fn, calls interleaved round by round."""
+def interleaved(fns: list[Callable[[], Any]], repeat: int, sync: Callable[[], None] = lambda: None,
+                gap: float = 0.0) -> list[float]:
+    """Median seconds of each fn, calls interleaved round by round, `gap` seconds before each call."""
     times: list[list[float]] = [[] for _ in fns]
     for f in fns:  # warm up
         f()
@@ -62,6 +68,8 @@ def interleaved(fns: list[Callable[[], Any]], repeat: int, sync: Callable[[], No
     for _ in range(repeat):
         for i, f in enumerate(fns):
             sync()
+            if gap:
+                time.sleep(gap)
             t = time.perf_counter()
             f()
             sync()
@@ -98,7 +106,7 @@ def matmulnbits_session(packed: torch.Tensor, scales: torch.Tensor, zeros: torch
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", SPIN)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
@@ -132,7 +140,7 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
                 fns = [lambda: f(*tv, out), lambda: x @ w_dense.T]
                 if sess is not None:
                     fns.append(lambda: sess.run(None, {"x": xn}))
-                times = interleaved(fns, args.repeat)
+                times = interleaved(fns, args.repeat, gap=args.gap if args.spin else 0.0)
                 t_tvm, t_ref = times[0], times[1]
                 t_nb = times[2] if sess is not None else float("nan")
                 want = x @ w_dense.T
@@ -156,15 +164,15 @@ def _fmt(r: dict) -> str:
             f"{r['max_rel_err']:.1e} |")
 
 
-def no_spin_session(path: Path, threads: int = 2) -> Any:
-    """onnxruntime CPU session with `threads` threads and no spinning (see the note at the top)."""
+def ort_session(path: Path, threads: int = 2) -> Any:
+    """onnxruntime CPU session with `threads` threads (spinning: see the note at the top)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", SPIN)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -236,9 +244,10 @@ def bench_e2e(args: argparse.Namespace) -> None:
         built = compiled.build("tvm", target="llvm")
         err = built.verify([batch], rtol=1e-3)
         ort = OnnxModule(onnx_path, compiled.program)
-        ort.session = no_spin_session(onnx_path)
+        ort.session = ort_session(onnx_path)
         t_tvm, t_ort, t_torch = interleaved([lambda: batch.call(built), lambda: batch.call(ort),
-                                             lambda: batch.call(compiled.module)], args.repeat)
+                                             lambda: batch.call(compiled.module)], args.repeat,
+                                            gap=args.gap if args.spin else 0.0)
         ops = profile_ops(built, batch, max(3, args.repeat // 3))
     shape = f"{batch.batch_size()}x{batch.tensors()[0].shape[1]}"
     print("\n| MiniLM W4 + 25% neurons pruned | batch | ms | throughput vs onnxruntime | max rel err vs torch |")
@@ -269,6 +278,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--spin", action="store_true", help="runtimes spin idle threads as by default; pause --gap before each call")
+    p.add_argument("--gap", type=float, default=0.05, help="with --spin: seconds of pause before each timed call")
     p.add_argument("--top-ops", type=int, default=12, help="rows of the per-function time table")
     args = p.parse_args()
     torch.set_num_threads(2)
