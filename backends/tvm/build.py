@@ -5,8 +5,10 @@ llvm the rest of the graph gets dlight's cpu rules and a generic parallel/vector
 (`schedule_cpu_rest`), on GPUs dlight's gpu rules. With `tune=True` MetaSchedule tunes every
 PrimFunc within `trials` total trials (static shapes; needs the `tune` extra, psutil). Caveat:
 in the apache-tvm 0.27 wheel here MetaSchedule segfaulted on a plain 64x64 matmul (earlier) and
-made no progress in 6 minutes on an 8-trial tune of one small kernel (2026-12), so this option
-is wired but unexercised.
+made no progress in 6 minutes on an 8-trial tune of one small kernel (2026-12; again on
+2026-12-03: a 4-trial tune of a 256x64 GEMV, nothing measured in 150 s, no crash), so this
+option is wired but unexercised. FuseTIR (`fuse=True`) built and verified MiniLM on 2026-12-03
+(about 5% faster, within this machine's noise); it stays off by default.
 
 CUDA without a CUDA-enabled TVM runtime: `build_tvm(..., target="cuda")` returns a
 `runtime.CudaTorchModule` when TVM cannot run CUDA but torch can: the rewritten
@@ -33,7 +35,7 @@ def schedule_module(mod: Any, target: Any, *, tune: bool = False, trials: int = 
 
     Our kernels are scheduled first (kernels.tvm_schedule), then MetaSchedule (`tune`), then
     dlight's GPU rules for everything left. `fuse` runs Relax FuseOps + FuseTIR; it is off by
-    default because TVM 0.27's FuseTIR segfaults on the BERT-style graphs seen here.
+    default because TVM 0.27's FuseTIR segfaulted on BERT-style graphs earlier (see above).
     """
     import tvm
     from tvm import relax
