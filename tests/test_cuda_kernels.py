@@ -74,3 +74,36 @@ def test_saved_plan_runs_without_tvm_expressions() -> None:
     with pytest.raises(CudaKernelError):
         evaluate("__import__('os')", {})
     assert expr_text(kern.launches[0].grid[0]) == again.launches[0].grid[0]
+
+
+def test_gpu_benchmark_dry_run_saves_plans_that_load(tmp_path, monkeypatch) -> None:
+    """benchmarks/gpu.py --dry-run (what a GPU machine without TVM/nvcc runs from): every kernel
+    generated, compiled and saved; the plans load back. One small shape here, the script's
+    own shapes on a GPU."""
+    import argparse
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from kernels import cuda_runtime
+
+    if nvcc_path() is None:
+        pytest.skip("nvcc not found: PTX compilation not checked")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repo root first
+    spec.loader.exec_module(gpu)
+    monkeypatch.setattr(gpu, "SHAPES", [(256, 64)])
+    monkeypatch.setattr(gpu, "GROUP", 128)
+    monkeypatch.setattr(gpu, "TABLE_BITS", [4])
+    monkeypatch.setattr(gpu, "CHECK_BITS", [3])
+    out = tmp_path / "plans.json"
+    gpu.dry_run(argparse.Namespace(archs="sm_90", save_plans=str(out)))
+    bits = sorted(set(gpu.TABLE_BITS + gpu.CHECK_BITS))
+    monkeypatch.setattr(cuda_runtime, "PRECOMPILED", {})
+    assert cuda_runtime.load_plans(str(out)) == len(bits) * 2  # GEMV + GEMM per bit width
+    for b in bits:
+        for gemv in (True, False):
+            kern = cuda_runtime.PRECOMPILED[cuda_runtime.plan_key(b, 128, 256, 64, False, gemv, "sm_90")]
+            assert kern.ptx and kern.launches
