@@ -155,19 +155,6 @@ def onnx_latency(program: Program, inputs: Inputs | None = None, *, repeats: int
 
 
 @dataclass
-class Rebuild:
-    """How a worker that cannot receive a captured graph rebuilds the allocator's base program:
-    compile `model` with the spec minus its budget, exactly as the driver did."""
-
-    model: Any
-    spec: dict[str, Any]
-    example_inputs: Any
-    calibration: Any
-    dynamic: bool = True
-    task: str | None = "auto"
-
-
-@dataclass
 class KnobBench:
     """What every cost-table measurement needs: the base program, its context and costs."""
 
@@ -179,7 +166,7 @@ class KnobBench:
     base_latency: float
 
 
-def _bench(program: Program, ctx: PassContext, latency_fn: LatencyFn | None) -> KnobBench:
+def bench_for(program: Program, ctx: PassContext, latency_fn: LatencyFn | None) -> KnobBench:
     base = cost(program)
     return KnobBench(program, ctx, base.flops, base.weight_bytes, latency_fn,
                      latency_fn(program) if latency_fn is not None else 1.0)
@@ -190,16 +177,6 @@ def default_latency_fn(ctx: PassContext) -> LatencyFn:
     tiny shapes fixed per-op overheads hide what a rewrite saves."""
     largest = max(ctx.calibration.batches, key=lambda b: sum(t.numel() for t in b.tensors()))
     return lambda p: onnx_latency(p, largest)
-
-
-def rebuild_bench(rebuild: Rebuild, with_latency: bool) -> KnobBench:
-    """A worker's `setup`: recompile the base program from picklable parts (see `Rebuild`)."""
-    from .compiler import compile
-
-    compiled = compile(rebuild.model, rebuild.spec, example_inputs=rebuild.example_inputs,
-                       calibration=rebuild.calibration, dynamic=rebuild.dynamic, task=rebuild.task, progress=False)
-    ctx = PassContext(spec=compiled.spec, calibration=compiled.calibration, original=compiled.original)
-    return _bench(compiled.program, ctx, default_latency_fn(ctx) if with_latency else None)
 
 
 def measure_knob(bench: KnobBench, passes: list[dict[str, Any]]) -> dict[str, float] | str:
@@ -220,12 +197,14 @@ def measure_knob(bench: KnobBench, passes: list[dict[str, Any]]) -> dict[str, fl
 
 def allocate(original: Program, ctx: PassContext, budget: BudgetSpec, *, latency_fn: LatencyFn | None = None,
              tolerance: float = 0.10, max_builds: int = 4, executor: str | None = None,
-             rebuild: Rebuild | None = None) -> Allocation:
+             worker_setup: tuple[Callable[..., "KnobBench"], tuple[Any, ...]] | None = None) -> Allocation:
     """Choose and build the plan that meets `budget` (see the module docstring).
 
     Latency defaults to onnxruntime on the largest calibration batch. `executor: "ray"`
-    measures the cost table on Ray workers; each rebuilds the base program from `rebuild`
-    and takes its latency ratios against its own base measurement. The plans are built here.
+    measures the cost table on Ray workers: each runs `worker_setup` (a function and its
+    picklable arguments that rebuild the base program as a `KnobBench`, see
+    `rewrite.compiler.rebuild_bench`) once and takes its latency ratios against its own base
+    measurement. The plans are built here.
     """
     from .executor import executor_for
 
@@ -240,14 +219,14 @@ def allocate(original: Program, ctx: PassContext, budget: BudgetSpec, *, latency
         raise PassError("the budget allocator found nothing to apply to this model (no repeated blocks, no prunable groups)")
     runner = executor_for(executor)
     if runner.name == "local":
-        local = _bench(original, ctx, latency_fn)
+        local = bench_for(original, ctx, latency_fn)
         base_latency = local.base_latency
         rows = runner.map(lambda: local, (), measure_knob, [k.passes for k in knobs], description="budget: cost table")
     else:
-        if rebuild is None:
+        if worker_setup is None:
             raise PassError("executor 'ray' needs the model itself (an nn.Module, not a Program) to rebuild the base "
                             "program on each worker; pass the module to compile, or use executor: local")
-        rows = runner.map(rebuild_bench, (rebuild, budget.latency is not None), measure_knob, [k.passes for k in knobs],
+        rows = runner.map(worker_setup[0], worker_setup[1], measure_knob, [k.passes for k in knobs],
                           description="budget: cost table")
         base_latency = latency_fn(original) if latency_fn is not None else 1.0
     usable = []

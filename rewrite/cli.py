@@ -18,9 +18,7 @@ import contextlib
 import importlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -29,6 +27,7 @@ from typing import Any, Iterator
 
 from .errors import RewriteError
 from .model_refs import default_model as _default_model, load_factory as _load_factory
+from .output_files import OutputFolder, check_writable
 
 # The example specs live in the repo's specs/ folder (an editable install finds them).
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
@@ -36,66 +35,6 @@ DEFAULT_SPEC = SPECS_DIR / "minilm-deploy.yaml"
 """`rewrite compile` with no spec: every rewrite composed for the default model (all-MiniLM-L6-v2)."""
 MODEL_DEFAULT_SPEC = SPECS_DIR / "cleanup.yaml"
 """With --model and no spec: capture, clean up and export (the deploy spec is tuned for MiniLM)."""
-
-
-def check_writable(out_dir: Path) -> None:
-    """Fail before any work when `--out` cannot be written (not after minutes of compiling).
-
-    Probes by creating and removing a file in the folder, or in its nearest existing parent
-    when the folder does not exist yet (nothing is left behind either way).
-    """
-    probe = out_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise RewriteError(f"cannot write to --out {out_dir}: {probe} is a file, not a folder; choose another --out")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        raise RewriteError(f"cannot write to --out {out_dir}: {exc.strerror or exc} ({probe}); choose another --out") from None
-
-
-class OutputFolder:
-    """The files one `rewrite compile` writes: each written atomically, all removed if the run fails.
-
-    An interrupted or failed run leaves neither a half-written file nor a model without its
-    report; the folder itself is removed again when this run created it.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.created = not path.exists()
-        self.written: list[Path] = []
-
-    def file(self, name: str) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        target = self.path / name
-        self.written.append(target)
-        return target
-
-    def write_text(self, name: str, text: str) -> Path:
-        target = self.file(name)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-        return target
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator["OutputFolder"]:
-        try:
-            yield self
-        except BaseException:
-            for f in self.written:
-                for p in (f, f.with_name(f.name + ".data"), f.with_name(f".{f.name}.tmp")):
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-            if self.created:
-                with contextlib.suppress(OSError):
-                    self.path.rmdir()  # only if empty
-            raise
 
 
 def _calibration_from_file(args: argparse.Namespace, spec: Any, example: Any, tokenizer: Any) -> list[Any]:

@@ -234,8 +234,6 @@ def _compile(model: torch.nn.Module | Program, spec: Any, example_inputs: Any, c
     if spec.budget is not None:
         rebuild = None
         if spec.executor != "local" and not isinstance(model, Program) and layout is None:
-            from .allocate import Rebuild
-
             rebuild = Rebuild(model=model, spec=spec.model_dump(mode="json", exclude={"budget", "executor"}),
                               example_inputs=example, calibration=None if calib.from_example else calib.batches + calib.holdout,
                               dynamic=dynamic, task=None)
@@ -253,14 +251,39 @@ def _compile(model: torch.nn.Module | Program, spec: Any, example_inputs: Any, c
     return Compiled(program=program, original=original, report=report, spec=spec, calibration=calib)
 
 
-def _apply_budget(program: Program, ctx: PassContext, records: list[PassRecord], rebuild: Any = None) -> Program:
+@dataclass
+class Rebuild:
+    """How a worker that cannot receive a captured graph rebuilds the allocator's base program:
+    compile `model` with the spec minus its budget, exactly as the driver did."""
+
+    model: Any
+    spec: dict[str, Any]
+    example_inputs: Any
+    calibration: Any
+    dynamic: bool = True
+    task: str | None = "auto"
+
+
+def rebuild_bench(rebuild: Rebuild, with_latency: bool) -> Any:
+    """A worker's `setup` for the allocator's cost table: recompile the base program from
+    picklable parts (see `Rebuild`) and return it as a `rewrite.allocate.KnobBench`."""
+    from .allocate import bench_for, default_latency_fn
+
+    compiled = compile(rebuild.model, rebuild.spec, example_inputs=rebuild.example_inputs,
+                       calibration=rebuild.calibration, dynamic=rebuild.dynamic, task=rebuild.task, progress=False)
+    ctx = PassContext(spec=compiled.spec, calibration=compiled.calibration, original=compiled.original)
+    return bench_for(compiled.program, ctx, default_latency_fn(ctx) if with_latency else None)
+
+
+def _apply_budget(program: Program, ctx: PassContext, records: list[PassRecord], rebuild: Rebuild | None = None) -> Program:
     """Let the allocator choose the rewrites that meet `spec.budget`; record its decision."""
     import time
 
     from .allocate import allocate
 
     start = time.perf_counter()
-    alloc = allocate(program, ctx, ctx.spec.budget, executor=ctx.spec.executor, rebuild=rebuild)
+    setup = (rebuild_bench, (rebuild, ctx.spec.budget.latency is not None)) if rebuild is not None else None
+    alloc = allocate(program, ctx, ctx.spec.budget, executor=ctx.spec.executor, worker_setup=setup)
     chosen = next(r for r in alloc.tried if r.verdict == "chosen")
     records.append(PassRecord(
         name=f"{len(records)}:budget", kind="budget", seconds=time.perf_counter() - start,

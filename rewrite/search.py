@@ -166,8 +166,8 @@ def run_search(args: Any) -> int:
     import sys
     from pathlib import Path
 
-    from .cli import OutputFolder, check_writable
     from .model_refs import default_model, load_factory
+    from .output_files import OutputFolder, check_writable
     from .progress import showing
 
     spec = Spec.load(args.spec)
