@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from rewrite.compare import compare
 from rewrite.errors import ExportError, VerificationError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -54,20 +55,12 @@ class CudaTorchModule:
         return self.module(*pytree.tree_map(move, args), **pytree.tree_map(move, kwargs))
 
     def verify(self, batches: Sequence[Any], rtol: float = 1e-3) -> float:
-        """Largest relative error against the CPU torch module; raises above `rtol`."""
-        worst = 0.0
-        for batch in batches:
-            b = Inputs.of(batch)
-            ref = [t for t in pytree.tree_leaves(self.program.run(b)) if isinstance(t, torch.Tensor)]
-            got = [t.cpu() for t in pytree.tree_leaves(b.call(self)) if isinstance(t, torch.Tensor)]
-            for r, g in zip(ref, got):
-                if r.is_floating_point() and r.numel():
-                    worst = max(worst, float((r.double() - g.double()).abs().max()) / max(float(r.abs().max()), 1e-3))
+        """Largest relative error against the CPU torch module (`rewrite.compare`); raises above `rtol`."""
+        agreement = compare(_output_pairs(self.program, self, batches), rtol=rtol)
         if not self._runtime._generated_ok():
             raise VerificationError(f"generated CUDA kernels could not run: {self._runtime._STATE['why']}")
-        if worst > rtol:
-            raise VerificationError(f"generated CUDA kernels do not match the torch module: {worst:.2e} > {rtol:.0e}")
-        return worst
+        agreement.check("generated CUDA kernels", "the torch module")
+        return agreement.max_rel
 
     def source(self) -> str:
         """CUDA source of every kernel generated so far in this process."""
@@ -123,28 +116,10 @@ class TVMModule:
         return float(f(*feeds).median)
 
     def verify(self, batches: Sequence[Any], rtol: float = 1e-4) -> float:
-        """Largest relative error against the torch module over `batches`; raises above `rtol`."""
-        worst = 0.0
-        for batch in batches:
-            b = Inputs.of(batch)
-            ref = [t for t in pytree.tree_leaves(self.program.run(b)) if isinstance(t, torch.Tensor)]
-            got = [t for t in pytree.tree_leaves(b.call(self)) if isinstance(t, torch.Tensor)]
-            if len(ref) != len(got):
-                raise VerificationError(f"TVM returned {len(got)} outputs, the torch module {len(ref)}")
-            for i, (r, g) in enumerate(zip(ref, got)):
-                if tuple(r.shape) != tuple(g.shape):
-                    raise VerificationError(f"output {i}: TVM shape {tuple(g.shape)} != torch shape {tuple(r.shape)}")
-                if not r.is_floating_point():
-                    if not torch.equal(r, g.to(r.dtype)):
-                        raise VerificationError(f"output {i}: integer outputs differ between TVM and torch")
-                    continue
-                scale = max(float(r.abs().max()), 1e-3) if r.numel() else 1.0  # near-zero outputs: absolute
-                rel = float((r.double() - g.double()).abs().max()) / scale if r.numel() else 0.0
-                worst = max(worst, rel)
-        if worst > rtol:
-            raise VerificationError(f"TVM ({self.target.kind.name}) does not match the rewritten torch module: "
-                                    f"max relative error {worst:.2e} > tolerance {rtol:.0e}")
-        return worst
+        """Largest relative error against the torch module over `batches` (`rewrite.compare`); raises above `rtol`."""
+        agreement = compare(_output_pairs(self.program, self, batches), rtol=rtol)
+        agreement.check(f"TVM ({self.target.kind.name})")
+        return agreement.max_rel
 
     # -- artefacts ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -213,3 +188,16 @@ def load(path: str | os.PathLike, program: Program, target: Any = "llvm") -> TVM
 
     lib = tvm.runtime.load_module(str(path))
     return TVMModule(lib, program, target, path=str(path))
+
+
+def _output_pairs(program: Program, built: Any, batches: Sequence[Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(torch reference, built module's output) for every tensor output of every batch."""
+    pairs = []
+    for batch in batches:
+        b = Inputs.of(batch)
+        ref = [t for t in pytree.tree_leaves(program.run(b)) if isinstance(t, torch.Tensor)]
+        got = [t.cpu() for t in pytree.tree_leaves(b.call(built)) if isinstance(t, torch.Tensor)]
+        if len(ref) != len(got):
+            raise VerificationError(f"the built module returned {len(got)} outputs, the torch module {len(ref)}")
+        pairs += zip(ref, got)
+    return pairs
