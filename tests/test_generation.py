@@ -226,6 +226,23 @@ def test_quantized_generation_graph(spec, op, tmp_path):
     assert rec.bytes < base.report.after.weight_bytes
 
 
+def test_w4a8_lowered_to_matmulnbits_int8_compute(tmp_path, monkeypatch):
+    """The W4A8 alternative lowering: packed codes in MatMulNBits with accuracy_level=4, verified."""
+    import onnx
+    from kernels import quant_onnx
+
+    monkeypatch.setattr(quant_onnx, "QA8_VIA_MATMULNBITS", True)
+    spec = {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32, "symmetric": True},
+                        "activations": {"mode": "dynamic"}}]}
+    _, out = compile_decoder("llama", spec)
+    rec = out.export(tmp_path / "model.onnx")
+    assert rec.verified and any("generation verified" in n for n in rec.notes)
+    m = onnx.load(str(tmp_path / "model.onnx"))
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a.i == 4 for n in nbits for a in n.attribute if a.name == "accuracy_level")
+    assert not any(n.op_type == "MatMulInteger" for n in m.graph.node)
+
+
 # ----------------------------------------------------------------------- refusals, errors
 @pytest.mark.parametrize("passes,match", [
     ([{"kind": "token", "keep": 0.5, "after": [0]}], "token pruning"),
