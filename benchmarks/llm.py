@@ -114,7 +114,9 @@ def export_peer_int4(fp32: Path, path: Path) -> dict:
     q.process()
     path.parent.mkdir(parents=True, exist_ok=True)
     q.model.save_model_to_file(str(path), use_external_data_format=True)
-    (path.parent / "layout.json").write_text((fp32.parent / "layout.json").read_text())
+    layout = fp32.parent / "layout.json"
+    if layout.exists():  # rewrite's own files carry the layout in their metadata
+        (path.parent / "layout.json").write_text(layout.read_text())
     return {"verified": False, "note": "onnxruntime MatMulNBitsQuantizer"}
 
 
@@ -137,8 +139,11 @@ def stage_export(model_name: str, out: Path, rows: list[str], reexport: bool) ->
                 quant_onnx.QA8_VIA_MATMULNBITS = False
         elif row == PEER_FP32:
             r = export_peer_fp32(model, tok, path)
-        else:
-            r = export_peer_int4(row_dir(out, PEER_FP32) / "model.onnx", path)
+        else:  # on the peer fp32 file, or on rewrite's fp32 export when the peer row is not there
+            src = next(row_dir(out, r) / "model.onnx" for r in (PEER_FP32, "fp32")
+                       if (row_dir(out, r) / "model.onnx").exists())
+            r = export_peer_int4(src, path)
+            r["source"] = str(src)
         r["seconds"] = time.perf_counter() - start
         info.write_text(json.dumps(r))
         print(f"  {row}: {file_bytes(path) / 1e6:.1f} MB, verified={r['verified']}, {r['seconds']:.0f}s",
@@ -241,7 +246,7 @@ def stage_time(model_name: str, out: Path, rows: list[str], args: argparse.Names
     ppl = {}
     for r in rows:
         f = row_dir(out, r) / "ppl.json"
-        if f.exists():
+        if f.exists() and json.loads(f.read_text())["key"]["n_tokens"] == args.ppl_tokens:
             ppl[r] = json.loads(f.read_text())["ppl"]
     steps = {r: stepper(row_dir(out, r) / "model.onnx") for r in rows}
     fns = {r: timers(s, prefill_ids, prompt, args.new_tokens) for r, s in steps.items()}
@@ -256,8 +261,9 @@ def stage_time(model_name: str, out: Path, rows: list[str], args: argparse.Names
     peer_tokens = {}
     if PEER_FP32 in steps and "fp32" in steps:  # the peer file computes the same model: same tokens?
         peer_tokens[PEER_FP32] = same_tokens(steps[PEER_FP32], steps["fp32"], prompt[:, :16], 32)
-    if PEER_INT4 in steps and PEER_FP32 in steps:
-        peer_tokens[PEER_INT4] = same_tokens(steps[PEER_INT4], steps[PEER_FP32], prompt[:, :16], 32)
+    ref_fp32 = PEER_FP32 if PEER_FP32 in steps else "fp32"
+    if PEER_INT4 in steps and ref_fp32 in steps:
+        peer_tokens[PEER_INT4] = same_tokens(steps[PEER_INT4], steps[ref_fp32], prompt[:, :16], 32)
     base = PEER_FP32 if PEER_FP32 in rows else rows[0]
     b_dec = statistics.median(samples[base]["decode"])
     b_pre = statistics.median(samples[base]["prefill"])
@@ -275,7 +281,7 @@ def stage_time(model_name: str, out: Path, rows: list[str], args: argparse.Names
         if info[r]["verified"]:
             tokens = "verified on export: 32 greedy tokens = torch module"
         elif r in peer_tokens:
-            ref = "rewrite fp32" if r == PEER_FP32 else "peer fp32"
+            ref = "rewrite fp32" if r == PEER_FP32 else ref_fp32
             tokens = f"32 greedy tokens {'=' if peer_tokens[r] else '!='} {ref}"
         else:
             tokens = "-"
