@@ -1,42 +1,72 @@
-"""Decoder LLMs with the KV cache in onnxruntime (CPU): fp32 vs W4 (MatMulNBits) vs W4A8, and peers.
+"""Decoder LLMs with the KV cache in onnxruntime (CPU): rewrite's fp32 / W4 / W4A8 / deploy exports and peers.
 
-For each variant the real model (`rewrite.models`, offline GGUF weights) is compiled as a
-text-generation graph, exported (verified: 32 greedy tokens with the cache equal the torch
-module's), and timed in onnxruntime: prefill latency of one 512-token prompt, and decode
-tokens/s for 128 new tokens after a 128-token prompt. Variants are timed interleaved, round
-after round, and the medians compared, so the ratios hold even on a busy machine.
+Rows (each an ONNX generation graph with the same interface, driven by the same stepper):
+- `fp32`, `W4 g128`, `W4A8 g128`, `deploy` (specs/llm-deploy.yaml): the real model
+  (`rewrite.models`, offline GGUF weights) compiled as a text-generation graph and exported
+  by rewrite, each verified on export (32 greedy tokens with the cache in onnxruntime equal
+  the torch module's);
+- peer `torch.onnx.export fp32`: plain `torch.onnx.export(..., dynamo=True)` of the model with
+  its cache as flat tensors at the boundary (`rewrite.generation.CacheGraph`, a 40-line
+  wrapper: HF's `DynamicCache` is not a pytree node, so the model cannot be exported with a
+  dynamic past length otherwise); no rewrite pass, no post-processing;
+- peer `ORT int4`: onnxruntime's `MatMulNBitsQuantizer` (4 bits, block 128, asymmetric) applied
+  to that peer fp32 file. Ratios are against the peer fp32 file.
 
-Peers in the same run: the fp32 model exported by plain `torch.onnx.export` with a
-`DynamicCache` (reported as it fails or succeeds), and onnxruntime's own
-`MatMulNBitsQuantizer` (int4, block 128) applied to our fp32 file.
+Three stages, each cached on disk under `--out/<model>/<row>/`, so the expensive ones run once:
+1. `export`: compile + export every row (skipped when the file is there; `--reexport`).
+2. `ppl`: wiki-dev perplexity of every ONNX file in onnxruntime (1 thread), the recipe of
+   `../shared/data/wiki/README.md` (`rewrite.llm_data`: first 32768 tokens, 512-token windows
+   scored on their own), cached in `ppl.json` per row. Run it in the background, outside the lock.
+3. `time`: prefill latency (batch 1 x 512 tokens) and decode tokens/s (batch 1, 128 new tokens
+   after a 128-token prompt, greedy, with the cache), rows interleaved round after round, medians;
+   run under the shared timing lock (`--lock`), and print the table.
 
-    python -m benchmarks.llm --model smollm2 [--rounds 3] [--out out/bench-llm]
+    python -m benchmarks.llm --model smollm2 --stage export
+    OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.llm --model smollm2 --stage ppl &
+    python -m benchmarks.llm --model smollm2 --stage time --lock /work/wt/_notes/timing.lock
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rewrite  # noqa: E402
-from rewrite.decoding import generate_ids  # noqa: E402
 
-SPECS: dict[str, dict] = {
+REPO = Path(__file__).resolve().parents[1]
+OURS: dict[str, Any] = {
     "fp32": {"passes": []},
     "W4 g128": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128}}]},
     "W4A8 g128": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128, "symmetric": True},
                               "activations": {"mode": "dynamic"}}]},
+    "deploy": str(REPO / "specs" / "llm-deploy.yaml"),
+    "W4A8 g128 via MatMulNBits": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128, "symmetric": True},
+                                              "activations": {"mode": "dynamic"}}]},
 }
+INT8_COMPUTE_NBITS = {"W4A8 g128 via MatMulNBits"}
+"""Rows exported with `kernels.quant_onnx.QA8_VIA_MATMULNBITS` (W4A8 lowered to MatMulNBits, int8 compute)."""
+PEER_FP32 = "peer: torch.onnx.export fp32"
+PEER_INT4 = "peer: ORT MatMulNBitsQuantizer int4 g128"
+ROWS = list(OURS) + [PEER_FP32, PEER_INT4]
+
+
+def row_dir(out: Path, row: str) -> Path:
+    safe = "".join(c if c.isalnum() else "_" for c in row).strip("_")
+    return out / safe
 
 
 def file_bytes(path: Path) -> int:
+    """The .onnx file plus its external data."""
     return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))
 
 
@@ -46,72 +76,127 @@ def load(name: str) -> tuple[Any, Any]:
     return getattr(models, f"load_{name}")()
 
 
-def prompt_ids(tok: Any, n: int) -> torch.Tensor:
-    """n real tokens of wiki text (train split) when available, else a repeated sentence."""
-    text = ""
-    repo = Path(__file__).resolve().parents[1]
-    found = sorted(repo.parent.glob("shared/data/wiki/*train*.txt")) + sorted(repo.parent.parent.glob("shared/data/wiki/*train*.txt"))
-    for p in found[:1]:
-        text = p.read_text(errors="ignore")[: n * 16]
-    if not text:
-        text = "The history of the city goes back to the Roman period, when a fort stood on the river. " * (n // 10 + 1)
-    ids = tok(text, return_tensors="pt")["input_ids"][:, :n]
-    return ids
-
-
-def export_variants(model: Any, tok: Any, out: Path, variants: list[str]) -> dict[str, dict]:
+# ----------------------------------------------------------------------- export
+def export_ours(model: Any, tok: Any, spec: Any, path: Path) -> dict:
     example = dict(tok(["The capital of France is", "Water boils at a temperature of"], return_tensors="pt", padding=True))
     calib = [dict(tok([t], return_tensors="pt")) for t in (
-        "The history of the region is long and", "In mathematics, a group is a set with", "The river flows north through")]
-    rows: dict[str, dict] = {}
-    for name in variants:
-        start = time.perf_counter()
-        compiled = rewrite.compile(model, SPECS[name], example_inputs=example, calibration=calib)
-        path = out / name.replace(" ", "_") / "model.onnx"
-        rec = compiled.export(path, tokenizer=tok)
-        rows[name] = {"path": path, "bytes": file_bytes(path), "verified": rec.verified,
-                      "note": next((n for n in rec.notes if "generation verified" in n), ""),
-                      "seconds": time.perf_counter() - start}
-        print(f"  {name}: {rows[name]['bytes'] / 1e6:.1f} MB, verified={rec.verified}, {rows[name]['seconds']:.0f}s",
-              file=sys.stderr, flush=True)
-    return rows
+        "The history of the region is long and", "In mathematics, a group is a set with", "Water boils at")]
+    compiled = rewrite.compile(model, spec, example_inputs=example, calibration=calib)
+    rec = compiled.export(path, tokenizer=tok)
+    note = next((n for n in rec.notes if "generation verified" in n), "")
+    return {"verified": bool(rec.verified), "note": note}
 
 
-def peer_torch_onnx_export(model: Any, tok: Any, out: Path) -> str:
-    """Plain torch.onnx.export of the HF model with a DynamicCache input: what happens."""
-    from transformers import DynamicCache
+def export_peer_fp32(model: Any, tok: Any, path: Path) -> dict:
+    """Plain torch.onnx.export (dynamo) of the model with the cache flattened at the boundary."""
+    from rewrite import generation as G
+    from rewrite.inputs import Inputs
 
-    ids = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
+    example = Inputs.of(dict(tok(["The capital of France is", "Water boils at a temperature of"],
+                                 return_tensors="pt", padding=True)))
+    layout = G.layout_for(model, example)
+    cap = G.capture_example(model, layout, example)
+    shapes = G.GenerationShapes(layout.num_layers, layout.position_ids).dynamic_shapes(cap)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        past = model(input_ids=ids, use_cache=True).past_key_values
-    cache = DynamicCache()
-    for i, layer in enumerate(past.layers):
-        cache.update(layer.keys, layer.values, i)
-    try:
-        torch.onnx.export(model, (), str(out / "peer_torch_onnx" / "model.onnx"),
-                          kwargs={"input_ids": ids[:, -1:], "attention_mask": torch.ones(1, ids.shape[1] + 1, dtype=torch.long),
-                                  "past_key_values": cache, "use_cache": True}, dynamo=True)
-        return "exported (static shapes, no dynamic past length; not timed)"
-    except Exception as exc:  # noqa: BLE001 - the peer's failure is the result
-        return f"fails: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+        torch.onnx.export(G.CacheGraph(model), (), str(path), kwargs=cap.kwargs, dynamic_shapes=shapes,
+                          input_names=layout.input_names(), output_names=layout.output_names(),
+                          dynamo=True, opset_version=21, external_data=True)
+    (path.parent / "layout.json").write_text(json.dumps(layout.to_dict()))
+    return {"verified": False, "note": "plain torch.onnx.export"}
 
 
-def peer_matmulnbits(fp32: Path, out: Path) -> Path:
+def export_peer_int4(fp32: Path, path: Path) -> dict:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=4, block_size=128, is_symmetric=False)
     q.process()
-    path = out / "peer_ort_int4" / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    q.model.save_model_to_file(str(path), use_external_data_format=False)
-    return path
+    q.model.save_model_to_file(str(path), use_external_data_format=True)
+    layout = fp32.parent / "layout.json"
+    if layout.exists():  # rewrite's own files carry the layout in their metadata
+        (path.parent / "layout.json").write_text(layout.read_text())
+    return {"verified": False, "note": "onnxruntime MatMulNBitsQuantizer"}
 
 
-def timers(path: Path, layout: Any, prefill_ids: torch.Tensor, prompt: torch.Tensor, new_tokens: int) -> tuple[Callable, Callable]:
+def stage_export(model_name: str, out: Path, rows: list[str], reexport: bool) -> None:
+    torch.set_num_threads(1)
+    model, tok = load(model_name)
+    for row in rows:
+        path = row_dir(out, row) / "model.onnx"
+        info = row_dir(out, row) / "export.json"
+        if path.exists() and info.exists() and not reexport:
+            continue
+        start = time.perf_counter()
+        if row in OURS:
+            from kernels import quant_onnx
+
+            quant_onnx.QA8_VIA_MATMULNBITS = row in INT8_COMPUTE_NBITS
+            try:
+                r = export_ours(model, tok, OURS[row], path)
+            finally:
+                quant_onnx.QA8_VIA_MATMULNBITS = False
+        elif row == PEER_FP32:
+            r = export_peer_fp32(model, tok, path)
+        else:  # on the peer fp32 file, or on rewrite's fp32 export when the peer row is not there
+            src = next(row_dir(out, r) / "model.onnx" for r in (PEER_FP32, "fp32")
+                       if (row_dir(out, r) / "model.onnx").exists())
+            r = export_peer_int4(src, path)
+            r["source"] = str(src)
+        r["seconds"] = time.perf_counter() - start
+        info.write_text(json.dumps(r))
+        print(f"  {row}: {file_bytes(path) / 1e6:.1f} MB, verified={r['verified']}, {r['seconds']:.0f}s",
+              file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------- running a file
+def stepper(path: Path, threads: int = 0) -> Any:
     from backends.onnx_generation import OrtStepper
+    from rewrite.generation import CacheLayout
 
-    step = OrtStepper(path, layout)
+    layout_file = path.parent / "layout.json"
+    layout = CacheLayout.from_dict(json.loads(layout_file.read_text())) if layout_file.exists() else None
+    return OrtStepper(path, layout, threads=threads or None)
+
+
+def stage_ppl(model_name: str, out: Path, rows: list[str], n_tokens: int) -> dict[str, float]:
+    from rewrite.llm_data import perplexity
+
+    torch.set_num_threads(1)
+    _, tok = load(model_name)
+    result = {}
+    for row in rows:
+        path = row_dir(out, row) / "model.onnx"
+        cache = row_dir(out, row) / "ppl.json"
+        key = {"bytes": file_bytes(path), "n_tokens": n_tokens}
+        if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+            result[row] = json.loads(cache.read_text())["ppl"]
+            continue
+        step = stepper(path, threads=1)
+        start = time.perf_counter()
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            logits, _ = step(ids, torch.ones_like(ids), step.layout.empty_past(ids.shape[0]))
+            return logits
+
+        ppl = perplexity(None, tok, n_tokens=n_tokens, forward=forward)
+        cache.write_text(json.dumps({"key": key, "ppl": ppl, "seconds": time.perf_counter() - start}))
+        result[row] = ppl
+        print(f"  {row}: wiki-dev ppl {ppl:.2f} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------- timing
+def prompt_ids(tok: Any, n: int) -> torch.Tensor:
+    """The first n tokens of wiki-train (held apart from the dev text perplexity is measured on)."""
+    from rewrite.llm_data import wiki_tokens
+
+    return wiki_tokens(tok, "train")[None, :n].clone()
+
+
+def timers(step: Any, prefill_ids: torch.Tensor, prompt: torch.Tensor, new_tokens: int) -> tuple[Callable, Callable]:
+    layout = step.layout
 
     def prefill() -> float:
         start = time.perf_counter()
@@ -132,55 +217,106 @@ def timers(path: Path, layout: Any, prefill_ids: torch.Tensor, prompt: torch.Ten
     return prefill, decode
 
 
+@contextlib.contextmanager
+def locked(path: str | None) -> Iterator[None]:
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def same_tokens(a: Any, b: Any, prompt: torch.Tensor, n: int) -> bool:
+    from rewrite.decoding import generate_ids
+
+    x, _ = generate_ids(a, prompt, max_new_tokens=n, eos_token_ids=[])
+    y, _ = generate_ids(b, prompt, max_new_tokens=n, eos_token_ids=[])
+    return bool(torch.equal(x, y))
+
+
+def stage_time(model_name: str, out: Path, rows: list[str], args: argparse.Namespace) -> None:
+    _, tok = load(model_name)
+    prefill_ids, prompt = prompt_ids(tok, args.prefill), prompt_ids(tok, args.prompt)
+    rows = [r for r in rows if (row_dir(out, r) / "model.onnx").exists()]
+    info = {r: json.loads((row_dir(out, r) / "export.json").read_text()) for r in rows}
+    ppl = {}
+    for r in rows:
+        f = row_dir(out, r) / "ppl.json"
+        if f.exists() and json.loads(f.read_text())["key"]["n_tokens"] == args.ppl_tokens:
+            ppl[r] = json.loads(f.read_text())["ppl"]
+    steps = {r: stepper(row_dir(out, r) / "model.onnx") for r in rows}
+    fns = {r: timers(s, prefill_ids, prompt, args.new_tokens) for r, s in steps.items()}
+    samples: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "decode": []} for r in rows}
+    with locked(args.lock):
+        for r, (prefill, decode) in fns.items():  # warm-up (session init, first-call allocations)
+            prefill()
+        for _ in range(args.rounds):  # interleaved: every row once per round
+            for r, (prefill, decode) in fns.items():
+                samples[r]["prefill"].append(prefill())
+                samples[r]["decode"].append(decode())
+    peer_tokens = {}
+    if PEER_FP32 in steps and "fp32" in steps:  # the peer file computes the same model: same tokens?
+        peer_tokens[PEER_FP32] = same_tokens(steps[PEER_FP32], steps["fp32"], prompt[:, :16], 32)
+    ref_fp32 = PEER_FP32 if PEER_FP32 in steps else "fp32"
+    if PEER_INT4 in steps and ref_fp32 in steps:
+        peer_tokens[PEER_INT4] = same_tokens(steps[PEER_INT4], steps[ref_fp32], prompt[:, :16], 32)
+    base = PEER_FP32 if PEER_FP32 in rows else rows[0]
+    b_dec = statistics.median(samples[base]["decode"])
+    b_pre = statistics.median(samples[base]["prefill"])
+    b_size = file_bytes(row_dir(out, base) / "model.onnx")
+    print(f"\n{model_name}: onnxruntime {__import__('onnxruntime').__version__} CPU (2 cores, shared machine), "
+          f"prefill 1x{args.prefill}, decode {args.new_tokens} new tokens after {args.prompt} (greedy, KV cache), "
+          f"median of {args.rounds} interleaved rounds; ratios vs `{base}`; perplexity: wiki-dev, first "
+          f"{args.ppl_tokens} tokens, 512-token windows, computed on the ONNX file in onnxruntime\n")
+    print("| row | file MB | size vs fp32 | prefill ms | prefill speed-up | decode tok/s | decode speed-up | wiki-dev ppl | tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        size = file_bytes(row_dir(out, r) / "model.onnx")
+        pre = statistics.median(samples[r]["prefill"])
+        dec = statistics.median(samples[r]["decode"])
+        if info[r]["verified"]:
+            tokens = "verified on export: 32 greedy tokens = torch module"
+        elif r in peer_tokens:
+            ref = "rewrite fp32" if r == PEER_FP32 else ref_fp32
+            tokens = f"32 greedy tokens {'=' if peer_tokens[r] else '!='} {ref}"
+        else:
+            tokens = "-"
+        p = f"{ppl[r]:.2f}" if r in ppl else "(not run)"
+        print(f"| {r} | {size / 1e6:.1f} | {size / b_size:.0%} | {pre * 1e3:.0f} | {b_pre / pre:.2f}x | {dec:.1f} | "
+              f"{dec / b_dec:.2f}x | {p} | {tokens} |")
+    spread = {r: (min(s["decode"]), max(s["decode"])) for r, s in samples.items()}
+    print("\ndecode tok/s min..max per row: " + ", ".join(f"{r} {a:.1f}..{b:.1f}" for r, (a, b) in spread.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "gemma3"])
-    ap.add_argument("--variants", default="fp32,W4 g128,W4A8 g128")
+    ap.add_argument("--stage", default="all", choices=["export", "ppl", "time", "all"])
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--ppl-tokens", type=int, default=32768)
+    ap.add_argument("--reexport", action="store_true")
+    ap.add_argument("--lock", default=None, help="a file to flock around the timing (the machine's shared timing lock)")
     ap.add_argument("--out", default="out/bench-llm")
     args = ap.parse_args()
     out = Path(args.out) / args.model
-    model, tok = load(args.model)
-    variants = [v.strip() for v in args.variants.split(",")]
-    print(f"exporting {variants} for {args.model}", file=sys.stderr, flush=True)
-    rows = export_variants(model, tok, out, variants)
-    layout = rewrite.decoding.stepper_for(str(rows[variants[0]]["path"])).layout
-    peers = {}
-    if not args.no_peers:
-        peers["torch.onnx.export fp32 + cache"] = peer_torch_onnx_export(model, tok, out)
-        if "fp32" in rows:
-            p = peer_matmulnbits(rows["fp32"]["path"], out)
-            rows["ORT MatMulNBitsQuantizer int4 (peer)"] = {"path": p, "bytes": file_bytes(p), "verified": False,
-                                                             "note": "", "seconds": 0.0}
-    # check the peer file generates (same layout as our fp32 file; tokens vs fp32 reported, not required)
-    prefill_ids, prompt = prompt_ids(tok, args.prefill), prompt_ids(tok, args.prompt)
-    fns = {name: timers(r["path"], layout, prefill_ids, prompt, args.new_tokens) for name, r in rows.items()}
-    samples: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in rows}
-    for _ in range(args.rounds):  # interleaved: every variant once per round
-        for name, (prefill, decode) in fns.items():
-            samples[name]["prefill"].append(prefill())
-            samples[name]["decode"].append(decode())
-    base = "fp32" if "fp32" in rows else variants[0]
-    b_pre = statistics.median(samples[base]["prefill"])
-    b_dec = statistics.median(samples[base]["decode"])
-    b_size = rows[base]["bytes"]
-    print(f"\n{args.model}: onnxruntime CPU, prefill 1x{args.prefill}, decode {args.new_tokens} new after {args.prompt}, "
-          f"median of {args.rounds} interleaved rounds\n")
-    print("| variant | file MB | size vs fp32 | prefill ms | decode tok/s | decode vs fp32 | generation verified |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        pre = statistics.median(samples[name]["prefill"]) * 1e3
-        dec = statistics.median(samples[name]["decode"])
-        ver = "32 tokens = torch" if r["verified"] else "-"
-        print(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['bytes'] / b_size:.0%} | {pre:.0f} | {dec:.1f} | "
-              f"{dec / b_dec:.2f}x | {ver} |")
-    for name, status in peers.items():
-        print(f"| {name} | - | - | - | - | - | {status} |")
-    print(f"\n(fp32 prefill {b_pre * 1e3:.0f} ms, decode {b_dec:.1f} tok/s)")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}: choose from {ROWS}")
+    if args.stage in ("export", "all"):
+        stage_export(args.model, out, rows, args.reexport)
+    if args.stage in ("ppl", "all"):
+        stage_ppl(args.model, out, rows, args.ppl_tokens)
+    if args.stage in ("time", "all"):
+        stage_time(args.model, out, rows, args)
 
 
 if __name__ == "__main__":

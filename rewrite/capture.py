@@ -92,7 +92,10 @@ def capture(module: torch.nn.Module, inputs: Inputs, dynamic: Any = True) -> tor
     finally:
         _set_training(module, was_training)
     # a shape policy may turn off the unlifted module's input guards (see GenerationShapes)
-    return ep.module(check_guards=getattr(dynamic, "check_guards", True))
+    gm = ep.module(check_guards=getattr(dynamic, "check_guards", True))
+    if callable(getattr(dynamic, "relax", None)):  # a policy may widen the traced input ranges
+        dynamic.relax(gm)
+    return gm
 
 
 def _set_training(module: torch.nn.Module, mode: bool) -> None:

@@ -297,12 +297,30 @@ class GenerationShapes:
     position_ids: bool
     check_guards: bool = False
     """Export traces with every dynamic size >= 2 and so records `mask length >= 4` (past >= 2
-    plus new >= 2) as an input guard, although the graph is size-generic; prefill with fewer
-    than 4 tokens would trip it. The graph is checked at past 0 and 1-token steps instead
-    (tests, and the generation check on export)."""
+    plus new >= 2) as a guard, although the graph is size-generic; prefill with fewer than 4
+    tokens would trip it. No guard function, and `relax` lowers the ranges the remaining input
+    check uses. The graph is checked at past 0 and 1-token steps instead (tests, and the
+    generation check on export)."""
 
     def __bool__(self) -> bool:
         return True
+
+    def relax(self, module: torch.nn.Module) -> None:
+        """Lower every input range of the unlifted module to 0, keeping the equality checks.
+
+        torch.export traces with every dynamic size >= 2 (it specialises 0 and 1), so the
+        ranges it records are artefacts of the capture example, not of the graph: the mask's
+        total length comes out as `>= 4` (past >= 2 plus new >= 2), and the module's input
+        check (a forward pre-hook, active even without guards) would refuse a 3-token prompt.
+        The graph computes the same thing at any past >= 0 and new >= 1 (checked at past 0
+        with 1- and 2-token prompts in the tests and by the generation check on export);
+        the checks that sizes agree across inputs (batch, past length) stay.
+        """
+        from torch.utils._sympy.value_ranges import ValueRanges
+
+        ranges = getattr(module, "range_constraints", None)
+        if isinstance(ranges, dict):
+            module.range_constraints = {sym: ValueRanges(0, r.upper) for sym, r in ranges.items()}
 
     def dynamic_shapes(self, inputs: Inputs) -> dict[str, Any]:
         batch = Dim("batch_size")
