@@ -26,7 +26,7 @@ import torch
 
 from backends.onnx import EXTERNAL_DATA_THRESHOLD, session, strip_debug_metadata, to_onnx_proto
 from rewrite.errors import ExportError, VerificationError
-from rewrite.decoding import GenerationError, Past, TorchStepper, check_step, generate_ids
+from rewrite.decode_loop import GenerationError, Past, TorchStepper, check_step, generate_ids
 from rewrite.generation import NOTES_KEY, CacheLayout, GenerationProgramInfo, positions_from_mask
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -69,7 +69,7 @@ def rename_interface(proto: Any, layout: CacheLayout) -> None:
 
 
 class OrtStepper:
-    """An exported generation graph in onnxruntime as a `rewrite.decoding.Stepper`."""
+    """An exported generation graph in onnxruntime as a `rewrite.decode_loop.Stepper`."""
 
     def __init__(self, path: str | Path, layout: CacheLayout | None = None, **session_options: Any):
         path = Path(path)
