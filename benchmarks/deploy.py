@@ -18,6 +18,7 @@ _HERE = _os.path.dirname(_os.path.abspath(__file__))
 _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _HERE] + [_os.path.dirname(_HERE)]
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -70,6 +71,34 @@ def throughput_table(paths: dict[str, Path], feeds: dict[str, np.ndarray], round
             s.run(None, f)
             times[name].append(time.perf_counter() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
+
+
+@contextlib.contextmanager
+def timing_lock(path: str):
+    """Hold an exclusive flock on `path` (nothing when empty) while timing."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def calibration(tok, samples: int, pad: str) -> list:
+    """`samples` STS-B train sentences outside the selection split (benchmarks/robustness.py, the split the
+    defaults were chosen on), batches of 16 padded to `pad` tokens or to the longest of each batch."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_robustness", Path(_HERE) / "robustness.py")
+    rb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rb)
+    pool, _, _ = rb.splits()
+    return rb.calibration(tok, pool, samples, pad)
 
 
 def ort_callable(path: Path) -> Callable[..., Any]:
@@ -160,12 +189,16 @@ def main() -> None:
     ap.add_argument("--rows", default="all", help="comma-separated subset: single,peers,deploy,budget")
     ap.add_argument("--readme", action="store_true", help="write the table into README.md")
     ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--pad", default="64", help="calibration padded to this many tokens (the default calibration, as a "
+                    "DataLoader with padding='max_length' gives) or 'longest'")
+    ap.add_argument("--lock", default="", help="file to flock around the throughput measurement (a shared machine's "
+                    "timing lock), so that only one timing run happens at a time")
     args = ap.parse_args()
     want = {"single", "peers", "deploy", "budget"} if args.rows == "all" else set(args.rows.split(","))
 
     torch.manual_seed(0)
     model, tok = demo.load_minilm()
-    calib = demo.calibration_batches(tok, samples=args.samples, batch_size=16)
+    calib = calibration(tok, args.samples, args.pad)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -189,7 +222,8 @@ def main() -> None:
                                     model, tok, calib, out, args.pairs))
         ids = torch.randint(1000, 20000, (BATCH, SEQ))
         feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((BATCH, SEQ), dtype=np.int64)}
-        lat = throughput_table({r.name: r.onnx_path for r in rows if r.onnx_path is not None}, feeds)
+        with timing_lock(args.lock):
+            lat = throughput_table({r.name: r.onnx_path for r in rows if r.onnx_path is not None}, feeds)
     table = render(rows, lat, base)
     print(table)
     if args.readme:
