@@ -178,6 +178,19 @@ def test_quantize_fit_checked_against_rtn(method):
     assert rec.fidelity.cosine >= rtn.report.passes[0].fidelity.cosine - 2e-3
 
 
+def test_smoothquant_checked_against_no_smoothing():
+    """SmoothQuant's scales are fitted to calibration abs-max: each input keeps them only where they lower
+    the int8 output error on the held-back batches, and the report counts both outcomes."""
+    spec = {"kind": "quantize", "weights": None, "activations": {"mode": "static", "smoothquant": 0.5}}
+    out = _holdout_compile("bert", [spec])
+    rec = out.report.passes[0]
+    check = rec.details["smoothquant check (held-back batches)"]
+    assert check["smoothed"] + check["unsmoothed (smoothing lost)"] > 0
+    assert any("SmoothQuant checked against no smoothing" in n for n in rec.notes)
+    plain = _holdout_compile("bert", [{**spec, "activations": {"mode": "static"}}])
+    assert rec.fidelity.cosine >= plain.report.passes[0].fidelity.cosine - 2e-3
+
+
 def test_too_little_calibration_is_named():
     out = _holdout_compile("bert", [{"kind": "prune", "granularity": "neuron", "amount": 0.5, "importance": "wanda",
                                      "compensate": "lstsq"}], n=6, batch=2)
