@@ -120,16 +120,17 @@ def quantize(method: str) -> list[dict]:
 
 # The robustness table (the issue's settings at the chosen defaults): name -> (fitted, unfitted or None)
 SETTINGS = {
-    "prune 25% (default)": (lambda: prune(0.25), lambda: prune(0.25, compensate=False)),
-    "prune 50% (default)": (lambda: prune(0.5), lambda: prune(0.5, compensate=False)),
-    "quantize W4 (default)": (lambda: [{"kind": "quantize", "weights": {"bits": 4}}], lambda: quantize("rtn")),
+    "prune 25% (default)": (lambda: prune(0.25), lambda: prune(0.25, "wanda", False)),
+    "prune 50% (default)": (lambda: prune(0.5), lambda: prune(0.5, "wanda", False)),
+    "quantize W4 (default)": (lambda: [{"kind": "quantize", "weights": {"bits": 4}}],
+                              None if rewrite.spec.QuantizeSpec().method == "rtn" else (lambda: quantize("rtn"))),
     "skip 2 (default)": (lambda: [{"kind": "skip", "layers": 2}], None),
     "tokens keep 0.5 (default)": (lambda: [{"kind": "token", "keep": 0.5, "after": [1]}], None),
     "deploy spec": (lambda: deploy(True), lambda: deploy(False)),
 }
-"""`prune(...)` leaves importance, compensation and allocation to the spec's defaults; the unfitted
-counterpart is the same rewrite with `compensate: false` (no refit; OBS then ranks by its curves
-without refitting, as `importance: obs` implies the refit, the unfitted one is the default ranking)."""
+"""`prune(...)` leaves importance, compensation and allocation to the spec's defaults (obs, heads allocated
+globally); the unfitted counterpart is the same amount without any refit: OBS chooses units by refitting, so
+its unfitted alternative is wanda with `compensate: false` (what the default was before the selection run)."""
 
 
 def _prune_candidates() -> dict:
@@ -190,7 +191,8 @@ class Cache:
         return value
 
 
-def measure(model, tok, ex, cal, n: int, passes: list[dict], pairs) -> dict:
+def measure(model, tok, ex, cal, n: int, passes: list[dict], pairs, export: Path | None = None) -> dict:
+    """Compile, score; with `export`, also write the verified ONNX file there (its size in the row)."""
     t = time.time()
     spec = {"calibration": {"samples": n, "batch_size": 16}, "passes": passes, "verify": {"max_cosine_drop": 2.0}}
     out: dict = {}
@@ -198,6 +200,10 @@ def measure(model, tok, ex, cal, n: int, passes: list[dict], pairs) -> dict:
         res = rewrite.compile(copy.deepcopy(model), spec, example_inputs=ex, calibration=cal)
         out["spearman"] = score(lambda **kw: res.module(**kw), tok, pairs)
         out["MB"] = round(res.report.after.weight_mb, 2)
+        if export is not None:
+            export.parent.mkdir(parents=True, exist_ok=True)
+            out["ONNX MB"] = round(res.export(export, verify_inputs=res.verification_batches()).bytes / 1e6, 2)
+            out["onnx"] = str(export)
         kept = [p.details.get("fit check (held-back batches)") for p in res.report.passes]
         out["fit check"] = "; ".join(str(k.get("kept", k)) for k in kept if k) or "-"
     except Exception as exc:  # noqa: BLE001 - one failing setting must not lose the table
@@ -256,18 +262,20 @@ def run(args) -> list[dict]:
                     continue
                 row = {"setting": name, "n": n, "pad": pad}
                 for label, factory in zip(("spearman", "unfitted"), make):
-                    if factory is None:
+                    if factory is None or (args.only and label != args.only):
                         continue
                     key = (args.split, name, n, pad, label, factory())
-                    r = cache.get(*key) or cache.put(measure(model, tok, ex, cal, n, factory(), pairs), *key)
+                    onnx = (Path(args.export) / f"{name}-{n}-{pad}.onnx".replace(" ", "_").replace("%", "pct")
+                            if args.export and label == "spearman" and name in args.export_settings.split(",") else None)
+                    r = cache.get(*key) or cache.put(measure(model, tok, ex, cal, n, factory(), pairs, onnx), *key)
                     row[label] = r["spearman"]
                     row[f"{label} s"] = r["s"]
                     if label == "spearman":
-                        row.update({k: r[k] for k in ("MB", "fit check") if k in r})
+                        row.update({k: r[k] for k in ("MB", "ONNX MB", "fit check") if k in r})
                     if "error" in r:
                         row[f"{label} error"] = r["error"]
-                row["drop"] = base - row["spearman"]
-                if "unfitted" in row:
+                row["drop"] = base - row.get("spearman", float("nan"))
+                if "unfitted" in row and "spearman" in row:
                     row["fitted - unfitted"] = row["spearman"] - row["unfitted"]
                 rows.append(row)
                 print(row, flush=True)
@@ -281,6 +289,10 @@ def main() -> None:
     ap.add_argument("--pads", type=lambda s: s.split(","), default=["longest", "64"])
     ap.add_argument("--settings", default="", help="comma-separated setting names, or group:<prune|quantize|token|skip|deploy> "
                     "for a group of selection candidates (default: the robustness table)")
+    ap.add_argument("--export", default="", help="folder for the verified ONNX files of --export-settings (throughput)")
+    ap.add_argument("--export-settings", default="deploy spec", help="comma-separated settings to export")
+    ap.add_argument("--only", choices=["spearman", "unfitted"], default=None,
+                    help="measure only the fitted (spearman) or only the unfitted rewrite (to split a run across processes)")
     ap.add_argument("--cache", default="", help="JSON-lines file of measured rows, reused on a rerun")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

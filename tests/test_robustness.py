@@ -70,7 +70,8 @@ PADDING_CASES = [
 
 
 @pytest.mark.parametrize("name,passes", PADDING_CASES, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{p['kind']}:{p.get('importance') or p.get('method') or 'a8'}:{p.get('compensate', '')}"
+                         "-".join(f"{p['kind']}:{p.get('granularity', '')}:{p.get('importance') or p.get('method') or 'default'}:"
+                                           f"{p.get('compensate', '')}"
                                   for p in v))
 def test_padding_never_changes_a_rewrite(name, passes):
     """The same calibration padded to the longest and to 64 tokens: the same rewritten weights."""
