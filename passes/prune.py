@@ -26,7 +26,7 @@ from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program
 from rewrite.spec import PruneSpec
 
-from .prune_plan import (DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
+from .prune_plan import (DEFAULT_ALLOCATION, DEFAULT_COMPENSATE, DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
                          op_positions, rounding_notes, uniform_counts, unit_flops, unit_scores)
 
 aten = torch.ops.aten
@@ -34,6 +34,8 @@ LSTSQ = "sequential"
 """How `compensate: lstsq` refits: "sequential" (layer by layer on the current program, towards the
 original's outputs; `prune_compensate.compensate_sequential`) or "oneshot" (all consumers at once from
 statistics of the unpruned program; `prune_compensate.compensate`)."""
+OBS_FALLBACK = "wanda"
+"""The importance a default `obs` falls back to where OBS cannot run (with the default compensation)."""
 LSTSQ_RIDGE = 1e-2
 """Ridge of the sequential refit, relative to the mean diagonal of the input second moment (MiniLM 50%:
 0.01 -> drop 2.88, 0.1 -> 2.57, 0.3 -> 3.30; 0.1 loses to the one-shot refit on the gpt2 zoo model, so 0.01 stays)."""
@@ -66,11 +68,30 @@ class PrunePass(Pass):
 
     @property
     def importance(self) -> str:
-        return self.spec.importance or DEFAULT_IMPORTANCE[self.spec.granularity]
+        """The spec's importance, or the granularity's default (`prune_plan.DEFAULT_IMPORTANCE`); a default
+        `obs` falls back to wanda where OBS cannot run (a params/FLOPs budget, or units not read by exactly
+        one linear layer: `_obs_readers`), and the report says so."""
+        if self.spec.importance:
+            return self.spec.importance
+        default = DEFAULT_IMPORTANCE[self.spec.granularity]
+        if default == "obs" and (self.spec.budget is not None or getattr(self, "_obs_fallback", None)):
+            return OBS_FALLBACK
+        return default
+
+    @property
+    def compensate(self) -> Any:
+        """The spec's compensation, or the granularity's default (`prune_plan.DEFAULT_COMPENSATE`)."""
+        c = self.spec.compensate
+        return DEFAULT_COMPENSATE[self.spec.granularity] if c is None else c
+
+    @property
+    def allocation(self) -> str:
+        """The spec's allocation, or the granularity's default (`prune_plan.DEFAULT_ALLOCATION`)."""
+        return self.spec.allocation or DEFAULT_ALLOCATION.get((self.spec.granularity, self.importance), "uniform")
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
-        data = self.importance not in ("magnitude", "magnitude_l1", "magnitude_l2") or self.spec.compensate
+        data = self.importance not in ("magnitude", "magnitude_l1", "magnitude_l2") or self.compensate
         return frozenset({"calibration"}) if data else frozenset()
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
@@ -87,8 +108,18 @@ class PrunePass(Pass):
         if not cands:
             raise PassError(_nothing_to_prune(groups, s.granularity, s.scope, s.exclude))
         batches = list(ctx.calibration.batches)
+        self._obs_fallback = None
         if self.importance == "obs":
-            return self._obs(program, ctx, dg, groups, cands, batches)
+            readers = _obs_readers(program, cands)
+            if isinstance(readers, tuple):
+                return self._obs(program, ctx, dg, groups, cands, batches, readers)
+            if self.spec.importance == "obs":
+                raise PassError(readers)
+            self._obs_fallback = readers
+            notes.append(f"default importance obs does not apply ({readers.split('; use')[0]}): "
+                         f"importance {OBS_FALLBACK} used instead")
+        elif self.spec.importance is None and DEFAULT_IMPORTANCE[s.granularity] == "obs":
+            notes.append(f"default importance obs takes no params/FLOPs budget: importance {OBS_FALLBACK} used instead")
         scores, snotes = unit_scores(program, cands, self.importance, batches, reduce=s.reduce, normalize=s.normalize,
                                      cache=ctx.cache, task_loss=ctx.task_loss, original=ctx.original)
         notes += snotes
@@ -104,7 +135,7 @@ class PrunePass(Pass):
         positions = op_positions(program)
         before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         before_flops = count_flops(program)
-        if s.budget is not None or s.allocation == "global":
+        if s.budget is not None or self.allocation == "global":
             if s.budget is not None and s.budget.params is not None:
                 cost = {g.id: float(g.params_per_unit(program)) for g in cands}
                 target = before_params * (1.0 - s.budget.params)
@@ -125,26 +156,27 @@ class PrunePass(Pass):
                             "units each and the count per group rounds to 0; raise amount or use allocation: global")
         removal = _removal(cands, removed)
         comp_rows: list[dict[str, Any]] = []
-        if s.compensate and removal:
+        comp = self.compensate
+        if comp and removal:
             from .prune_compensate import compensate, compensate_sequential
 
             entry = program.clone()
-            if s.compensate == "lstsq" and LSTSQ == "sequential":
+            if comp == "lstsq" and LSTSQ == "sequential":
                 comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
                                                           ridge=LSTSQ_RIDGE)
             else:
-                mode = "lstsq" if s.compensate == "lstsq" else "bias"
+                mode = "lstsq" if comp == "lstsq" else "bias"
                 comp_rows, cnotes = compensate(program, removal, batches, mode)
             notes += cnotes
             program, removal = self._keep_better(program, entry, removal, comp_rows, notes, ctx,
-                                                 f"{s.compensate if s.compensate != True else 'bias'} compensation")
+                                                 f"{comp if comp is not True else 'bias'} compensation")
         return self._apply(program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
                            positions, before_params, before_flops)
 
-    def _obs(self, program: Program, ctx: PassContext, dg, groups, cands, batches) -> PassResult:
+    def _obs(self, program: Program, ctx: PassContext, dg, groups, cands, batches, readers) -> PassResult:
         """importance `obs`: the sequential least-squares refit picks the removed units itself,
         layer by layer (`prune_compensate.obs_select`), so each layer loses what its refit recovers best."""
-        from .prune_compensate import UnitSelection, compensate_sequential, consumer_ops, obs_curves
+        from .prune_compensate import compensate_sequential, obs_curves
 
         s = self.spec
         if s.budget is not None:
@@ -153,21 +185,9 @@ class PrunePass(Pass):
         positions = op_positions(program)
         before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         before_flops = count_flops(program)
-        removal: dict[tuple[str, int], set[int]] = defaultdict(set)
-        readers = [m for g in cands for m in g.consumers]
-        linear_inputs = {(op.param, op.in_dim) for op in consumer_ops(program, {(m.param, m.dim) for m in readers})
-                         if op.kind != "conv"}
-        select: dict[str, UnitSelection] = {}
-        for g in cands:
-            m = g.consumers[0] if len(g.consumers) == 1 else None
-            if m is None or (m.param, m.dim) not in linear_inputs or m.param in select:
-                raise PassError(f"prune: importance 'obs' needs every group to be read by exactly one linear layer; "
-                                f"group {g.id} ({g.kind}, {g.layer or ','.join(g.ops[:2])}) is read by "
-                                f"{[c.module for c in g.consumers] or 'no linear layer'}; use importance wanda for it")
-            select[m.param] = UnitSelection(g.id, m.indices.long(), 0)
-            removal[(m.param, m.dim)] = set()
+        select, removal = readers
         notes: list[str] = []
-        if s.allocation == "global":
+        if self.allocation == "global":
             curves = obs_curves(program, removal, select, batches, LSTSQ_RIDGE)
             counts = counts_from_curves(cands, {sel.group: curves[p] for p, sel in select.items()}, s.amount,
                                         s.max_per_layer, s.round_to)
@@ -243,7 +263,7 @@ class PrunePass(Pass):
         units = sum(len(u) for u in removed.values())
         details: dict[str, Any] = {
             "importance": self.importance,
-            "allocation": "budget" if s.budget is not None else s.allocation,
+            "allocation": "budget" if s.budget is not None else self.allocation,
             "params before": before_params, "params after": after_params,
             "FLOPs before": before_flops, "FLOPs after": after_flops,
             "groups": rows,
@@ -309,6 +329,27 @@ class PrunePass(Pass):
         what = f"{s.n}:{s.m}" if s.granularity == "n:m" else f"{amount:.0%} unstructured"
         return PassResult(program, summary=f"{what} masks on {len(rows)} weights ({total} zeros); size and latency unchanged",
                           details={"importance": self.importance, "weights": rows}, notes=notes)
+
+
+def _obs_readers(program: Program, cands) -> tuple[dict, dict] | str:
+    """OBS's per-layer selections (linear weight -> UnitSelection, removal skeleton), or why OBS cannot run:
+    it needs every group to be read by exactly one linear layer, one group per layer."""
+    from .prune_compensate import UnitSelection, consumer_ops
+
+    removal: dict[tuple[str, int], set[int]] = defaultdict(set)
+    readers = [m for g in cands for m in g.consumers]
+    linear_inputs = {(op.param, op.in_dim) for op in consumer_ops(program, {(m.param, m.dim) for m in readers})
+                     if op.kind != "conv"}
+    select: dict[str, Any] = {}
+    for g in cands:
+        m = g.consumers[0] if len(g.consumers) == 1 else None
+        if m is None or (m.param, m.dim) not in linear_inputs or m.param in select:
+            return (f"prune: importance 'obs' needs every group to be read by exactly one linear layer; "
+                    f"group {g.id} ({g.kind}, {g.layer or ','.join(g.ops[:2])}) is read by "
+                    f"{[c.module for c in g.consumers] or 'no linear layer'}; use importance wanda for it")
+        select[m.param] = UnitSelection(g.id, m.indices.long(), 0)
+        removal[(m.param, m.dim)] = set()
+    return select, removal
 
 
 def _nothing_to_prune(groups, granularity: str, scope, exclude) -> str:

@@ -368,10 +368,12 @@ class QuantizePass(Pass):
             notes.append(f"convolutions use RTN ({s.method} statistics are collected for linear inputs only)")
 
         # -- fitting is checked, not trusted: held-back statistics to compare each fit with RTN
-        fit_check: dict[str, Any] = {"fitted kept": 0, "unfitted kept": 0, "hold": {}}
+        fit_check: dict[str, Any] = {"fitted kept": 0, "unfitted kept": 0, "smoothed": 0, "unsmoothed": 0, "hold": {}}
         if stats and s.weights is not None and s.method in ("awq", "gptq"):
             fit_check["hold"] = self._holdout_stats(program, ctx, layers, notes)
             notes += calibration_warnings(s.method, layers, stats)
+        elif stats and self._smoothquant():
+            fit_check["hold"] = self._holdout_stats(program, ctx, layers, notes, "smoothquant")
 
         # -- input-channel scaling (AWQ, SmoothQuant): one scale vector per shared input
         self._fit_check = fit_check
@@ -448,7 +450,12 @@ class QuantizePass(Pass):
         summary = (f"{len(rows)} tensors quantized ({', '.join(f'{b}-bit' for b in widths)}), "
                    f"{b0 / 1e6:.2f} MB -> {b1 / 1e6:.2f} MB")
         details: dict[str, Any] = {"layers": rows}
-        if fit_check["hold"]:
+        if self._smoothquant() and fit_check["hold"]:
+            details["smoothquant check (held-back batches)"] = {"smoothed": fit_check["smoothed"],
+                                                                "unsmoothed (smoothing lost)": fit_check["unsmoothed"]}
+            notes.append(f"SmoothQuant checked against no smoothing on the held-back batches: smoothed "
+                         f"{fit_check['smoothed']} inputs, left {fit_check['unsmoothed']} unsmoothed where smoothing lost")
+        if fit_check["hold"] and s.method in ("awq", "gptq"):
             details["fit check (held-back batches)"] = {f"{s.method} kept": fit_check["fitted kept"],
                                                         "rtn kept (fit lost)": fit_check["unfitted kept"]}
             notes.append(f"{s.method} checked against RTN on the held-back batches: the fit kept for "
@@ -459,11 +466,12 @@ class QuantizePass(Pass):
         return PassResult(program, summary=summary, details=details, notes=notes)
 
     # -- fit checks -----------------------------------------------------------------------
-    def _holdout_stats(self, program: Program, ctx: PassContext, layers: list[Target], notes: list[str]
-                       ) -> dict[fx.Node, qm.InputStats]:
+    def _holdout_stats(self, program: Program, ctx: PassContext, layers: list[Target], notes: list[str],
+                       what: str | None = None) -> dict[fx.Node, qm.InputStats]:
         hold = list(ctx.calibration.holdout)
         if not hold or any(h is b for h in hold for b in ctx.calibration.batches):
-            notes.append(f"{self.spec.method}: no held-back batches, so the fit was not checked against RTN")
+            notes.append(f"{what}: no held-back batches, so smoothing was not checked" if what else
+                         f"{self.spec.method}: no held-back batches, so the fit was not checked against RTN")
             return {}
         inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
         return input_statistics(program, hold, inputs, want_gram=True)
@@ -492,6 +500,31 @@ class QuantizePass(Pass):
         raw = sum(_out_err(w, qm.rtn(w, t0.bits, t0.group_size, sym).weight(), hs) for w in weights)
         fit_check["fitted kept" if fit <= raw else "unfitted kept"] += 1
         return fit <= raw
+
+    def _smooth_holds(self, weights: list[torch.Tensor], sc: torch.Tensor, x: fx.Node) -> bool:
+        """True when SmoothQuant's scales lower the int8 x int8 output error on the held-back batches'
+        rows (or there are none to ask). The error is that of per-tensor symmetric int8 activations and
+        per-channel int8 weights (the W8A8 path's rounding) against the float output; counted in the report."""
+        fit_check = getattr(self, "_fit_check", None) or {"hold": {}}
+        hs = fit_check["hold"].get(x)
+        if hs is None or not hs.sample:
+            return True
+        xh = hs.x_sample()
+        ref = [xh @ w.T for w in weights]
+
+        def err(scale: torch.Tensor) -> float:
+            xs = xh / scale
+            a = xs.abs().max().clamp_min(1e-12) / 127.0
+            xq = (xs / a).round().clamp(-127, 127) * a
+            total = 0.0
+            for w, r in zip(weights, ref):
+                qw, ws = kq.quantize_int8_channel(w * scale)
+                total += float((r - xq @ (qw.float() * ws.unsqueeze(1)).T).pow(2).sum())
+            return total
+
+        holds = err(sc) <= err(torch.ones_like(sc))
+        fit_check["smoothed" if holds else "unsmoothed"] += 1
+        return holds
 
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
@@ -652,6 +685,8 @@ class QuantizePass(Pass):
                     continue  # the scales lose to plain RTN on the held-back batches
             else:
                 sc = qm.smooth_scales(weights, stats[x], float(s.activations.smoothquant))
+                if not self._smooth_holds(weights, sc, x):
+                    continue  # smoothing loses to none on the held-back batches
             users_all_scaled = {u for u in x.users} <= {t.node for t in group}
             if users_all_scaled and self._fold_into_producer(program, x, sc):
                 counts["folded"] += 1

@@ -127,14 +127,16 @@ class PruneSpec(StrictModel):
     scope: list[str] | None = None
     """Module globs; default: everything prunable except embeddings, output head and residual width."""
     exclude: list[str] = []
-    allocation: Literal["uniform", "global"] = "uniform"
+    allocation: Literal["uniform", "global"] | None = None
+    """None: the granularity's default (passes/prune_plan.py, chosen on held-out train data)."""
     max_per_layer: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
     """Cap on the fraction removed from one layer under global allocation."""
     round_to: Annotated[int, Field(ge=1)] = 1
     reduce: Literal["sum", "mean", "max"] = "sum"
     normalize: bool = True
     """Normalise group scores per layer before a global ranking."""
-    compensate: Literal[False, True, "bias", "lstsq"] = False
+    compensate: Literal[False, True, "bias", "lstsq"] | None = None
+    """None: the granularity's default (passes/prune_plan.py, chosen on held-out train data)."""
     n: Annotated[int | None, Field(ge=1)] = None
     m: Annotated[int | None, Field(ge=2)] = None
 
@@ -151,7 +153,7 @@ class PruneSpec(StrictModel):
             if self.granularity not in ("head", "neuron"):
                 raise ValueError("importance 'obs' chooses heads or neurons by refitting the linear layer that reads "
                                  f"them; granularity {self.granularity!r} needs another importance (e.g. wanda)")
-            if self.compensate not in (False, "lstsq"):
+            if self.compensate not in (None, False, "lstsq"):
                 raise ValueError("importance 'obs' refits by least squares; use compensate: lstsq (or leave it out)")
         return self
 

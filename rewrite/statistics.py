@@ -122,6 +122,20 @@ def token_weights(program: Program, node: fx.Node, value: torch.Tensor, batch: I
     return None if keep is None else keep.to(torch.float64)
 
 
+def output_token_weights(batch: Inputs | None, value: torch.Tensor, feature_dim: int = -1) -> torch.Tensor | None:
+    """Float 0/1 weights over the tokens of a value known only by its shape (a program's final
+    output compared outside the graph): the batch's padding mask (its [B, S] integer input named
+    like a mask) when `value`'s leading dims are [B, S] and its features run along `feature_dim`;
+    None when every row counts (no mask, or another layout, e.g. after token selection)."""
+    if batch is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or feature_dim % 3 != 2:
+        return None
+    masks = [t for k, t in batch.kwargs.items() if "mask" in k and isinstance(t, torch.Tensor) and t.dim() == 2
+             and not t.is_floating_point()]
+    if len(masks) != 1 or tuple(value.shape[:2]) != tuple(masks[0].shape):
+        return None
+    return masks[0].to(torch.float64)
+
+
 # ----------------------------------------------------------------------------- streaming sums
 @dataclass
 class RowStats:

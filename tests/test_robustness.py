@@ -53,6 +53,8 @@ def _assert_same_params(a, b, rtol=2e-4):
 
 
 PADDING_CASES = [
+    ("bert", [{"kind": "prune", "granularity": "head", "amount": 0.25}]),  # the spec's defaults
+    ("bert", [{"kind": "prune", "granularity": "neuron", "amount": 0.25}]),
     ("bert", [{"kind": "prune", "granularity": "neuron", "amount": 0.25, "importance": "wanda", "compensate": "lstsq"}]),
     ("gpt2", [{"kind": "prune", "granularity": "neuron", "amount": 0.25, "importance": "wanda", "compensate": "bias"}]),
     ("bert", [{"kind": "prune", "granularity": "head", "amount": 0.25, "importance": "obs"}]),
@@ -60,6 +62,7 @@ PADDING_CASES = [
     ("bert", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "gptq"}]),
     ("gpt2", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "gptq"}]),
     ("llama", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "awq"}]),
+    ("bert", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "awq"}]),
     ("bert", [{"kind": "quantize", "weights": None, "activations": {"mode": "static", "smoothquant": 0.5}}]),
     ("bert", [{"kind": "skip", "layers": 1, "importance": "block_influence", "search": "oneshot"}]),
     ("bert", [{"kind": "skip", "layers": 1, "importance": "fidelity_drop", "search": "greedy"}]),
@@ -67,7 +70,8 @@ PADDING_CASES = [
 
 
 @pytest.mark.parametrize("name,passes", PADDING_CASES, ids=lambda v: v if isinstance(v, str) else
-                         "-".join(f"{p['kind']}:{p.get('importance') or p.get('method') or 'a8'}:{p.get('compensate', '')}"
+                         "-".join(f"{p['kind']}:{p.get('granularity', '')}:{p.get('importance') or p.get('method') or 'default'}:"
+                                           f"{p.get('compensate', '')}"
                                   for p in v))
 def test_padding_never_changes_a_rewrite(name, passes):
     """The same calibration padded to the longest and to 64 tokens: the same rewritten weights."""
@@ -93,6 +97,45 @@ def test_token_rows_masks_flattened_tokens():
     value = capture(p, batch, [op.input])[op.input]
     rows = token_rows(p, op.input, value, batch)
     assert rows.shape[0] == int(batch.kwargs["attention_mask"].sum()) < value.shape[0]
+
+
+@pytest.mark.parametrize("kind", ["block_influence", "fidelity_drop"])
+def test_layer_metrics_ignore_padding(kind):
+    """Layer scores (skip search, mixed-precision order) read the statistics service's padding policy."""
+    from passes.importance.layer import layer_scores
+    from rewrite.program import Program
+
+    z = zoo.load("bert", calibration_batches=0)
+    program = Program.capture(z.model, z.example)
+    sents = _sentences(8, 3)
+    a = layer_scores(program, _batches(sents, 4, None), kind)
+    b = layer_scores(program, _batches(sents, 4, 64), kind)
+    assert a.keys() == b.keys() and len(a) > 1
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+
+
+@pytest.mark.parametrize("kind", ["cls_attention", "attention_rank", "norm", "mean_distance", "pooled_influence"])
+def test_token_scores_ignore_padding(kind):
+    """The in-graph token scores of the real tokens do not change when a batch carries more padding
+    (whatever the padded positions hold); padding itself scores -inf."""
+    from passes.importance.token import score_tokens
+
+    g = torch.Generator().manual_seed(0)
+    B, H, S, P, D = 2, 2, 6, 10, 8
+    q, k, h = (torch.randn(B, H, P, D, generator=g), torch.randn(B, H, P, D, generator=g),
+               torch.randn(B, P, 16, generator=g))
+    lengths = torch.tensor([6, 4])
+
+    def scores(width):
+        valid = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1))
+        mask = valid[:, None, None, :]
+        return score_tokens(kind, q[:, :, :width], k[:, :, :width], mask, h[:, :width], valid), valid
+
+    short, valid = scores(S)
+    long, _ = scores(P)
+    assert torch.isinf(long[:, S:]).all() and torch.isinf(short[~valid]).all()
+    torch.testing.assert_close(long[:, :S][valid], short[valid], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- fitting is checked
@@ -134,6 +177,19 @@ def test_quantize_fit_checked_against_rtn(method):
     assert any("checked against RTN" in n for n in rec.notes)
     rtn = _holdout_compile("llama", [{"kind": "quantize", "weights": {"bits": 3, "group_size": 32}, "method": "rtn"}])
     assert rec.fidelity.cosine >= rtn.report.passes[0].fidelity.cosine - 2e-3
+
+
+def test_smoothquant_checked_against_no_smoothing():
+    """SmoothQuant's scales are fitted to calibration abs-max: each input keeps them only where they lower
+    the int8 output error on the held-back batches, and the report counts both outcomes."""
+    spec = {"kind": "quantize", "weights": None, "activations": {"mode": "static", "smoothquant": 0.5}}
+    out = _holdout_compile("bert", [spec])
+    rec = out.report.passes[0]
+    check = rec.details["smoothquant check (held-back batches)"]
+    assert check["smoothed"] + check["unsmoothed (smoothing lost)"] > 0
+    assert any("SmoothQuant checked against no smoothing" in n for n in rec.notes)
+    plain = _holdout_compile("bert", [{**spec, "activations": {"mode": "static"}}])
+    assert rec.fidelity.cosine >= plain.report.passes[0].fidelity.cosine - 2e-3
 
 
 def test_too_little_calibration_is_named():

@@ -3,7 +3,7 @@
 Kinds:
 - `block_influence` (ShortGPT's BI): 1 - cos(hidden in, hidden out) of the region, per
   token (per spatial position for NCHW feature maps), averaged over real tokens (padding
-  excluded when the batch has an `attention_mask`). A region that barely changes the
+  excluded by the statistics service's policy, `rewrite.statistics`). A region that barely changes the
   residual stream scores low.
 - `outlier_fraction`: fraction of the region's linear/conv weights with |z| > 1, z taken
   over the region's pooled weight distribution. `module_outlier_fraction` gives the same
@@ -29,6 +29,7 @@ from rewrite.calibration import observe
 from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
+from rewrite.statistics import output_token_weights, token_weights
 
 from ..skip_blocks import CONV_OPS, Region, weight_of, bypassed, find_regions, no_region_message, resolve
 
@@ -102,18 +103,13 @@ def feature_dim(t: torch.Tensor) -> int:
     return 1 if t.dim() == 4 else -1
 
 
-def _mask_for(batch: Inputs, t: torch.Tensor) -> torch.Tensor | None:
-    m = batch.kwargs.get("attention_mask")
-    if isinstance(m, torch.Tensor) and m.dim() == 2 and t.dim() == 3 and tuple(t.shape[:2]) == tuple(m.shape):
-        return m.to(torch.float64)
-    return None
-
-
-def token_cosines(a: torch.Tensor, b: torch.Tensor, batch: Inputs) -> tuple[float, float]:
-    """(sum of per-token cosines, number of tokens) with padding weighted out."""
+def token_cosines(a: torch.Tensor, b: torch.Tensor, batch: Inputs, weights: torch.Tensor | None = None) -> tuple[float, float]:
+    """(sum of per-token cosines, number of real tokens): padding never counts (the statistics
+    service's policy, `rewrite.statistics`). `weights`: the 0/1 token weights when the caller knows
+    the value's graph node (`statistics.token_weights`); else found from the shape."""
     d = feature_dim(a)
     cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=d, eps=1e-12)
-    m = _mask_for(batch, a)
+    m = weights if weights is not None else output_token_weights(batch, a, d)
     if m is None:
         return float(cos.sum()), float(cos.numel())
     return float((cos * m).sum()), float(m.sum())
@@ -123,6 +119,7 @@ class _InOut:
     """Subscriber: per-token cosine between each region's residual input and output."""
 
     def __init__(self, program: Program, regions: list[Region]):
+        self.program = program
         by_name = {n.name: n for n in program.graph.nodes}
         self.pairs = {r.key: (by_name[resolve(program, r.stream_in)], by_name[resolve(program, r.stream_out)]) for r in regions}
         self.sums = {k: [0.0, 0.0] for k in self.pairs}
@@ -135,7 +132,8 @@ class _InOut:
         self.stash[node] = value
         for k, (i, o) in self.pairs.items():
             if node is o and i in self.stash:
-                s, n = token_cosines(self.stash[i], value, batch)
+                w = token_weights(self.program, o, value, batch, feature_dim(value))
+                s, n = token_cosines(self.stash[i], value, batch, w)
                 self.sums[k][0] += s
                 self.sums[k][1] += n
 
