@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -90,8 +90,7 @@ def strip_debug_metadata(proto: Any) -> None:
 def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool = True, external_data: Any = "auto",
                 debug_metadata: bool = False, verify: bool = True, verify_inputs: Sequence[Inputs] = (), rtol: float = 1e-4,
                 quantile: float = 1.0) -> ExportRecord:
-    import onnx
-
+    """Write `path` (atomic: nothing is left on a failed export or check), verified in onnxruntime."""
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +98,29 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
         proto = to_onnx_proto(program, opset=opset, dynamic=dynamic)
     if not debug_metadata:
         strip_debug_metadata(proto)
+    with staged_onnx_file(proto, path, program, external_data) as tmp_model:
+        record = ExportRecord(backend="onnx", path=str(path), bytes=_size_on_disk(tmp_model.parent), seconds=0.0, verified=False)
+        if verify:
+            batches = list(verify_inputs or [program.example])
+            with stage(f"verify in onnxruntime on {sum(b.batch_size() for b in batches)} sample(s)"):
+                err = verify_onnx(program, tmp_model, batches, rtol=rtol, quantile=quantile)
+            record.verified = True
+            record.max_abs_error, record.rel_error, record.cosine, record.provider = err
+            record.tolerance, record.quantile, record.batches = rtol, quantile, sum(b.batch_size() for b in batches)
+    record.seconds = time.perf_counter() - start
+    return record
+
+
+@contextlib.contextmanager
+def staged_onnx_file(proto: Any, path: Path, program: Program, external_data: Any = "auto") -> Iterator[Path]:
+    """Save `proto` in a temporary folder beside `path` and yield the temporary model's path;
+    the files move into place only when the block succeeds (a failed check leaves nothing).
+
+    Weights go to one side file `<name>.data` when `external_data` is true, or, with "auto",
+    when the program's weights exceed `EXTERNAL_DATA_THRESHOLD` (protobuf's 2 GB limit).
+    """
+    import onnx
+
     weight_bytes = sum(t.numel() * t.element_size() for t in program.params().values())
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data == "auto" else bool(external_data)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -109,20 +131,11 @@ def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool 
                             location=path.name + ".data", size_threshold=1024)
         else:
             onnx.save_model(proto, tmp_model)
-        record = ExportRecord(backend="onnx", path=str(path), bytes=_size_on_disk(tmpdir), seconds=0.0, verified=False)
-        if verify:
-            batches = list(verify_inputs or [program.example])
-            with stage(f"verify in onnxruntime on {sum(b.batch_size() for b in batches)} sample(s)"):
-                err = verify_onnx(program, tmp_model, batches, rtol=rtol, quantile=quantile)
-            record.verified = True
-            record.max_abs_error, record.rel_error, record.cosine, record.provider = err
-            record.tolerance, record.quantile, record.batches = rtol, quantile, sum(b.batch_size() for b in batches)
+        yield tmp_model
         for f in tmpdir.iterdir():
             os.replace(f, path.parent / f.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    record.seconds = time.perf_counter() - start
-    return record
 
 
 def _size_on_disk(folder: Path) -> int:

@@ -14,9 +14,6 @@ tokens with the cache in onnxruntime gives exactly the torch module's tokens.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,9 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from backends.onnx import EXTERNAL_DATA_THRESHOLD, session, strip_debug_metadata, to_onnx_proto
-from rewrite.errors import ExportError, VerificationError
+from backends.onnx import session, staged_onnx_file, strip_debug_metadata, to_onnx_proto
+from rewrite.compare import compare
 from rewrite.decode_loop import GenerationError, Past, TorchStepper, check_step, generate_ids
+from rewrite.errors import ExportError, VerificationError
 from rewrite.generation import NOTES_KEY, CacheLayout, GenerationProgramInfo, positions_from_mask
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -110,35 +108,21 @@ def verify_steps(program: Program, model_path: Path, batches: Sequence[Inputs], 
     """
     layout = GenerationProgramInfo.of(program)
     torch_step, ort_step = TorchStepper(program.module, layout), OrtStepper(model_path, layout)
-    errors, worst_abs, scale, cos_min = [], 0.0, 1e-6, 1.0
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch in batches:
         ids, mask = batch.kwargs["input_ids"], batch.kwargs["attention_mask"]
         past = [tuple(kv) for kv in batch.kwargs["past_key_values"]]
         want, want_present = torch_step(ids, mask, past)
         got, got_present = ort_step(ids, mask, past)
         real = mask.bool()
-        pairs = [(want[real[:, -ids.shape[1]:]], got[real[:, -ids.shape[1]:]])]
+        pairs.append((want[real[:, -ids.shape[1]:]], got[real[:, -ids.shape[1]:]]))
         for (wk, wv), (gk, gv) in zip(want_present, got_present):
             for w, g in ((wk, gk), (wv, gv)):
                 if w.shape != g.shape:
                     raise VerificationError(f"onnxruntime present shape {tuple(g.shape)} != torch {tuple(w.shape)}")
                 pairs.append((w.transpose(1, 2)[real], g.transpose(1, 2)[real]))
-        for w, g in pairs:
-            a, b = w.double().reshape(-1), g.double().reshape(-1)
-            if not a.numel():
-                continue
-            errors.append((a - b).abs())
-            worst_abs = max(worst_abs, float(errors[-1].max()))
-            scale = max(scale, float(a.abs().max()))
-            cos_min = min(cos_min, float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
-    worst_rel = worst_abs / scale
-    checked = worst_rel
-    if quantile < 1.0 and errors:
-        checked = float(torch.quantile(torch.cat(errors)[:1 << 24], quantile)) / scale
-    if checked > rtol:
-        what = "max relative error" if quantile >= 1.0 else f"relative error at the {quantile:.0%} quantile"
-        raise VerificationError(f"onnxruntime does not match the rewritten torch module: {what} {checked:.2e} > tolerance "
-                                f"{rtol:.0e} (max abs error {worst_abs:.2e}); the ONNX file was not written")
+    agreement = compare(pairs, rtol=rtol, quantile=quantile).check("onnxruntime", consequence="; the ONNX file was not written")
+    worst_abs, worst_rel, cos_min = agreement.max_abs, agreement.max_rel, agreement.cosine
     return worst_abs, worst_rel, cos_min, ort_step.session.get_providers()[0]
 
 
@@ -208,8 +192,6 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
                       new_tokens: int = 32, rtol: float = 1e-4, quantile: float = 1.0,
                       tokenizer: Any = None) -> ExportRecord:
     """Write `path` (atomic: nothing is left on a failed export or check)."""
-    import onnx
-
     layout = GenerationProgramInfo.of(program)
     if layout is None:
         raise ExportError(f"the program has no '{NOTES_KEY}' interface: it is not a generation graph")
@@ -220,16 +202,8 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
     if not debug_metadata:
         strip_debug_metadata(proto)
     rename_interface(proto, layout)
-    weight_bytes = sum(t.numel() * t.element_size() for t in program.params().values())
-    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data == "auto" else bool(external_data)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp_model = tmpdir / path.name
-        if use_external:
-            onnx.save_model(proto, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(proto, tmp_model)
+    with staged_onnx_file(proto, path, program, external_data) as tmp_model:
+        tmpdir = tmp_model.parent
         record = ExportRecord(backend="onnx", path=str(path), bytes=sum(f.stat().st_size for f in tmpdir.iterdir()),
                               seconds=0.0, verified=False)
         record.notes.append(f"text-generation graph: inputs {', '.join(layout.input_names()[:3 + layout.position_ids])}, "
@@ -255,10 +229,6 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
                                     "prefill and decode-step logits within the tolerance")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmpdir))
-        for f in tmpdir.iterdir():
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     record.seconds = time.perf_counter() - start
     return record
 
