@@ -63,6 +63,7 @@ class Cell:
     outcome: str  # ok | refused | FAIL
     message: str = ""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time: what the cell costs on an idle machine, load aside
 
     def short(self, width: int = 60) -> str:
         msg = self.message.splitlines()[0] if self.message else ""
@@ -82,8 +83,17 @@ def captured(model: str) -> tuple[zoo.ZooModel, Any]:
     return _CAPTURED[model]
 
 
-def run_cell(model: str, column: str, workdir: Path | None = None) -> Cell:
-    """Compile `model` with the `column` pass, check the change, export and verify in onnxruntime."""
+def run_cell(model: str, column: str, workdir: Path | None = None, export: bool = True) -> Cell:
+    """Compile `model` with the `column` pass, check the change, export and verify in onnxruntime.
+
+    `export=False` stops after the change check (a quick triage of the passes alone)."""
+    cpu = time.process_time()
+    cell = _run_cell(model, column, workdir, export)
+    cell.cpu_seconds = time.process_time() - cpu
+    return cell
+
+
+def _run_cell(model: str, column: str, workdir: Path | None, export: bool) -> Cell:
     import rewrite
 
     start = time.perf_counter()
@@ -101,6 +111,8 @@ def run_cell(model: str, column: str, workdir: Path | None = None) -> Cell:
     if not CHANGED[column](rep.before, rep.after) and not rep.warnings:
         return Cell(model, column, "FAIL", f"silent no-op: {rep.passes[-1].summary!r}; before {rep.before}, after {rep.after}",
                     time.perf_counter() - start)
+    if not export:
+        return Cell(model, column, "ok", "not exported; " + "; ".join(rep.warnings), time.perf_counter() - start)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         try:
             out.export(Path(tmp) / f"{model}.onnx", verify_inputs=out.verification_batches())
@@ -110,12 +122,22 @@ def run_cell(model: str, column: str, workdir: Path | None = None) -> Cell:
     return Cell(model, column, "ok", note, time.perf_counter() - start)
 
 
-def run_row(model: str, columns: list[str]) -> list[Cell]:
-    """One model's cells (its capture is shared between them)."""
+def run_row(model: str, columns: list[str], log: bool = False, verbose: bool = False, export: bool = True) -> list[Cell]:
+    """One model's cells (its capture is shared between them); `log` prints each cell as it finishes."""
+    cells = []
     try:
-        return [run_cell(model, col) for col in columns]
+        for col in columns:
+            cells.append(run_cell(model, col, export=export))
+            if log:
+                _log(cells[-1], verbose)
+        return cells
     finally:
         _CAPTURED.pop(model, None)
+
+
+def _log(cell: Cell, verbose: bool) -> None:
+    print(f"{cell.model:16s} {cell.column:14s} {cell.outcome:8s} {cell.seconds:5.1f}s {cell.cpu_seconds:5.1f}s CPU "
+          f"{cell.message[:400] if verbose else ''}", file=sys.stderr, flush=True)
 
 
 def _worker_init() -> None:
@@ -141,7 +163,7 @@ def table(cells: list[Cell], width: int = 60) -> str:
     counts = {k: sum(c.outcome == k for c in cells) for k in ("ok", "refused", "FAIL")}
     lines.append("")
     lines.append(f"{len(cells)} cells: {counts['ok']} ok, {counts['refused']} refused, {counts['FAIL']} FAIL; "
-                 f"{sum(c.seconds for c in cells):.0f} s of compile + export")
+                 f"{sum(c.seconds for c in cells):.0f} s of compile + export ({sum(c.cpu_seconds for c in cells):.0f} s CPU)")
     return "\n".join(lines)
 
 
@@ -156,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--passes", default=",".join(PASSES), help="comma-separated columns")
     ap.add_argument("-w", "--width", type=int, default=60, help="characters of each refusal/failure reason")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    ap.add_argument("--no-export", action="store_true", help="compile and check the change only (quick triage)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every cell's full message as it finishes")
     args = ap.parse_args(argv)
     import torch
@@ -163,25 +186,19 @@ def main(argv: list[str] | None = None) -> int:
     models, columns = args.models or list(zoo.EVERY), args.passes.split(",")
     cells: list[Cell] = []
 
-    def done(row: list[Cell]) -> None:
-        for cell in row:
-            cells.append(cell)
-            print(f"{cell.model:16s} {cell.column:14s} {cell.outcome:8s} {cell.seconds:5.1f}s "
-                  f"{cell.message[:400] if args.verbose else ''}", file=sys.stderr, flush=True)
-
     if args.jobs <= 1:
         torch.set_num_threads(2)
         for m in models:
-            done(run_row(m, columns))
+            cells.extend(run_row(m, columns, True, args.verbose, not args.no_export))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init) as pool:
-            futures = [pool.submit(run_row, m, columns) for m in models]
+            futures = [pool.submit(run_row, m, columns, True, args.verbose, not args.no_export) for m in models]
             for fut in as_completed(futures):
-                done(fut.result())
+                cells.extend(fut.result())
     order = {m: i for i, m in enumerate(models)}
     cells.sort(key=lambda c: order[c.model])
     print(table(cells, args.width))

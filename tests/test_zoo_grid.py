@@ -76,3 +76,40 @@ def test_reshape_of_a_transposed_tensor_gets_a_contiguous_input_and_exports(tmp_
     assert torch.ops.aten.view.default not in targets
     assert torch.ops.aten.clone.default in targets
     assert out.export(tmp_path / "m.onnx").verified
+
+
+class _SamePadding(torch.nn.Module):
+    """Convolutions with string padding, as EfficientNet writes them: odd and even kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding="same")
+        self.b = torch.nn.Conv2d(8, 8, 4, padding="same", groups=8)  # even kernel: torch pads one more at the end
+        self.c = torch.nn.Conv2d(8, 4, 3, padding="valid", dilation=2)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.a(x))))
+
+
+def test_string_padded_convs_become_plain_convs_that_quantize_and_export(tmp_path):
+    torch.manual_seed(0)
+    model, x = _SamePadding().eval(), torch.randn(2, 3, 12, 12)
+    out = rewrite.compile(model, {"passes": [{"kind": "quantize", "weights": {"bits": 8}}]}, example_inputs=(x,))
+    targets = [n.target for n in out.original.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.aten.conv2d.default) == 3 and torch.ops.aten.conv2d.padding not in targets
+    assert torch.allclose(out.original.module(x), model(x))
+    assert out.report.after.weight_bytes < out.report.before.weight_bytes  # all three convs are quantizable now
+    assert out.export(tmp_path / "m.onnx").verified
+
+
+def test_mixture_of_experts_captures_with_an_exportable_experts_kernel():
+    from rewrite.capture import EXPORTABLE_EXPERTS
+
+    z = zoo.load("mixtral", calibration_batches=0)
+    before = z.model.get_experts_implementation()
+    program = rewrite.Program.capture(z.model, z.example)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not any(op.startswith("transformers.") for op in ops), ops  # no opaque custom op left for the exporter
+    assert z.model.get_experts_implementation() == before != {"": EXPORTABLE_EXPERTS}  # the model's own setting is back
+    torch.testing.assert_close(program.module(*z.example.args, **z.example.kwargs).last_hidden_state,
+                               z.model(*z.example.args, **z.example.kwargs).last_hidden_state)
