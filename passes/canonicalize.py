@@ -77,7 +77,8 @@ def canonicalize(program: Program) -> int:
 
 def _has_tensor_meta(node: fx.Node) -> bool:
     x = node.args[0]
-    return isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) and isinstance(node.meta.get("val"), torch.Tensor)
+    return (isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor)
+            and isinstance(node.meta.get("val"), torch.Tensor) and _hinted(x.meta["val"].shape, node.meta["val"].shape))
 
 
 def _expr(size: Any) -> sympy.Expr:
@@ -92,8 +93,24 @@ def _hint(size: Any) -> int:
     return int(size)
 
 
+def _hinted(*shapes: Any) -> bool:
+    """Every size has an example value. Data-dependent sizes (unbacked symbols, e.g. a length
+    computed from tensor values, as in DeBERTa's relative positions) have none: size lists that
+    involve them are left as captured."""
+    for shape in shapes:
+        for size in shape:
+            try:
+                _hint(size)
+            except Exception:  # noqa: BLE001 - torch raises GuardOnDataDependentSymNode (and kin)
+                return False
+    return True
+
+
 def group_dims(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]] | None:
-    """Runs of input dims and output dims with equal products, in order (None if not aligned)."""
+    """Runs of input dims and output dims with equal products, in order (None if not aligned, or
+    if a size is data-dependent and has no example value to compare)."""
+    if not _hinted(in_shape, out_shape):
+        return None
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     n_in, n_out = len(in_shape), len(out_shape)
