@@ -11,6 +11,11 @@ follows the tensor being reshaped:
   constants and derives the leading one (-1 or a floor division of the live size).
 - expand: every size that is not a broadcast from 1 becomes -1 ("keep this dim").
 
+Convolutions with a string padding (`padding="same"` / `"valid"`, captured as the
+`aten.convNd.padding` overloads) become the plain `aten.convNd.default` with explicit integer
+padding (plus a one-sided `constant_pad_nd` where "same" pads unevenly, as torch does: the
+extra element goes at the end), so passes, statistics and backends see one conv op.
+
 It also drops `_assert_tensor_metadata` checks, which would pin dead code and stale dtypes,
 and turns every `view` back into a `reshape`. Capture decomposes the model's `reshape` into a
 `view` whenever the example's strides allow it, and those strides depend on kernels: CPU
@@ -40,6 +45,8 @@ aten = torch.ops.aten
 VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 EXPAND_OPS = (aten.expand.default,)
 ASSERT_OPS = (aten._assert_tensor_metadata.default,)
+STRING_PADDED_CONVS = {aten.conv1d.padding: aten.conv1d.default, aten.conv2d.padding: aten.conv2d.default,
+                       aten.conv3d.padding: aten.conv3d.default}
 
 
 def canonicalize(program: Program) -> int:
@@ -60,6 +67,8 @@ def canonicalize(program: Program) -> int:
             changed += _canonical_view(graph, node)
         elif node.target in EXPAND_OPS and _has_tensor_meta(node):
             changed += _canonical_expand(node)
+        elif node.target in STRING_PADDED_CONVS:
+            changed += _explicit_conv_padding(graph, node)
     if changed:
         graph.eliminate_dead_code()
         program.module.recompile()
@@ -68,7 +77,8 @@ def canonicalize(program: Program) -> int:
 
 def _has_tensor_meta(node: fx.Node) -> bool:
     x = node.args[0]
-    return isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor) and isinstance(node.meta.get("val"), torch.Tensor)
+    return (isinstance(x, fx.Node) and isinstance(x.meta.get("val"), torch.Tensor)
+            and isinstance(node.meta.get("val"), torch.Tensor) and _hinted(x.meta["val"].shape, node.meta["val"].shape))
 
 
 def _expr(size: Any) -> sympy.Expr:
@@ -83,8 +93,24 @@ def _hint(size: Any) -> int:
     return int(size)
 
 
+def _hinted(*shapes: Any) -> bool:
+    """Every size has an example value. Data-dependent sizes (unbacked symbols, e.g. a length
+    computed from tensor values, as in DeBERTa's relative positions) have none: size lists that
+    involve them are left as captured."""
+    for shape in shapes:
+        for size in shape:
+            try:
+                _hint(size)
+            except Exception:  # noqa: BLE001 - torch raises GuardOnDataDependentSymNode (and kin)
+                return False
+    return True
+
+
 def group_dims(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]] | None:
-    """Runs of input dims and output dims with equal products, in order (None if not aligned)."""
+    """Runs of input dims and output dims with equal products, in order (None if not aligned, or
+    if a size is data-dependent and has no example value to compare)."""
+    if not _hinted(in_shape, out_shape):
+        return None
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
     n_in, n_out = len(in_shape), len(out_shape)
@@ -197,6 +223,36 @@ def _contiguous_input(graph: fx.Graph, node: fx.Node) -> int:
     c.meta = {k: v for k, v in x.meta.items() if k != "val"}
     c.meta["val"] = x.meta["val"]
     node.replace_input_with(x, c)
+    return 1
+
+
+def _explicit_conv_padding(graph: fx.Graph, node: fx.Node) -> int:
+    """conv(x, w, b, stride, "same"|"valid", dilation, groups) -> pad (if uneven) + conv with int padding."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"bias": None, "stride": 1, "padding": "valid", "dilation": 1, "groups": 1}
+    a = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+    w = a["weight"].meta.get("val") if isinstance(a["weight"], fx.Node) else None
+    if not isinstance(w, torch.Tensor) or not isinstance(a["padding"], str):
+        return 0
+    spatial = w.dim() - 2
+    as_list = lambda v: [int(v)] * spatial if isinstance(v, int) else [int(u) for u in v]  # noqa: E731
+    dilation, x = as_list(a["dilation"]), a["input"]
+    before, after = [0] * spatial, [0] * spatial
+    if a["padding"] == "same":
+        total = [d * (_hint(k) - 1) for d, k in zip(dilation, w.shape[2:])]
+        before = [t // 2 for t in total]
+        after = [t - t // 2 for t in total]
+    if before != after:  # uneven: pad the extra element at the end (last spatial dim first, as F.pad reads it)
+        pad: list[int] = []
+        for i in reversed(range(spatial)):
+            pad += [0, after[i] - before[i]]
+        with graph.inserting_before(node):
+            x = graph.call_function(aten.constant_pad_nd.default, (a["input"], pad, 0.0))
+        x.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        x.meta["val"] = torch.ops.aten.constant_pad_nd.default(a["input"].meta["val"], pad, 0.0)
+    node.target = STRING_PADDED_CONVS[node.target]
+    node.args = (x, a["weight"], a["bias"], as_list(a["stride"]), before, dilation, int(a["groups"]))
+    node.kwargs = {}
     return 1
 
 

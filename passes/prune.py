@@ -130,8 +130,8 @@ class PrunePass(Pass):
             if not cands:
                 raise PassError(f"prune: importance {self.importance} has no scores for any of the {len(missing)} "
                                 f"prunable {s.granularity} groups (their producers, e.g. {', '.join(missing[0].ops[:2])}, "
-                                "are ops the importance statistics do not read, such as convolutions with "
-                                "padding='same'); nothing was pruned")
+                                "are ops the importance statistics do not read: they read linear, conv and "
+                                "matmul weights); nothing was pruned")
         positions = op_positions(program)
         before_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         before_flops = count_flops(program)

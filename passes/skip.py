@@ -26,6 +26,7 @@ from typing import Callable
 from rewrite.errors import PassError
 from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program
+from rewrite.progress import bar
 
 from .importance.layer import mean_output_cosine, score_regions
 from .skip_blocks import ALIAS_NOTE, Candidates, Region, bypassed, find_regions, no_region_message, skip_regions
@@ -55,7 +56,8 @@ def beam_search(free: list[Region], k: int, score: Scorer, *, width: int,
     measured along its path (one per step, for the report). Width 1 is greedy.
     """
     beams: list[tuple[list[tuple[Region, float]], float, list[dict[str, float]]]] = [([], 0.0, [])]
-    for _ in range(k):
+    search = "greedy" if width == 1 else f"beam width {width}"
+    for _ in bar(range(k), desc=f"skip: {search} search", unit="removal"):
         expanded: dict[frozenset[str], tuple[list[tuple[Region, float]], float, list[dict[str, float]]]] = {}
         for steps, objective, history in beams:
             removed = [r for r, _ in steps]

@@ -87,7 +87,7 @@ def capture(module: torch.nn.Module, inputs: Inputs, dynamic: Any = True) -> tor
     was_training = module.training
     _set_training(module, False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exportable_experts(module):
             ep = export_program(module, inputs, dynamic)
     finally:
         _set_training(module, was_training)
@@ -96,6 +96,44 @@ def capture(module: torch.nn.Module, inputs: Inputs, dynamic: Any = True) -> tor
     if callable(getattr(dynamic, "relax", None)):  # a policy may widen the traced input ranges
         dynamic.relax(gm)
     return gm
+
+
+EXPORTABLE_EXPERTS = "batched_mm"
+"""The transformers mixture-of-experts implementation capture switches to: it gathers each
+token's expert weights and runs one batched matmul, plain ATen ops that every backend lowers.
+The default `grouped_mm` sorts tokens by expert and calls an opaque custom op (a Python loop
+over experts on CPU) that the ONNX exporter and TVM cannot lower; `eager` loops over experts
+with data-dependent shapes."""
+
+
+@contextlib.contextmanager
+def exportable_experts(module: torch.nn.Module) -> Iterator[None]:
+    """Capture transformers MoE models with `EXPORTABLE_EXPERTS`, restoring their setting after.
+
+    Uses the models' own config-level switch (`set_experts_implementation`), so it applies to
+    every transformers MoE architecture and to wrappers holding one; the numbers are the same,
+    only the kernel differs. Modules without the switch are untouched.
+    """
+    switched: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    for sub in module.modules():
+        get, set_ = getattr(sub, "get_experts_implementation", None), getattr(sub, "set_experts_implementation", None)
+        if id(getattr(sub, "config", None)) in seen or not callable(get) or not callable(set_):
+            continue
+        seen.add(id(sub.config))
+        try:
+            current = get()
+        except Exception:  # noqa: BLE001 - a model without experts may not answer
+            continue
+        if any(v not in (None, EXPORTABLE_EXPERTS, "eager") for v in current.values()) and \
+                getattr(sub, "_can_set_experts_implementation", lambda: False)():
+            set_(EXPORTABLE_EXPERTS)
+            switched.append((sub, current))
+    try:
+        yield
+    finally:
+        for sub, current in reversed(switched):
+            sub.set_experts_implementation(current)
 
 
 def _set_training(module: torch.nn.Module, mode: bool) -> None:

@@ -350,9 +350,14 @@ def _hint(s: Any) -> int:
     if isinstance(s, torch.SymInt):
         hint = s.node.hint
         if hint is None:
-            from torch.fx.experimental.symbolic_shapes import guard_or_false  # noqa: F401
+            value = s.node.shape_env.size_hint(s.node.expr, allow_none=True)
+            if value is None:
+                from .errors import PassError
 
-            return int(s.node.shape_env.size_hint(s.node.expr))
+                raise PassError(f"size {s} is data-dependent (computed from tensor values during capture, e.g. a "
+                                "relative-position range), so it has no example value, and this pass sizes its work "
+                                "from example shapes; passes that only read weights (quantize, cleanup) still apply")
+            return int(value)
         return int(hint)
     return int(s)
 

@@ -7,8 +7,13 @@ exports it to ONNX and verifies it in onnxruntime. A `RewriteError` other than a
 verification failure is a refusal: the compiler said why the pass does not apply. Anything
 else (a crash, an export failure, a pass that reports success and changes nothing) is FAIL.
 
-    python -m rewrite.zoo_grid                 # the whole grid as a table
-    python -m rewrite.zoo_grid swin t5 -p token,prune_head
+    python -m rewrite.zoo_grid -j 2            # the whole grid as a table (two worker processes)
+    python -m rewrite.zoo_grid swin t5 -p tokens,prune_head
+    python -m rewrite.zoo_grid --no-export     # passes only: a quick triage of crashes and no-ops
+    python -m rewrite.zoo_grid --static        # fixed-shape export, ~2.5x cheaper than symbolic dims
+
+Each cell logs its wall and CPU seconds as it finishes; CPU seconds are what a cell costs on an
+idle machine (wall time on a shared one mostly measures the other processes).
 
 Test and benchmark support (tests/test_zoo_grid.py), like `rewrite.zoo`.
 """
@@ -63,6 +68,8 @@ class Cell:
     outcome: str  # ok | refused | FAIL
     message: str = ""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time: what the cell costs on an idle machine, load aside
+    verified: bool = False  # exported and matched in onnxruntime (an ok cell run with export)
 
     def short(self, width: int = 60) -> str:
         msg = self.message.splitlines()[0] if self.message else ""
@@ -82,8 +89,19 @@ def captured(model: str) -> tuple[zoo.ZooModel, Any]:
     return _CAPTURED[model]
 
 
-def run_cell(model: str, column: str, workdir: Path | None = None) -> Cell:
-    """Compile `model` with the `column` pass, check the change, export and verify in onnxruntime."""
+def run_cell(model: str, column: str, workdir: Path | None = None, export: bool = True, dynamic: bool = True) -> Cell:
+    """Compile `model` with the `column` pass, check the change, export and verify in onnxruntime.
+
+    `export=False` stops after the change check (a quick triage of the passes alone);
+    `dynamic=False` exports with the example's fixed shapes, about 2.5x cheaper than the
+    symbolic batch/sequence export (the capture and passes stay dynamic either way)."""
+    cpu = time.process_time()
+    cell = _run_cell(model, column, workdir, export, dynamic)
+    cell.cpu_seconds = time.process_time() - cpu
+    return cell
+
+
+def _run_cell(model: str, column: str, workdir: Path | None, export: bool, dynamic: bool) -> Cell:
     import rewrite
 
     start = time.perf_counter()
@@ -98,24 +116,37 @@ def run_cell(model: str, column: str, workdir: Path | None = None) -> Cell:
     except Exception as exc:  # noqa: BLE001 - a crash is what the grid exists to find
         return Cell(model, column, "FAIL", f"crash {type(exc).__name__}: {exc}", time.perf_counter() - start)
     rep = out.report
-    if not CHANGED[column](rep.before, rep.after) and not rep.warnings:
+    if not CHANGED[column](rep.before, rep.after):  # the pass manager raises on no-ops; a warning is no excuse
         return Cell(model, column, "FAIL", f"silent no-op: {rep.passes[-1].summary!r}; before {rep.before}, after {rep.after}",
                     time.perf_counter() - start)
+    if not export:
+        return Cell(model, column, "ok", "not exported; " + "; ".join(rep.warnings), time.perf_counter() - start)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         try:
-            out.export(Path(tmp) / f"{model}.onnx", verify_inputs=out.verification_batches())
+            record = out.export(Path(tmp) / f"{model}.onnx", verify_inputs=out.verification_batches(), dynamic=dynamic)
         except Exception as exc:  # noqa: BLE001
             return Cell(model, column, "FAIL", f"export {type(exc).__name__}: {exc}", time.perf_counter() - start)
     note = "; ".join(rep.warnings)
-    return Cell(model, column, "ok", note, time.perf_counter() - start)
+    return Cell(model, column, "ok", note, time.perf_counter() - start, verified=record.verified)
 
 
-def run_row(model: str, columns: list[str]) -> list[Cell]:
-    """One model's cells (its capture is shared between them)."""
+def run_row(model: str, columns: list[str], log: bool = False, verbose: bool = False, export: bool = True,
+            dynamic: bool = True) -> list[Cell]:
+    """One model's cells (its capture is shared between them); `log` prints each cell as it finishes."""
+    cells = []
     try:
-        return [run_cell(model, col) for col in columns]
+        for col in columns:
+            cells.append(run_cell(model, col, export=export, dynamic=dynamic))
+            if log:
+                _log(cells[-1], verbose)
+        return cells
     finally:
         _CAPTURED.pop(model, None)
+
+
+def _log(cell: Cell, verbose: bool) -> None:
+    print(f"{cell.model:16s} {cell.column:14s} {cell.outcome:8s} {cell.seconds:5.1f}s {cell.cpu_seconds:5.1f}s CPU "
+          f"{cell.message[:400] if verbose else ''}", file=sys.stderr, flush=True)
 
 
 def _worker_init() -> None:
@@ -141,7 +172,7 @@ def table(cells: list[Cell], width: int = 60) -> str:
     counts = {k: sum(c.outcome == k for c in cells) for k in ("ok", "refused", "FAIL")}
     lines.append("")
     lines.append(f"{len(cells)} cells: {counts['ok']} ok, {counts['refused']} refused, {counts['FAIL']} FAIL; "
-                 f"{sum(c.seconds for c in cells):.0f} s of compile + export")
+                 f"{sum(c.seconds for c in cells):.0f} s of compile + export ({sum(c.cpu_seconds for c in cells):.0f} s CPU)")
     return "\n".join(lines)
 
 
@@ -156,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--passes", default=",".join(PASSES), help="comma-separated columns")
     ap.add_argument("-w", "--width", type=int, default=60, help="characters of each refusal/failure reason")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    ap.add_argument("--no-export", action="store_true", help="compile and check the change only (quick triage)")
+    ap.add_argument("--static", action="store_true", help="export with the example's fixed shapes (cheaper)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every cell's full message as it finishes")
     args = ap.parse_args(argv)
     import torch
@@ -163,25 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     models, columns = args.models or list(zoo.EVERY), args.passes.split(",")
     cells: list[Cell] = []
 
-    def done(row: list[Cell]) -> None:
-        for cell in row:
-            cells.append(cell)
-            print(f"{cell.model:16s} {cell.column:14s} {cell.outcome:8s} {cell.seconds:5.1f}s "
-                  f"{cell.message[:400] if args.verbose else ''}", file=sys.stderr, flush=True)
-
     if args.jobs <= 1:
         torch.set_num_threads(2)
         for m in models:
-            done(run_row(m, columns))
+            cells.extend(run_row(m, columns, True, args.verbose, not args.no_export, not args.static))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_init) as pool:
-            futures = [pool.submit(run_row, m, columns) for m in models]
+            futures = [pool.submit(run_row, m, columns, True, args.verbose, not args.no_export, not args.static) for m in models]
             for fut in as_completed(futures):
-                done(fut.result())
+                cells.extend(fut.result())
     order = {m: i for i, m in enumerate(models)}
     cells.sort(key=lambda c: order[c.model])
     print(table(cells, args.width))
