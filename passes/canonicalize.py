@@ -35,11 +35,11 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-import sympy
 import torch
 import torch.fx as fx
 
 from rewrite.program import Program
+from rewrite.shapes import group_dims, hinted, size_expr, size_hint  # noqa: F401  (group_dims re-exported)
 
 aten = torch.ops.aten
 VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -81,64 +81,8 @@ def _has_tensor_meta(node: fx.Node) -> bool:
             and isinstance(node.meta.get("val"), torch.Tensor) and _hinted(x.meta["val"].shape, node.meta["val"].shape))
 
 
-def _expr(size: Any) -> sympy.Expr:
-    if isinstance(size, torch.SymInt):
-        return size.node.expr
-    return sympy.Integer(int(size))
-
-
-def _hint(size: Any) -> int:
-    if isinstance(size, torch.SymInt):
-        return int(size.node.hint) if size.node.hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
-    return int(size)
-
-
-def _hinted(*shapes: Any) -> bool:
-    """Every size has an example value. Data-dependent sizes (unbacked symbols, e.g. a length
-    computed from tensor values, as in DeBERTa's relative positions) have none: size lists that
-    involve them are left as captured."""
-    for shape in shapes:
-        for size in shape:
-            try:
-                _hint(size)
-            except Exception:  # noqa: BLE001 - torch raises GuardOnDataDependentSymNode (and kin)
-                return False
-    return True
-
-
-def group_dims(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]] | None:
-    """Runs of input dims and output dims with equal products, in order (None if not aligned, or
-    if a size is data-dependent and has no example value to compare)."""
-    if not _hinted(in_shape, out_shape):
-        return None
-    groups: list[tuple[list[int], list[int]]] = []
-    i = j = 0
-    n_in, n_out = len(in_shape), len(out_shape)
-    while i < n_in and j < n_out:
-        gi, gj = [i], [j]
-        pi, pj = _expr(in_shape[i]), _expr(out_shape[j])
-        hi, hj = _hint(in_shape[i]), _hint(out_shape[j])
-        i += 1
-        j += 1
-        while sympy.simplify(pi - pj) != 0:
-            if hi <= hj and i < n_in:
-                pi, hi = pi * _expr(in_shape[i]), hi * _hint(in_shape[i])
-                gi.append(i)
-                i += 1
-            elif j < n_out:
-                pj, hj = pj * _expr(out_shape[j]), hj * _hint(out_shape[j])
-                gj.append(j)
-                j += 1
-            else:
-                return None
-        groups.append((gi, gj))
-    # trailing size-1 dims join the last run
-    if groups:
-        groups[-1][0].extend(range(i, n_in))
-        groups[-1][1].extend(range(j, n_out))
-    elif n_in or n_out:
-        return None
-    return groups
+# the size arithmetic lives in the core (rewrite.dims aligns reshapes with the same rule)
+_expr, _hint, _hinted = size_expr, size_hint, hinted
 
 
 def _canonical_view(graph: fx.Graph, node: fx.Node) -> int:

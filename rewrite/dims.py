@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from .program import Program
+from .shapes import group_dims
 
 aten = torch.ops.aten
 
@@ -258,8 +259,6 @@ def _broadcast(b: _Builder, out: fx.Node, inputs: Iterable[Any]) -> None:
 
 def _reshape(b: _Builder, x: fx.Node, out: fx.Node) -> None:
     """Map flat indices to the outer dim of each run of equal product; freeze inner dims."""
-    from passes.canonicalize import group_dims
-
     xs, os_ = b.shape(x), b.shape(out)
     if xs is None or os_ is None:
         return

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 DOCUMENTED = ["rewrite.compiler", "rewrite.program", "rewrite.spec", "rewrite.pass_base", "rewrite.model_refs", "rewrite.compare",
-              "rewrite.executor", "rewrite.search", "rewrite.output_files"]
+              "rewrite.executor", "rewrite.search", "rewrite.output_files", "rewrite.shapes"]
 
 
 @pytest.mark.parametrize("module_name", DOCUMENTED)
