@@ -256,11 +256,23 @@ class TokenSpec(StrictModel):
     restore: bool = False
 
 
+class RotateSpec(StrictModel):
+    """Rotate the residual stream by an orthogonal matrix fused into the weights (before quantize)."""
+
+    kind: Literal["rotate"] = "rotate"
+    matrix: Literal["hadamard", "random"] = "hadamard"
+    """hadamard: randomised Hadamard (random signs; random orthogonal where no construction exists)."""
+    seed: int = 0
+    online: bool = False
+    """Insert explicit matmuls by Q where the stream meets an op that does not commute with a
+    rotation (e.g. Gemma's norms on residual branches) instead of refusing."""
+
+
 PassSpec = Annotated[
-    Union[CleanupSpec, PruneSpec, QuantizeSpec, SkipSpec, TokenSpec],
+    Union[CleanupSpec, PruneSpec, QuantizeSpec, SkipSpec, TokenSpec, RotateSpec],
     Field(discriminator="kind"),
 ]
-PASS_KINDS = ("cleanup", "prune", "quantize", "skip", "token")
+PASS_KINDS = ("cleanup", "prune", "quantize", "skip", "token", "rotate")
 
 
 class Spec(StrictModel):
