@@ -22,11 +22,28 @@ from rewrite.program import Program
 SAMPLE_ROWS = 1024  # activation rows kept per input for AWQ's search
 
 
+def token_weights(x: torch.Tensor, clip: float | None) -> torch.Tensor | None:
+    """Per-row weights of GPTQ's X^T X that cap each token's share (None: plain X^T X).
+
+    Decoder LLMs put a few tokens (the first one, some delimiters) at 10-200x the typical norm
+    ("massive activations", attention sinks). Their rows dominate X^T X, so plain GPTQ spends
+    its error budget making those tokens' outputs exact and moves the error onto the ordinary
+    tokens the predictions depend on. A row whose norm exceeds `clip` x the median row norm is
+    scaled down to that norm: w = min(1, (clip * median / |x|)^2), a robust (Huber-like) X^T X.
+    """
+    if clip is None or x.shape[0] == 0:
+        return None
+    norms = x.norm(dim=1)
+    cap = clip * norms.median()
+    return (cap / norms.clamp_min(1e-12)).clamp(max=1.0) ** 2
+
+
 @dataclass
 class InputStats:
     """Streaming statistics of one linear input x[..., K] (rows = tokens)."""
 
     k: int
+    token_clip: float | None = None            # see `token_weights`: caps massive tokens' share of X^T X
     rows: int = 0
     abs_sum: torch.Tensor | None = None       # sum |x| per channel (AWQ saliency)
     abs_max: torch.Tensor | None = None       # max |x| per channel (SmoothQuant)
@@ -41,7 +58,9 @@ class InputStats:
         self.abs_sum = a.sum(0) if self.abs_sum is None else self.abs_sum + a.sum(0)
         self.abs_max = a.amax(0) if self.abs_max is None else torch.maximum(self.abs_max, a.amax(0))
         if want_gram:
-            g = x.T.double() @ x.double()
+            xd = x.double()
+            wts = token_weights(xd, self.token_clip)
+            g = (xd * wts[:, None]).T @ xd if wts is not None else xd.T @ xd
             self.gram = g if self.gram is None else self.gram + g
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
@@ -94,7 +113,8 @@ def _valid_rows(x: torch.Tensor, batch: Inputs) -> torch.Tensor:
 
 
 def sequential_input_stats(program: Program, batches: list[Inputs], targets: dict[fx.Node, tuple[fx.Node, fx.Node, int]],
-                           requantize: Callable[[fx.Node, InputStats], torch.Tensor]) -> dict[fx.Node, InputStats]:
+                           requantize: Callable[[fx.Node, InputStats], torch.Tensor],
+                           token_clip: float | None = None) -> dict[fx.Node, InputStats]:
     """Statistics of each target's input measured on the ALREADY-QUANTIZED prefix of the graph.
 
     GPTQ corrects a layer's rounding error for the inputs it will really see. Measured on the
@@ -135,7 +155,7 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
             if n in targets:
                 x, w_node, k = targets[n]
                 if x not in stats:
-                    st = InputStats(k)
+                    st = InputStats(k, token_clip=token_clip)
                     for it, b in zip(interps, batches):
                         st.update(_valid_rows(it.env[x], b), want_gram=True)
                     stats[x] = st
