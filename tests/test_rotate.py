@@ -110,3 +110,26 @@ def test_no_embedding_refuses():
     program = Program.capture(zm.model, zm.example)
     with pytest.raises(PassError, match="no embedding"):
         RotatePass(RotateSpec()).run(program, None)
+
+
+def test_rotate_then_gptq_compiles_and_exports(tmp_path):
+    """rotate -> quantize (GPTQ, sequential, token_clip) through the compiler; the ONNX model matches."""
+    import rewrite
+
+    zm = zoo.load("llama")
+    spec = {"passes": [{"kind": "cleanup"}, {"kind": "rotate"},
+                       {"kind": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 32},
+                        "gptq": {"sequential": True, "token_clip": 4.0}}]}
+    out = rewrite.compile(zm.model, spec, example_inputs=zm.example, calibration=zm.calibration)
+    kinds = [p.kind for p in out.report.passes]
+    assert "rotate" in kinds and kinds[-1] == "quantize"
+    e = out.export(tmp_path / "m.onnx", verify_inputs=[zm.example, zm.batch(5)])
+    assert e.verified and e.rel_error <= 1e-4
+
+
+def test_rotate_after_quantize_is_refused():
+    import rewrite
+
+    zm = zoo.load("llama")
+    with pytest.raises(PassError, match="rotate"):
+        rewrite.compile(zm.model, {"passes": [{"kind": "quantize"}, {"kind": "rotate"}]}, example_inputs=zm.example)
