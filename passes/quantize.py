@@ -217,9 +217,9 @@ class _InputCollector:
     (`rewrite.statistics.token_rows`), so GPTQ's X^T X, AWQ's saliency and sample, SmoothQuant's
     abs-max and static ranges never count padding."""
 
-    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool, token_clip: float | None = None):
+    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool, token_weight: str = "uniform"):
         self.program, self.want_gram = program, want_gram
-        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k, token_clip=token_clip) for n, k in inputs.items()}
+        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k, token_weight=token_weight) for n, k in inputs.items()}
 
     def nodes(self, program: Program) -> list[fx.Node]:
         return list(self.stats)
@@ -232,9 +232,9 @@ class _InputCollector:
 
 
 def input_statistics(program: Program, batches: list[Any], inputs: dict[fx.Node, int], *,
-                     want_gram: bool, token_clip: float | None = None) -> dict[fx.Node, qm.InputStats]:
+                     want_gram: bool, token_weight: str = "uniform") -> dict[fx.Node, qm.InputStats]:
     """One calibration run: `qm.InputStats` per linear input node (node -> its last-dim size K)."""
-    col = _InputCollector(program, inputs, want_gram, token_clip)
+    col = _InputCollector(program, inputs, want_gram, token_weight)
     observe(program, batches, [col], desc="quantize: calibrating")
     return col.stats
 
@@ -361,7 +361,7 @@ class QuantizePass(Pass):
                 notes.append("GPTQ sequential: each layer's Hessian measured on the outputs of the already-quantized layers")
             else:
                 stats = input_statistics(program, list(ctx.calibration.batches), inputs, want_gram=s.weights is not None,
-                                         token_clip=self._token_clip())
+                                         token_weight=self._token_weight())
         for t in layers:
             if t.kind in ("linear", "addmm"):
                 t.stats_of = self._input(t)
@@ -475,7 +475,7 @@ class QuantizePass(Pass):
                          f"{self.spec.method}: no held-back batches, so the fit was not checked against RTN")
             return {}
         inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
-        return input_statistics(program, hold, inputs, want_gram=True, token_clip=self._token_clip())
+        return input_statistics(program, hold, inputs, want_gram=True, token_weight=self._token_weight())
 
     def _checked(self, qz: qm.Quantized, method: str, w: torch.Tensor, t: Target, symmetric: bool,
                  fit_check: dict[str, Any]) -> tuple[qm.Quantized, str]:
@@ -616,12 +616,12 @@ class QuantizePass(Pass):
             return w_hat.T.contiguous() if t.kind == "addmm" else w_hat
 
         stats = qm.sequential_input_stats(program, list(ctx.calibration.batches), targets, requantize,
-                                          token_clip=self._token_clip())
+                                          token_weight=self._token_weight())
         return stats, pre
 
-    def _token_clip(self) -> float | None:
-        """GPTQ's cap on a token's share of X^T X (`qm.token_weights`); AWQ and activations use plain statistics."""
-        return self.spec.gptq.token_clip if self.spec.method == "gptq" else None
+    def _token_weight(self) -> str:
+        """How GPTQ counts each token in X^T X (`qm.token_weights`); AWQ and activations use plain statistics."""
+        return self.spec.gptq.token_weight if self.spec.method == "gptq" else "uniform"
 
     def _awq(self) -> bool:
         return self.spec.weights is not None and self.spec.method == "awq"

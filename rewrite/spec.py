@@ -199,9 +199,10 @@ class GPTQSpec(StrictModel):
     """Added to the Hessian's diagonal, relative to its mean."""
     clip_search: bool = False
     """With act_order: shrink each group's range by weight MSE before the column sweep."""
-    token_clip: Annotated[float | None, Field(gt=0.0)] = None
-    """Cap each calibration token's share of X^T X at that of a token `token_clip` x the median norm
-    (decoders' massive-activation tokens otherwise dominate the fit); None: plain X^T X."""
+    token_weight: Literal["uniform", "normalized", "clipped"] = "uniform"
+    """How each calibration token counts in X^T X: uniform (plain GPTQ); normalized: every token by
+    (median norm / its norm)^2, so GPTQ minimises relative output error per token (decoders' large
+    tokens otherwise dominate the fit); clipped: only tokens above 4x the median norm are scaled down."""
 
 
 class QuantizeSpec(StrictModel):

@@ -182,17 +182,17 @@ def test_llm_specs_on_a_zoo_decoder(spec_name, bits, tmp_path):
     assert e.verified and e.rel_error <= 1e-4
 
 
-def test_token_clip_caps_massive_tokens_in_the_hessian():
+def test_token_weights_cap_massive_tokens_in_the_hessian():
     """A few rows at 100x the typical norm (a decoder's attention-sink tokens) dominate plain X^T X;
-    with token_clip they weigh no more than a row at clip x the median norm, and GPTQ fitted on the
-    capped statistics gives a lower output error on the ordinary tokens."""
+    clipped / normalized token weights take that share away, and GPTQ fitted on those statistics
+    gives a lower output error on the ordinary tokens."""
     g = torch.Generator().manual_seed(0)
     k = 64
     x = torch.randn(1024, k, generator=g) * torch.linspace(0.3, 2.0, k)
     sink = torch.zeros(k)
     sink[:4] = 1.0
     x[::128] = 100.0 * sink + 0.01 * torch.randn(8, k, generator=g)   # 8 massive tokens in 4 channels
-    plain, capped = qm.InputStats(k), qm.InputStats(k, token_clip=4.0)
+    plain, capped = qm.InputStats(k), qm.InputStats(k, token_weight="clipped")
     plain.update(x, want_gram=True)
     capped.update(x, want_gram=True)
     share = lambda st: float(st.gram[:4, :4].trace() / st.gram.trace())  # noqa: E731
@@ -203,15 +203,19 @@ def test_token_clip_caps_massive_tokens_in_the_hessian():
     xn = x[normal]
     err = lambda q: float(((xn @ (q.weight() - w).T) ** 2).sum())  # noqa: E731
     assert err(qm.gptq(w, capped.hessian, 3, 16, False)) < err(qm.gptq(w, plain.hessian, 3, 16, False))
+    normed = qm.InputStats(k, token_weight="normalized")
+    normed.update(x, want_gram=True)
+    assert share(normed) < 0.2
+    assert err(qm.gptq(w, normed.hessian, 3, 16, False)) < err(qm.gptq(w, plain.hessian, 3, 16, False))
 
 
-def test_token_clip_reaches_the_pass():
+def test_token_weight_reaches_the_pass():
     import rewrite
     from rewrite import zoo
 
     z = zoo.load("llama")
     spec = {"passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 32},
-                        "gptq": {"token_clip": 4.0}}]}
+                        "gptq": {"token_weight": "normalized"}}]}
     out = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration)
     rows = out.report.passes[-1].details["layers"]
     assert rows and any(r["method"].startswith(("gptq", "rtn")) for r in rows)

@@ -113,13 +113,13 @@ def test_no_embedding_refuses():
 
 
 def test_rotate_then_gptq_compiles_and_exports(tmp_path):
-    """rotate -> quantize (GPTQ, sequential, token_clip) through the compiler; the ONNX model matches."""
+    """rotate -> quantize (GPTQ, sequential, normalized tokens) through the compiler; the ONNX model matches."""
     import rewrite
 
     zm = zoo.load("llama")
     spec = {"passes": [{"kind": "cleanup"}, {"kind": "rotate"},
                        {"kind": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 32},
-                        "gptq": {"sequential": True, "token_clip": 4.0}}]}
+                        "gptq": {"sequential": True, "token_weight": "normalized"}}]}
     out = rewrite.compile(zm.model, spec, example_inputs=zm.example, calibration=zm.calibration)
     kinds = [p.kind for p in out.report.passes]
     assert "rotate" in kinds and kinds[-1] == "quantize"
