@@ -10,7 +10,8 @@ Rows (every decoder-block linear quantized; lm_head and embeddings left in float
 - RTN (fake-quant in torch, asymmetric min/max per group): the simplest peer;
 - GPTQ one-shot: `passes.quantize_methods.gptq` with every Hessian from one float run (what the
   quantize pass did before the fix);
-- GPTQ sequential (the pass's default now) and with act-order;
+- GPTQ sequential and with act-order; GPTQ with normalized token weights (`gptq_norm_*`, one-shot;
+  `gptq_seq_norm_*`, sequential): each token counts by (median/|x|)^2 in X^T X;
 - `spec:PATH` rows: the compiler itself (`rewrite.compile` of the captured full-sequence graph,
   task=None) with that spec, e.g. `spec:specs/llm-w4.yaml`; scored on the compiled graph; size =
   the quantize pass's bytes after + the float rest; time = the whole compile;
@@ -59,6 +60,8 @@ def _rows() -> dict[str, dict]:
         rows[f"gptq_oneshot_w{b}"] = {"method": "gptq", "bits": b, "sequential": False}
         rows[f"gptq_w{b}"] = {"method": "gptq", "bits": b, "sequential": True}
         rows[f"gptq_actorder_w{b}"] = {"method": "gptq", "bits": b, "sequential": True, "act_order": True}
+        rows[f"gptq_norm_w{b}"] = {"method": "gptq", "bits": b, "sequential": False, "token_weight": "normalized"}
+        rows[f"gptq_seq_norm_w{b}"] = {"method": "gptq", "bits": b, "sequential": True, "token_weight": "normalized"}
         rows[f"llmc_gptq_w{b}"] = {"peer": "llmc", "bits": b}
     for g in (32, 64):
         rows[f"rtn_w4_g{g}"] = {"method": "rtn", "bits": 4, "g": g}
@@ -124,7 +127,8 @@ def compile_row(model: torch.nn.Module, spec_path: str, calib: torch.Tensor) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
-    ap.add_argument("--rows", default="fp32,rtn_w4,gptq_oneshot_w4,gptq_w4,llmc_gptq_w4,rtn_w3,gptq_w3,llmc_gptq_w3")
+    ap.add_argument("--rows", default="fp32,rtn_w4,gptq_norm_w4,spec:specs/llm-w4.yaml,llmc_gptq_w4,"
+                                      "rtn_w3,gptq_norm_w3,spec:specs/llm-w3.yaml,llmc_gptq_w3")
     ap.add_argument("--tokens", type=int, default=llm_data.PPL_TOKENS)
     ap.add_argument("--calib", type=int, default=llm_data.CALIB_CHUNKS, help="calibration chunks of 512 tokens")
     ap.add_argument("--group", type=int, default=128)

@@ -166,8 +166,8 @@ SPECS = __import__("pathlib").Path(__file__).resolve().parents[1] / "specs"
 
 @pytest.mark.parametrize("spec_name,bits", [("llm-w4.yaml", 4), ("llm-w3.yaml", 3)])
 def test_llm_specs_on_a_zoo_decoder(spec_name, bits, tmp_path):
-    """The LLM specs compile a (tiny, random) Llama: every linear GPTQ-quantized sequentially at the
-    spec's width, exported and matched in onnxruntime."""
+    """The LLM specs compile a (tiny, random) Llama: every linear quantized at the spec's width by
+    GPTQ (or RTN where GPTQ lost the held-back check), exported and matched in onnxruntime."""
     import rewrite
     from rewrite import zoo
 
@@ -176,8 +176,8 @@ def test_llm_specs_on_a_zoo_decoder(spec_name, bits, tmp_path):
                           calibration=z.calibration)
     rec = out.report.passes[-1]
     rows = [r for r in rec.details["layers"] if r["op"] == "linear"]
-    assert rows and all(r["bits"] == bits and r["method"] == "gptq" for r in rows)
-    assert any("sequential" in n for n in rec.notes)
+    assert rows and all(r["bits"] == bits and r["method"].startswith(("gptq", "rtn (gptq")) for r in rows)
+    assert any(r["method"] == "gptq" for r in rows)
     e = out.export(tmp_path / "m.onnx", verify_inputs=[z.example, z.batch(5)])
     assert e.verified and e.rel_error <= 1e-4
 
