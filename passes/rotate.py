@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from rewrite.errors import PassError
-from rewrite.passmanager import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program, _unique_attr
 
 aten = torch.ops.aten
