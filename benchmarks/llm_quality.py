@@ -10,7 +10,11 @@ Rows (every decoder-block linear quantized; lm_head and embeddings left in float
 - RTN (fake-quant in torch, asymmetric min/max per group): the simplest peer;
 - GPTQ one-shot: `passes.quantize_methods.gptq` with every Hessian from one float run (what the
   quantize pass did before the fix);
-- GPTQ sequential (the pass's default now) and with act-order;
+- GPTQ sequential and with act-order; GPTQ with normalized token weights (`gptq_norm_*`, one-shot;
+  `gptq_seq_norm_*`, sequential): each token counts by (median/|x|)^2 in X^T X;
+- `spec:PATH` rows: the compiler itself (`rewrite.compile` of the captured full-sequence graph,
+  task=None) with that spec, e.g. `spec:specs/llm-w4.yaml`; scored on the compiled graph; size =
+  the quantize pass's bytes after + the float rest; time = the whole compile;
 - llm-compressor's `GPTQModifier` (symmetric int, group 128, `lm_head` ignored) run in its own
   venv (`--llmc-python`, default /work/venvs/llmc/bin/python) on the same calibration chunks and
   scored on the same windows by `benchmarks/llmc_gptq.py`; "not available" with the reason when
@@ -56,6 +60,8 @@ def _rows() -> dict[str, dict]:
         rows[f"gptq_oneshot_w{b}"] = {"method": "gptq", "bits": b, "sequential": False}
         rows[f"gptq_w{b}"] = {"method": "gptq", "bits": b, "sequential": True}
         rows[f"gptq_actorder_w{b}"] = {"method": "gptq", "bits": b, "sequential": True, "act_order": True}
+        rows[f"gptq_norm_w{b}"] = {"method": "gptq", "bits": b, "sequential": False, "token_weight": "normalized"}
+        rows[f"gptq_seq_norm_w{b}"] = {"method": "gptq", "bits": b, "sequential": True, "token_weight": "normalized"}
         rows[f"llmc_gptq_w{b}"] = {"peer": "llmc", "bits": b}
     for g in (32, 64):
         rows[f"rtn_w4_g{g}"] = {"method": "rtn", "bits": 4, "g": g}
@@ -99,10 +105,30 @@ def run_llmc(python: str, model_dir: Path, calib: torch.Tensor, windows: torch.T
         return json.loads(out.read_text())
 
 
+def compile_row(model: torch.nn.Module, spec_path: str, calib: torch.Tensor) -> tuple[object, float, int]:
+    """(compiled program, compile seconds, bytes) of the compiler on `model` with a spec file."""
+    from rewrite.compiler import compile as rcompile
+    from rewrite.program import Program
+    from rewrite.spec import Spec
+
+    spec = Spec.from_yaml(spec_path)
+    bs = spec.calibration.batch_size
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(bs)]
+    example = {"input_ids": calib[:1, :64], "attention_mask": torch.ones(1, 64, dtype=torch.long)}
+    t0 = time.time()
+    program = Program.capture(model, example)
+    compiled = rcompile(program, spec, example_inputs=example, calibration=batches, task=None, progress=False)
+    secs = time.time() - t0
+    params = compiled.program.params()
+    total = sum(v.numel() * v.element_size() for v in params.values())
+    return compiled.program, secs, total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
-    ap.add_argument("--rows", default="fp32,rtn_w4,gptq_oneshot_w4,gptq_w4,llmc_gptq_w4,rtn_w3,gptq_w3,llmc_gptq_w3")
+    ap.add_argument("--rows", default="fp32,rtn_w4,gptq_norm_w4,spec:specs/llm-w4.yaml,llmc_gptq_w4,"
+                                      "rtn_w3,gptq_norm_w3,spec:specs/llm-w3.yaml,llmc_gptq_w3")
     ap.add_argument("--tokens", type=int, default=llm_data.PPL_TOKENS)
     ap.add_argument("--calib", type=int, default=llm_data.CALIB_CHUNKS, help="calibration chunks of 512 tokens")
     ap.add_argument("--group", type=int, default=128)
@@ -122,10 +148,17 @@ def main() -> None:
           f"group {args.group}, lm_head/embeddings float", flush=True)
     print(f"| row | ppl | vs fp32 | size MB | quantize s |\n|---|---|---|---|---|", flush=True)
     for row in args.rows.split(","):
-        cfg = dict(all_rows[row])
+        cfg = dict(all_rows.get(row, {}))
         g = cfg.pop("g", args.group)
         t0 = time.time()
-        if cfg.get("peer") == "llmc":
+        if row.startswith("spec:"):
+            model.load_state_dict(base)
+            program, secs, size = compile_row(model, row[5:], calib)
+
+            def fwd(ids: torch.Tensor, program=program) -> torch.Tensor:
+                return llm_data.logits_of(program(input_ids=ids, attention_mask=torch.ones_like(ids)))
+            ppl = llm_data.perplexity(None, tok, n_tokens=args.tokens, batch_size=4, forward=fwd)
+        elif cfg.get("peer") == "llmc":
             # llm-compressor refuses a group size that does not divide K (SmolLM2: K = 576, g = 128);
             # it gets the finest group our pass uses on any layer, for every layer (never coarser than ours)
             ks = {m.in_features for layer in llm_sim.decoder_layers(model) for m in layer.modules()

@@ -64,13 +64,15 @@ def catch_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> tuple[l
 
 
 class _Gram:
-    def __init__(self, k: int):
+    def __init__(self, k: int, token_weight: str = "uniform"):
         self.gram = torch.zeros(k, k, dtype=torch.float64)
         self.rows = 0
+        self.token_weight = token_weight
 
     def hook(self, module, args, output):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        self.gram += x.T @ x
+        wts = qm.token_weights(x, self.token_weight)
+        self.gram += (x * wts[:, None]).T @ x if wts is not None else x.T @ x
         self.rows += x.shape[0]
 
     @property
@@ -92,7 +94,7 @@ def _quantize_linear(lin: nn.Linear, method: str, bits: int, g: int, symmetric: 
 
 def quantize_decoder(model: nn.Module, method: str, bits: int, g: int = 128, symmetric: bool = False,
                      calibration: list[torch.Tensor] | None = None, sequential: bool = True,
-                     act_order: bool = False, clip: bool = False) -> nn.Module:
+                     act_order: bool = False, clip: bool = False, token_weight: str = "uniform") -> nn.Module:
     """Quantize every linear inside the decoder blocks in place (lm_head and embeddings stay float)."""
     layers = decoder_layers(model)
     linears = [[m for m in layer.modules() if isinstance(m, nn.Linear)] for layer in layers]
@@ -106,7 +108,7 @@ def quantize_decoder(model: nn.Module, method: str, bits: int, g: int = 128, sym
     h, kws = catch_layer_inputs(model, calibration)
     grams_all: list[dict[nn.Linear, _Gram]] = []
     if not sequential:  # one run of the float model gives every Hessian
-        grams_all = [{lin: _Gram(lin.in_features) for lin in ls} for ls in linears]
+        grams_all = [{lin: _Gram(lin.in_features, token_weight) for lin in ls} for ls in linears]
         hooks = [lin.register_forward_hook(gr.hook) for d in grams_all for lin, gr in d.items()]
         with torch.inference_mode():
             x = list(h)
@@ -117,7 +119,7 @@ def quantize_decoder(model: nn.Module, method: str, bits: int, g: int = 128, sym
     with torch.inference_mode():
         for i, layer in enumerate(layers):
             if sequential:
-                grams = {lin: _Gram(lin.in_features) for lin in linears[i]}
+                grams = {lin: _Gram(lin.in_features, token_weight) for lin in linears[i]}
                 hooks = [lin.register_forward_hook(gr.hook) for lin, gr in grams.items()]
                 for xb, kw in zip(h, kws[i]):
                     layer(xb, **kw)

@@ -217,9 +217,9 @@ class _InputCollector:
     (`rewrite.statistics.token_rows`), so GPTQ's X^T X, AWQ's saliency and sample, SmoothQuant's
     abs-max and static ranges never count padding."""
 
-    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool):
+    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool, token_weight: str = "uniform"):
         self.program, self.want_gram = program, want_gram
-        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k) for n, k in inputs.items()}
+        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k, token_weight=token_weight) for n, k in inputs.items()}
 
     def nodes(self, program: Program) -> list[fx.Node]:
         return list(self.stats)
@@ -232,9 +232,9 @@ class _InputCollector:
 
 
 def input_statistics(program: Program, batches: list[Any], inputs: dict[fx.Node, int], *,
-                     want_gram: bool) -> dict[fx.Node, qm.InputStats]:
+                     want_gram: bool, token_weight: str = "uniform") -> dict[fx.Node, qm.InputStats]:
     """One calibration run: `qm.InputStats` per linear input node (node -> its last-dim size K)."""
-    col = _InputCollector(program, inputs, want_gram)
+    col = _InputCollector(program, inputs, want_gram, token_weight)
     observe(program, batches, [col], desc="quantize: calibrating")
     return col.stats
 
@@ -360,7 +360,8 @@ class QuantizePass(Pass):
                 stats, pre = self._sequential_gptq(program, ctx, layers, symmetric)
                 notes.append("GPTQ sequential: each layer's Hessian measured on the outputs of the already-quantized layers")
             else:
-                stats = input_statistics(program, list(ctx.calibration.batches), inputs, want_gram=s.weights is not None)
+                stats = input_statistics(program, list(ctx.calibration.batches), inputs, want_gram=s.weights is not None,
+                                         token_weight=self._token_weight())
         for t in layers:
             if t.kind in ("linear", "addmm"):
                 t.stats_of = self._input(t)
@@ -474,7 +475,7 @@ class QuantizePass(Pass):
                          f"{self.spec.method}: no held-back batches, so the fit was not checked against RTN")
             return {}
         inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
-        return input_statistics(program, hold, inputs, want_gram=True)
+        return input_statistics(program, hold, inputs, want_gram=True, token_weight=self._token_weight())
 
     def _checked(self, qz: qm.Quantized, method: str, w: torch.Tensor, t: Target, symmetric: bool,
                  fit_check: dict[str, Any]) -> tuple[qm.Quantized, str]:
@@ -614,8 +615,13 @@ class QuantizePass(Pass):
             w_hat = qz.weight()
             return w_hat.T.contiguous() if t.kind == "addmm" else w_hat
 
-        stats = qm.sequential_input_stats(program, list(ctx.calibration.batches), targets, requantize)
+        stats = qm.sequential_input_stats(program, list(ctx.calibration.batches), targets, requantize,
+                                          token_weight=self._token_weight())
         return stats, pre
+
+    def _token_weight(self) -> str:
+        """How GPTQ counts each token in X^T X (`qm.token_weights`); AWQ and activations use plain statistics."""
+        return self.spec.gptq.token_weight if self.spec.method == "gptq" else "uniform"
 
     def _awq(self) -> bool:
         return self.spec.weights is not None and self.spec.method == "awq"

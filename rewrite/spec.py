@@ -199,6 +199,10 @@ class GPTQSpec(StrictModel):
     """Added to the Hessian's diagonal, relative to its mean."""
     clip_search: bool = False
     """With act_order: shrink each group's range by weight MSE before the column sweep."""
+    token_weight: Literal["uniform", "normalized", "clipped"] = "uniform"
+    """How each calibration token counts in X^T X: uniform (plain GPTQ); normalized: every token by
+    (median norm / its norm)^2, so GPTQ minimises relative output error per token (decoders' large
+    tokens otherwise dominate the fit); clipped: only tokens above 4x the median norm are scaled down."""
 
 
 class QuantizeSpec(StrictModel):
@@ -256,11 +260,23 @@ class TokenSpec(StrictModel):
     restore: bool = False
 
 
+class RotateSpec(StrictModel):
+    """Rotate the residual stream by an orthogonal matrix fused into the weights (before quantize)."""
+
+    kind: Literal["rotate"] = "rotate"
+    matrix: Literal["hadamard", "random"] = "hadamard"
+    """hadamard: randomised Hadamard (random signs; random orthogonal where no construction exists)."""
+    seed: int = 0
+    online: bool = False
+    """Insert explicit matmuls by Q where the stream meets an op that does not commute with a
+    rotation (e.g. Gemma's norms on residual branches) instead of refusing."""
+
+
 PassSpec = Annotated[
-    Union[CleanupSpec, PruneSpec, QuantizeSpec, SkipSpec, TokenSpec],
+    Union[CleanupSpec, PruneSpec, QuantizeSpec, SkipSpec, TokenSpec, RotateSpec],
     Field(discriminator="kind"),
 ]
-PASS_KINDS = ("cleanup", "prune", "quantize", "skip", "token")
+PASS_KINDS = ("cleanup", "prune", "quantize", "skip", "token", "rotate")
 
 
 class Spec(StrictModel):
