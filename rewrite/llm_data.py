@@ -7,7 +7,7 @@ One recipe everywhere, so numbers compare across benchmarks and engineers:
   non-overlapping 512-token windows scored on their own (the first token of a window is not
   predicted), mean NLL over the N - N/512 predicted tokens, ppl = exp(mean).
 
-Token ids are cached next to the converted model (see `rewrite.models.cache_dir`) because
+Token ids are cached next to the converted model (see `rewrite.cache.cache_dir`) because
 tokenising 2 MB of text costs seconds on every run.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def wiki_text(split: str) -> str:
 
 
 def _token_cache_path(tokenizer: Any, split: str) -> Path | None:
-    from .models import cache_dir
+    from .cache import cache_dir
 
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     path = wiki_dir() / f"wiki-{split}.txt"

@@ -27,11 +27,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import RewriteError
-
-
-def cache_dir() -> Path:
-    """Root of rewrite's on-disk cache: `$REWRITE_CACHE` or `~/.cache/rewrite`."""
-    return Path(os.environ.get("REWRITE_CACHE") or Path.home() / ".cache" / "rewrite")
+from .cache import cache_dir
 
 
 def _package_dir(package: str, pip_name: str) -> Path:

@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 DOCUMENTED = ["rewrite.compiler", "rewrite.program", "rewrite.spec", "rewrite.pass_base", "rewrite.model_refs", "rewrite.compare",
-              "rewrite.executor", "rewrite.search", "rewrite.output_files", "rewrite.shapes"]
+              "rewrite.executor", "rewrite.search", "rewrite.output_files", "rewrite.shapes",
+              "rewrite.cache"]
 
 
 @pytest.mark.parametrize("module_name", DOCUMENTED)
