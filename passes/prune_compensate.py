@@ -29,6 +29,7 @@ import torch.fx as fx
 from rewrite.calibration import capture, observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
+from rewrite.progress import bar
 from rewrite.statistics import token_rows
 
 aten = torch.ops.aten
@@ -474,7 +475,7 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
                 targets[i].append(_rows(ref, rnode, y, op.kind, batch).float())
     rows = []
     n_folds = min(CV_FOLDS, len(batches))
-    for i, (op, ref, rnode, res_cur, _) in enumerate(plan):
+    for i, (op, ref, rnode, res_cur, _) in enumerate(bar(plan, "prune: refit layer by layer", unit="layer")):
         w, keep, gone, b0 = _consumer_weights(program, op, removal)
         out_features = b0.shape[0]
         kk, rr = torch.tensor(keep, dtype=torch.long), torch.tensor(gone, dtype=torch.long)
