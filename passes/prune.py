@@ -91,7 +91,10 @@ class PrunePass(Pass):
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
-        data = self.importance not in ("magnitude", "magnitude_l1", "magnitude_l2") or self.compensate
+        """Calibration, unless the importance is data-free and no compensation was asked for: a
+        defaulted refit is then skipped without data (and the report says so), not required."""
+        data_free = self.importance in ("magnitude", "magnitude_l1", "magnitude_l2")
+        data = not data_free or (self.spec.compensate if self.spec.compensate is not None else False)
         return frozenset({"calibration"}) if data else frozenset()
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
@@ -157,6 +160,10 @@ class PrunePass(Pass):
         removal = _removal(cands, removed)
         comp_rows: list[dict[str, Any]] = []
         comp = self.compensate
+        if comp and self.spec.compensate is None and ctx.calibration.from_example:
+            comp = False
+            notes.append(f"no calibration data: the default {DEFAULT_COMPENSATE[s.granularity]} refit was skipped "
+                         "(pass calibration data to refit the consumers of the removed units)")
         if comp and removal:
             from .prune_compensate import compensate, compensate_sequential
 

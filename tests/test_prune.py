@@ -303,3 +303,15 @@ def test_obs_rejects_what_it_cannot_do():
     z = zoo.load("bert")
     with pytest.raises(PassError, match="budget"):
         _compile(z, {"kind": "prune", "granularity": "neuron", "budget": {"params": 0.2}, "importance": "obs"})
+
+
+def test_data_free_pruning_without_calibration_skips_the_default_refit_and_says_so():
+    """Magnitude pruning needs no data: without calibration the defaulted least-squares refit is
+    skipped with a note; asking for the refit explicitly still requires calibration."""
+    z = zoo.load("mlp")
+    prune = {"kind": "prune", "granularity": "neuron", "amount": 0.25, "importance": "magnitude"}
+    out = rewrite.compile(z.model, {"passes": [prune]}, example_inputs=z.example)
+    assert any("default lstsq refit was skipped" in n for n in out.report.passes[0].notes)
+    assert out.report.after.params < out.report.before.params
+    with pytest.raises(rewrite.CalibrationError, match="needs calibration data"):
+        rewrite.compile(z.model, {"passes": [dict(prune, compensate="lstsq")]}, example_inputs=z.example)
