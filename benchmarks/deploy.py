@@ -18,7 +18,6 @@ _HERE = _os.path.dirname(_os.path.abspath(__file__))
 _sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or ".") != _HERE] + [_os.path.dirname(_HERE)]
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 import rewrite
+from benchmarks.timing_lock import timing_lock
 from rewrite import demo
 
 warnings.filterwarnings("ignore")
@@ -71,22 +71,6 @@ def throughput_table(paths: dict[str, Path], feeds: dict[str, np.ndarray], round
             s.run(None, f)
             times[name].append(time.perf_counter() - t0)
     return {n: statistics.median(t) for n, t in times.items()}
-
-
-@contextlib.contextmanager
-def timing_lock(path: str):
-    """Hold an exclusive flock on `path` (nothing when empty) while timing."""
-    if not path:
-        yield
-        return
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _robustness():

@@ -28,20 +28,19 @@ Three stages, each cached on disk under `--out/<model>/<row>/`, so the expensive
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rewrite  # noqa: E402
+from benchmarks.timing_lock import timing_lock  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OURS: dict[str, Any] = {
@@ -217,19 +216,6 @@ def timers(step: Any, prefill_ids: torch.Tensor, prompt: torch.Tensor, new_token
     return prefill, decode
 
 
-@contextlib.contextmanager
-def locked(path: str | None) -> Iterator[None]:
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def same_tokens(a: Any, b: Any, prompt: torch.Tensor, n: int) -> bool:
     from rewrite.decoding import generate_ids
 
@@ -251,7 +237,7 @@ def stage_time(model_name: str, out: Path, rows: list[str], args: argparse.Names
     steps = {r: stepper(row_dir(out, r) / "model.onnx") for r in rows}
     fns = {r: timers(s, prefill_ids, prompt, args.new_tokens) for r, s in steps.items()}
     samples: dict[str, dict[str, list[float]]] = {r: {"prefill": [], "decode": []} for r in rows}
-    with locked(args.lock):
+    with timing_lock(args.lock):
         for r, (prefill, decode) in fns.items():  # warm-up (session init, first-call allocations)
             prefill()
         for _ in range(args.rounds):  # interleaved: every row once per round
