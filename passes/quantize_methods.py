@@ -238,21 +238,59 @@ def awq_scales(weights: list[torch.Tensor], stats: InputStats, bits: int, g: int
 
 
 # ----------------------------------------------------------------------------- GPTQ
+@dataclass(frozen=True)
+class GPTQFactor:
+    """What GPTQ needs from a Hessian: the upper Cholesky factor of the damped inverse and the dead
+    (never active) input channels. It depends on the input only, so the linears that read the same
+    input (q/k/v, gate/up) and the row chunks of a large weight share one (`gptq_factor`)."""
+    hinv: torch.Tensor
+    dead: torch.Tensor
+
+
+def gptq_factor(hessian: torch.Tensor, damp: float = 0.01) -> GPTQFactor:
+    """The GPTQ factor of `hessian` (float32 or float64; not modified), in float64.
+
+    >>> f = gptq_factor(torch.eye(4) * 2.0)
+    >>> f.hinv.shape, bool(f.dead.any())
+    (torch.Size([4, 4]), False)
+    """
+    h = hessian.detach().to(torch.float64)
+    h = h.clone() if h is hessian else h
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    return GPTQFactor(_inverse_hessian_factor(h, damp), dead)
+
+
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping more until it is positive definite."""
-    k = h.shape[0]
-    mean_diag = float(torch.diag(h).mean())
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping more until it is positive definite.
+
+    Consumes `h` (the caller's own float64 copy: its storage is released once its Cholesky factor
+    exists), so at most two KxK float64 matrices are alive at once: at K = 8192 that is 1 GB, where
+    building each intermediate as a new matrix beside H took 2.5 GB. The values are those of
+    cholesky(cholesky_inverse(cholesky(H + dI)), upper=True)."""
+    diag = torch.diag(h).clone()
+    mean_diag = float(diag.mean())
+    lower: torch.Tensor | None = None
     for d in (damp, 0.1, 1.0):
+        if lower is not None and h.numel() == 0:  # released after an earlier try: rebuilt from its factor (rare)
+            h = lower @ lower.T
+        h.diagonal().copy_(diag + d * mean_diag)
         try:
-            hd = h + torch.eye(k, dtype=h.dtype) * d * mean_diag
-            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hd)), upper=True)
+            lower = torch.linalg.cholesky(h)
         except RuntimeError:
             continue
+        h.set_()  # the factor holds everything needed from here
+        inverse = torch.cholesky_inverse(lower)
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
+        if int(info) == 0:
+            return upper
     raise RuntimeError("GPTQ: the Hessian is not positive definite even with damping 1.0")
 
 
-def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: bool,
-         damp: float = 0.01, block: int = 128, act_order: bool = False, clip_search: bool = False) -> Quantized:
+def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symmetric: bool,
+         damp: float = 0.01, block: int = 128, act_order: bool = False, clip_search: bool = False,
+         factor: GPTQFactor | None = None) -> Quantized:
     """GPTQ: quantize column by column, spreading each column's error over the not yet quantized
     columns through the inverse Hessian's Cholesky factor (lazy batch updates of `block` columns).
 
@@ -264,12 +302,20 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: b
     groups"); `clip_search` then shrinks each group's range by weight MSE first.
     The Hessian is computed in float64 by the caller; the elimination runs in float64 too,
     because at K >= 1536 float32 Cholesky of a nearly singular H loses the small columns.
+    `factor`: a precomputed `gptq_factor(hessian, damp)` shared by the weights that read the same
+    input (then `hessian` may be None; not with `act_order`, whose factor is of the permuted H).
     """
     w = w.detach().to(torch.float64).clone()
     n, k = w.shape
-    h = hessian.detach().to(torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    if factor is not None and act_order:
+        raise ValueError("gptq: a shared factor is of the unpermuted Hessian; act_order needs the Hessian itself")
+    if factor is None:
+        assert hessian is not None, "gptq needs the Hessian or its factor"
+        h = hessian.detach().to(torch.float64).clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+    else:
+        h, dead = None, factor.dead
     w[:, dead] = 0.0
     scales = torch.zeros(n, k // g, dtype=torch.float64)
     zeros = torch.zeros(n, k // g, dtype=torch.float64)
@@ -280,7 +326,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: b
         scales, zeros = s0.double(), z0.double()
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, damp)
+    hinv = factor.hinv if factor is not None else _inverse_hessian_factor(h, damp)
+    del h
     block = max(g, (block // g) * g) if g <= block else g
     q_all = torch.zeros(n, k, dtype=torch.float64)
     scale = zero = None
@@ -317,12 +364,14 @@ def smooth_scales(weights: list[torch.Tensor], stats: InputStats, alpha: float) 
     return s.clamp_min(1e-5)
 
 
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats | None) -> float:
-    """Relative output error tr(dW H dW^T) / tr(W H W^T) on calibration inputs (weight error without)."""
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats | None,
+                 hessian: torch.Tensor | None = None) -> float:
+    """Relative output error tr(dW H dW^T) / tr(W H W^T) on calibration inputs (weight error without).
+    `hessian`: `stats.hessian` when the caller already holds it (and dropped `stats.gram`)."""
     d = (w_hat - w).to(torch.float32)
-    if stats is None or stats.gram is None:
+    if hessian is None and (stats is None or stats.gram is None):
         return float(d.norm() / w.norm().clamp_min(1e-12))
-    h = stats.hessian
+    h = hessian if hessian is not None else stats.hessian
     num = float(((d @ h) * d).sum())
     den = float(((w @ h) * w).sum())
     return (max(num, 0.0) / max(den, 1e-30)) ** 0.5

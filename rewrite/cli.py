@@ -1,14 +1,15 @@
 """The `rewrite` command line: compile, inspect, schema.
 
-    rewrite compile [SPEC] [--model MODULE:FACTORY] [--calibration FILE] [--out DIR] [--backend onnx|tvm]
+    rewrite compile [SPEC] [--model MODULE:FACTORY|hf:DIR] [--calibration FILE] [--out DIR] [--backend onnx|tvm]
     rewrite inspect [SPEC] [--importance KIND] [--model MODULE:FACTORY] [--out DIR]
     rewrite search SPEC --grid KEY=V1,V2 [--executor local|ray]
     rewrite schema
     rewrite --version
 
 `--model MODULE:FACTORY` names a function returning `(model, example_inputs)`,
-`(model, example_inputs, calibration)` or `(model, example_inputs, calibration, tokenizer)`.
-Without it, the built-in all-MiniLM-L6-v2 with STS-B calibration sentences is used. Every
+`(model, example_inputs, calibration)` or `(model, example_inputs, calibration, tokenizer)`;
+`--model hf:DIR` loads a Hugging Face checkpoint folder (config.json + safetensors, its tokenizer
+if it has one; calibration from `--calibration FILE`). Without it, the built-in all-MiniLM-L6-v2 with STS-B calibration sentences is used. Every
 error prints one line on stderr (`-v` adds the traceback); progress goes to stderr unless `-q`.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.backend in ("onnx", "all"):
             rec = compiled.export(out.file("model.onnx"), verify_inputs=compiled.verification_batches())
             _status(args, f"wrote {rec.path} ({rec.bytes / 1e6:.2f} MB). {rec.verdict()}")
-            _save_generation_tokenizer(args, compiled, out_dir)
+            _save_generation_tokenizer(args, compiled, out_dir, tokenizer)
             if not args.no_latency and not compiled.program.notes.get("generation"):
                 lat = compiled.measure_latency()
                 _status(args, lat.verdict(compiled.report.after.flops / max(compiled.report.before.flops, 1)))
@@ -153,6 +154,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _tokenizer_from_factory(ref: str) -> Any:
     """The tokenizer that goes with `--model MODULE:FACTORY`: MODULE.FACTORY_tokenizer(),
     MODULE.tokenizer(), or the second item of MODULE.load_FACTORY() (model, tokenizer)."""
+    if ref.startswith("hf:"):  # a checkpoint folder: its own tokenizer, if it has one
+        from .model_refs import tokenizer_of
+
+        return tokenizer_of(Path(ref[3:]))
     mod_name, _, fn_name = ref.partition(":")
     sys.path.insert(0, str(Path.cwd()))
     try:
@@ -170,11 +175,11 @@ def _tokenizer_from_factory(ref: str) -> Any:
     return None
 
 
-def _save_generation_tokenizer(args: argparse.Namespace, compiled: Any, out_dir: Path) -> None:
+def _save_generation_tokenizer(args: argparse.Namespace, compiled: Any, out_dir: Path, tokenizer: Any = None) -> None:
     """Save the --model's tokenizer beside a generation graph, so `rewrite generate --onnx` needs nothing else."""
     if not args.model or not compiled.program.notes.get("generation"):
         return
-    tok = _tokenizer_from_factory(args.model)
+    tok = tokenizer if tokenizer is not None else _tokenizer_from_factory(args.model)
     if tok is not None:
         tok.save_pretrained(str(out_dir))
         print(f"saved the tokenizer beside {out_dir / 'model.onnx'}", file=sys.stderr)
@@ -242,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", parents=[common], help="compile a model with a spec and export it")
     c.add_argument("spec", nargs="?", help="spec file (YAML or JSON); default: specs/minilm-deploy.yaml for the built-in model, "
                    "specs/cleanup.yaml with --model")
-    c.add_argument("--model", help="MODULE:FACTORY returning (model, example_inputs[, calibration]); default: all-MiniLM-L6-v2")
+    c.add_argument("--model", help="MODULE:FACTORY returning (model, example_inputs[, calibration]), or hf:DIR "
+                   "(a Hugging Face checkpoint folder: config.json + safetensors); default: all-MiniLM-L6-v2")
     c.add_argument("--calibration", metavar="FILE", help="calibration data: .txt or .jsonl text (one sample a line; needs "
                    "a tokenizer) or .pt (torch.save of a list of batches shaped like the example inputs)")
     c.add_argument("--out", default="out", help="output folder (default: out); checked for writing before any work")
@@ -257,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="importance tables and plots, without rewriting")
     i.add_argument("spec", nargs="?", help="spec whose importance kinds to show")
     i.add_argument("--importance", action="append", help="importance kind to compute (repeatable)")
-    i.add_argument("--model", help="MODULE:FACTORY; default: all-MiniLM-L6-v2")
+    i.add_argument("--model", help="MODULE:FACTORY or hf:DIR; default: all-MiniLM-L6-v2")
     i.add_argument("--out", default="out/inspect")
     i.add_argument("--groups", action="store_true", help="print the coupled dimension groups")
     i.set_defaults(func=cmd_inspect)
@@ -266,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", help="the base spec (YAML or JSON)")
     r.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
                    help="a spec field by its path and the values to try, e.g. passes.0.amount=0.1,0.25 (repeatable)")
-    r.add_argument("--model", help="MODULE:FACTORY; default: all-MiniLM-L6-v2")
+    r.add_argument("--model", help="MODULE:FACTORY or hf:DIR; default: all-MiniLM-L6-v2")
     r.add_argument("--executor", choices=["local", "ray"], default="local", help="where combinations run (ray: Ray workers)")
     r.add_argument("--max-drop", type=float, default=0.01, help="largest cosine drop the best spec may have (default 0.01)")
     r.add_argument("--out", default="out/search", help="folder for search.md and best.yaml")

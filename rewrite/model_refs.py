@@ -1,9 +1,11 @@
-"""Models named on the command line: `--model MODULE:FACTORY`, or the built-in default.
+"""Models named on the command line: `--model MODULE:FACTORY`, `--model hf:DIR`, or the built-in default.
 
 A factory is any importable function returning `(model, example_inputs)`,
 `(model, example_inputs, calibration)` or `(model, example_inputs, calibration, tokenizer)`;
-this module turns such a reference into those four items (missing ones are None). It sits
-at the tool layer (used by the CLI and `rewrite inspect`), above the compiler.
+this module turns such a reference into those four items (missing ones are None). `hf:DIR`
+is a Hugging Face checkpoint folder (config.json + safetensors, read by `rewrite.load_hf`),
+with its tokenizer when the folder has one. It sits at the tool layer (used by the CLI and
+`rewrite inspect`), above the compiler.
 
 Example:
     >>> from rewrite.model_refs import load_factory
@@ -22,9 +24,13 @@ from .errors import RewriteError
 
 
 def load_factory(ref: str) -> tuple[Any, Any, Any, Any]:
-    """(model, example_inputs, calibration, tokenizer) from `MODULE:FACTORY`; the current folder is importable."""
+    """(model, example_inputs, calibration, tokenizer) from `MODULE:FACTORY` (the current folder is
+    importable) or from `hf:DIR` (`load_checkpoint_folder`)."""
+    if ref.startswith("hf:"):
+        return load_checkpoint_folder(ref[3:])
     if ":" not in ref:
-        raise RewriteError(f"--model must look like MODULE:FACTORY (e.g. mypkg.models:build), got {ref!r}")
+        raise RewriteError(f"--model must look like MODULE:FACTORY (e.g. mypkg.models:build) or hf:DIR "
+                           f"(a checkpoint folder), got {ref!r}")
     mod_name, fn_name = ref.split(":", 1)
     sys.path.insert(0, str(Path.cwd()))
     try:
@@ -49,3 +55,52 @@ def default_model(samples: int, batch_size: int, seed: int) -> tuple[Any, Any, A
     model, tok = demo.load_minilm()
     calib = demo.calibration_batches(tok, samples=samples, batch_size=batch_size, seed=seed)
     return model, demo.example_inputs(tok), calib, tok
+
+
+EXAMPLE_TEXT = "The capital of France is Paris, and the capital of Italy is"
+"""The example sentence for a checkpoint folder with a tokenizer (the same as `rewrite.models`)."""
+
+
+def load_checkpoint_folder(directory: str) -> tuple[Any, Any, Any, Any]:
+    """(model, example_inputs, None, tokenizer) for `--model hf:DIR`.
+
+    The weights are read into memory as float32 (`load_hf(DIR).module()`): this is the path for
+    checkpoints that fit; larger ones go block by block through `rewrite.sequential`. The example
+    is one tokenized sentence when the folder has a tokenizer, else 8 token ids (text models) or
+    one image of the config's size (vision models). Calibration comes from `--calibration FILE`.
+    """
+    import torch
+
+    from .checkpoint import load_hf
+
+    ckpt = load_hf(directory)
+    model = ckpt.module().eval()
+    config = model.config
+    tokenizer = tokenizer_of(Path(directory))
+    if tokenizer is not None:
+        enc = tokenizer(EXAMPLE_TEXT, return_tensors="pt")
+        return model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None, tokenizer
+    text = getattr(config, "get_text_config", lambda: config)()
+    if getattr(text, "vocab_size", None):
+        ids = (torch.arange(8) * 7 + 1).remainder(text.vocab_size).unsqueeze(0)
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, None
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if size and channels:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        pixels = torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(0))
+        return model, {"pixel_values": pixels}, None, None
+    raise RewriteError(f"hf:{directory}: cannot make example inputs for {type(model).__name__} (no tokenizer, "
+                       "vocab_size or image_size in its config): write a MODULE:FACTORY that returns them")
+
+
+def tokenizer_of(directory: Path) -> Any:
+    """The folder's tokenizer, or None when it has none (tokenizer.json / tokenizer_config.json)."""
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RewriteError(f"hf:{directory}: cannot load its tokenizer: {first}") from None

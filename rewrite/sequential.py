@@ -716,8 +716,13 @@ class _Run:
         """Each group's statistics on the already-quantized prefix, then GPTQ of its members;
         the quantized weights replace the float ones before the next group is measured."""
         sym = self.spec.weights.symmetric
+        options = self._options()
         for group in groups:
             st = group_stats(group[0], run_batch, self.batches)
+            # the float32 Hessian is all that is used from here: drop the float64 sum (K x K, 0.5 GB at K = 8192)
+            hessian, st.gram = (st.hessian if st.rows else None), None
+            # one factor per group (the members read the same input), except with act_order (a permuted H each)
+            factor = qm.gptq_factor(hessian, options["damp"]) if st.rows and not options["act_order"] else None
             for lin in group:
                 if lin.module.weight.device.type == "meta":  # a tail linear: loaded only for its fit
                     _materialize_own(self.ckpt, lin.path, lin.module, self.dtype)
@@ -725,13 +730,13 @@ class _Run:
                 if st.rows == 0:
                     qz, method, err = qm.rtn(w, lin.bits, lin.group_size, sym), "rtn (not reached by calibration)", None
                 else:
-                    h = st.hessian
                     qz = by_rows(lin.n, lin.k, GPTQ_ROW_CHUNK_ELEMENTS, lambda a, b: qm.gptq(
-                        w[a:b], h, lin.bits, lin.group_size, sym, **self._options()))
+                        w[a:b], None if factor else hessian, lin.bits, lin.group_size, sym, **options,
+                        factor=factor))
                     method = "gptq"
                 w_hat = qz.weight()
                 if st.rows:
-                    err = qm.output_error(w, w_hat, st)
+                    err = qm.output_error(w, w_hat, st, hessian=hessian)
                 _set_weight(lin, w_hat)
                 self._write_quantized(lin, qz, method, err)
 

@@ -245,3 +245,19 @@ def test_sequential_gpt2_conv1d_equals_the_quantize_pass(tmp_path):
             assert (got[name] != value).float().mean() <= 0.01, name
         else:
             torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_cli_compiles_a_checkpoint_folder(untied, tmp_path, capsys):
+    """`rewrite compile SPEC --model hf:DIR`: the folder's model (bf16 read as float32), 8 example ids
+    (no tokenizer in the folder), W4, exported and verified in onnxruntime; a bad folder is one line."""
+    from rewrite.cli import main
+
+    model, _, bf16, _ = untied
+    out = tmp_path / "out"
+    spec = Path(__file__).resolve().parent.parent / "specs" / "quantize-w4.yaml"
+    assert main(["compile", str(spec), "--model", f"hf:{bf16}", "--out", str(out), "-q"]) == 0
+    assert (out / "model.onnx").is_file()
+    assert main(["compile", str(spec), "--model", f"hf:{tmp_path / 'nothing'}", "--out", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "does not exist" in err[-1] and "config.json" in err[-1]
