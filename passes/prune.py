@@ -13,7 +13,7 @@ the pass manager then recaptures, and canonical views follow the new widths. Wit
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 import torch
@@ -345,12 +345,15 @@ def _obs_readers(program: Program, cands) -> tuple[dict, dict] | str:
 
     removal: dict[tuple[str, int], set[int]] = defaultdict(set)
     readers = [m for g in cands for m in g.consumers]
-    linear_inputs = {(op.param, op.in_dim) for op in consumer_ops(program, {(m.param, m.dim) for m in readers})
-                     if op.kind != "conv"}
+    reads = Counter((op.param, op.in_dim) for op in consumer_ops(program, {(m.param, m.dim) for m in readers})
+                    if op.kind != "conv")
     select: dict[str, Any] = {}
     for g in cands:
         m = g.consumers[0] if len(g.consumers) == 1 else None
-        if m is None or (m.param, m.dim) not in linear_inputs or m.param in select:
+        if m is not None and reads[(m.param, m.dim)] > 1:  # one weight in several layers (ALBERT's shared blocks)
+            return (f"prune: importance 'obs' refits each layer's own weight; {m.module}'s weight is shared by "
+                    f"{reads[(m.param, m.dim)]} layers (group {g.id}); use importance wanda for it")
+        if m is None or (m.param, m.dim) not in reads or m.param in select:
             return (f"prune: importance 'obs' needs every group to be read by exactly one linear layer; "
                     f"group {g.id} ({g.kind}, {g.layer or ','.join(g.ops[:2])}) is read by "
                     f"{[c.module for c in g.consumers] or 'no linear layer'}; use importance wanda for it")

@@ -220,3 +220,12 @@ def test_gqa_head_pruning_removes_what_it_says():
         q = out.module.get_parameter(f"layers.{i}.self_attn.q_proj.weight").shape[0]
         assert (q, k) == (32, 16)  # head_dim 16: one KV head and its 2 query heads left
     out.module(**z.example.kwargs)
+
+
+def test_default_prune_on_shared_weights_falls_back_from_obs():
+    """ALBERT reuses one block's weights in every layer: OBS refits each layer's own weight, so the
+    default (obs) says it does not apply and prunes with wanda + refit instead of crashing."""
+    from rewrite.zoo_grid import run_cell
+
+    cell = run_cell("albert", "prune_neuron", export=False)
+    assert cell.outcome == "ok", cell.message
