@@ -71,6 +71,78 @@ def dequant_matmul_te(x: Any, qweight: Any, scales: Any, zeros: Any, bias: Any =
     return te.compute((m, n), lambda i, j: y[i, j] + bias[j], name="bias_add")
 
 
+def grouped_gemv_te(x: Any, qweight: Any, scales: Any, zeros: Any, bias: Any = None, *, bits: int,
+                    group_size: int, lanes: int) -> Any:
+    """te: the same y as `dequant_matmul_te`, written so each group's scale and zero point cost O(1).
+
+    sum_k x[k] (q[n,k] - z[n,g]) s[n,g] = sum_g s[n,g] (sum_{k in g} x[k] q[n,k] - z[n,g] sum_{k in g} x[k]):
+    the inner loop multiplies raw codes by x (no subtract, no scale per code), the scale multiplies
+    a group's partial sums once, and the zero point folds into one term per group from the group
+    sums of x (computed once per call). The codes of a group are walked as [C | lanes | P] (P codes
+    per byte), so `lanes` consecutive bytes are one vector load and the activations are read
+    through a copy laid out as x[i, k % P, k // P] (contiguous per code slot). Blocks:
+    `x_relayout`, `x_group_sum`, `group_dot` (per lane), `scaled_sum`, `zero_term`, `lane_sum`,
+    then `matmul` (or `bias_add`). For 1/2/4/8 bits with lanes * P dividing the group; rounding
+    differs from the plain form only in the order of the sums.
+    """
+    from tvm import te, tirx
+
+    m, k = x.shape
+    n = qweight.shape[0]
+    per = 8 // bits
+    if 8 % bits or group_size % (lanes * per) or int(k) % group_size:
+        raise ValueError(f"grouped GEMV: {bits}-bit codes in {lanes} lanes do not tile group {group_size}")
+    idx = k.dtype if hasattr(k, "dtype") else "int64"
+
+    def c(v: int) -> Any:
+        return tirx.IntImm(idx, v)
+
+    kk = int(k)
+    groups, steps, bytes_per_group = kk // group_size, group_size // (lanes * per), group_size // per
+    mask = (1 << bits) - 1
+    xr = te.compute((m, c(per), c(kk // per)), lambda i, p, b: x[i, b * per + p], name="x_relayout")
+    r = te.reduce_axis((c(0), c(group_size)), name="r")
+    xs = te.compute((m, c(groups)), lambda i, g: te.sum(x[i, g * group_size + r], axis=r), name="x_group_sum")
+
+    def code(row: Any, byte: Any, p: Any) -> Any:
+        word = qweight[row, byte].astype("int32")
+        if per == 1:
+            return word.astype("float32")
+        return tirx.bitwise_and(tirx.shift_right(word, (p * bits).astype("int32")), mask).astype("float32")
+
+    rc, rp = te.reduce_axis((c(0), c(steps)), name="c"), te.reduce_axis((c(0), c(per)), name="p")
+    part = te.compute((m, n, c(groups), c(lanes)), lambda i, j, g, t: te.sum(
+        xr[i, rp, g * bytes_per_group + rc * lanes + t] * code(j, g * bytes_per_group + rc * lanes + t, rp),
+        axis=[rc, rp]), name="group_dot")
+    rg = te.reduce_axis((c(0), c(groups)), name="g")
+    acc = te.compute((m, n, c(lanes)), lambda i, j, t: te.sum(part[i, j, rg, t] * scales[j, rg].astype("float32"),
+                                                                axis=rg), name="scaled_sum")
+    rz = te.reduce_axis((c(0), c(groups)), name="gz")
+    corr = te.compute((m, n), lambda i, j: te.sum(
+        scales[j, rz].astype("float32") * zeros[j, rz].astype("float32") * xs[i, rz], axis=rz), name="zero_term")
+    rt = te.reduce_axis((c(0), c(lanes)), name="t")
+    total = te.compute((m, n), lambda i, j: te.sum(acc[i, j, rt], axis=rt), name="lane_sum")
+    if bias is None:
+        return te.compute((m, n), lambda i, j: total[i, j] - corr[i, j], name="matmul")
+    return te.compute((m, n), lambda i, j: total[i, j] - corr[i, j] + bias[j].astype("float32"), name="bias_add")
+
+
+def grouped_gemv_like(func: Any, lanes: int) -> Any:
+    """The `grouped_gemv_te` PrimFunc with the same parameters (order, shapes, dtypes) and attrs as `func`,
+    a generated dequant kernel: the llvm schedule swaps it in, so Relax's call_tir is unchanged."""
+    from tvm import te
+
+    bufs = list(func.params)  # buffer parameters (shape, dtype, name)
+    ins = [te.placeholder(b.shape, b.dtype, name=b.name) for b in bufs[:-1]]
+    bits, group_size = int(func.attrs[BITS_ATTR]), int(func.attrs[GROUP_ATTR])
+    bias = ins[4] if len(ins) > 4 else None
+    y = grouped_gemv_te(*ins[:4], bias, bits=bits, group_size=group_size, lanes=lanes)
+    out = te.create_prim_func(ins + [y])
+    for key, val in func.attrs.items():
+        out = out.with_attr(key, val)
+    return out
+
+
 def kernel_kind(rows: Any) -> str:
     """"gemv" for a single (static) row, "gemm" otherwise (including symbolic row counts)."""
     try:

@@ -95,6 +95,15 @@ def schedule_llvm(func: Any, target: Any = "llvm") -> Any:
     from tvm import s_tir
 
     kind = str(func.attrs[KERNEL_ATTR])
+    if kind.startswith("dequant_gemv"):
+        bits, group = int(func.attrs[BITS_ATTR]), int(func.attrs[GROUP_ATTR])
+        v, per = lanes_for(bits, group, vector_lanes(target))
+        if v >= 4 and 8 % bits == 0:
+            from .tvm_quant import grouped_gemv_like
+
+            sch = s_tir.Schedule(grouped_gemv_like(func, v))
+            _grouped_gemv(sch, _gemv_channels(_static(func.params[1].shape[0])))
+            return sch.mod["main"].with_attr(SCHEDULED_ATTR, True)
     sch = s_tir.Schedule(func)
     if kind.startswith("dequant_gemv") or kind.startswith("dequant_gemm"):
         bits, group = int(func.attrs[BITS_ATTR]), int(func.attrs[GROUP_ATTR])
@@ -179,6 +188,73 @@ def _dequant_matmul(sch: Any, bits: int, group: int, lanes: int) -> None:
     sch.decompose_reduction(rf, k0)
     if _has(sch, "bias_add"):
         sch.reverse_compute_at(sch.get_sblock("bias_add"), io)
+
+
+def _gemv_channels(n: int | None) -> int:
+    """Output channels per GEMV step: 4 independent accumulator chains (the FMA latency hidden,
+    each activation vector loaded once for 4 weight rows), fewer when N is not a multiple."""
+    for c in (4, 2):
+        if n is not None and n % c == 0:
+            return c
+    return 1
+
+
+def _grouped_gemv(sch: Any, channels: int) -> None:
+    """Schedule `tvm_quant.grouped_gemv_te` for one row: parallel over blocks of `channels` output
+    channels; per group, `channels` x lanes partial sums in registers (codes unpacked from one
+    vector load of packed bytes by shift + mask), then one scale FMA per group and channel; the
+    x copy and group sums run once, serially, before the parallel loop (they are tiny, and every
+    parallel region costs a wake-up of the thread pool)."""
+    out = sch.get_sblock("bias_add") if _has(sch, "bias_add") else sch.get_sblock("matmul")
+    i, j = sch.get_loops(out)
+    jo, ji = sch.split(j, [None, channels])
+    sch.reorder(jo, i, ji)
+    sch.parallel(jo)
+    blocks = {name: sch.get_sblock(name) for name in ("lane_sum", "zero_term", "scaled_sum", "group_dot")}
+    for name in ("lane_sum", "zero_term", "scaled_sum"):
+        sch.compute_at(blocks[name], jo)
+    acc, part = blocks["scaled_sum"], blocks["group_dot"]
+    a = _axis_loops(sch, acc)  # channel "j", lane "t", group "g" (a row loop of extent 1 has none)
+    sch.reorder(a["g"], *[a[v] for v in ("i", "j", "t") if v in a])
+    sch.compute_at(part, a["g"])
+    p = _axis_loops(sch, part, below=a["g"])
+    steps = [p[v] for v in ("c", "p") if v in p]
+    sch.reorder(*steps, *[p[v] for v in ("i", "j", "t") if v in p])  # the channels x lanes tile innermost
+    sch.vectorize(p["t"])
+    for loop in steps + [p[v] for v in ("i", "j") if v in p]:
+        sch.unroll(loop)
+    if steps:
+        sch.decompose_reduction(part, steps[0])
+    else:
+        sch.decompose_reduction(part, p["t"])
+    sch.vectorize(a["t"])
+    for v in ("i", "j"):
+        if v in a:
+            sch.unroll(a[v])
+    sch.decompose_reduction(acc, a["g"])
+    for name, block in blocks.items():
+        sch.set_scope(block, 0, "local")
+
+
+def _axis_loops(sch: Any, block: Any, below: Any = None) -> dict[str, Any]:
+    """The block's loops (those under `below`, if given) by the name of the block var each binds
+    (a block var "v_t" -> "t"); loops of extent 1 are absent, as compute_at leaves them out."""
+    from tvm.s_tir.dlight.analysis.common_analysis import get_sblockrealize
+    from tvm import tirx
+
+    loops = sch.get_loops(block)
+    if below is not None:
+        loops = loops[[sch.get(lp).same_as(sch.get(below)) for lp in loops].index(True) + 1:]
+    b = sch.get(block)
+    binding = list(get_sblockrealize(sch, block).iter_values)
+    out = {}
+    for lp in loops:
+        lv = sch.get(lp).loop_var
+        for iv, val in zip(b.iter_vars, binding):
+            used = [val] if isinstance(val, tirx.Var) else tirx.analysis.undefined_vars(val)
+            if any(u.same_as(lv) for u in used):
+                out[iv.var.name.removeprefix("v_")] = lp
+    return out
 
 
 def _dequant_gemm_tiled(sch: Any, lanes: int) -> None:

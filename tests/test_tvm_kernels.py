@@ -51,6 +51,13 @@ def test_dequant_gemv_matches_reference(bits: int, group_size: int) -> None:
     _run_dequant(bits, group_size, m=1, rows=1, k=128, n=24, bias=group_size == 32, seed=bits)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n", [21, 22])
+def test_dequant_gemv_grouped_form_any_channel_count(bits: int, n: int) -> None:
+    # several vector steps per group, 4 groups, N not a multiple of the 4-channel step (21: 1, 22: 2)
+    _run_dequant(bits, 128, m=1, rows=1, k=512, n=n, bias=n == 21, seed=20 + bits)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_dequant_gemm_symbolic_rows_matches_reference(bits: int, group_size: int) -> None:
@@ -105,5 +112,5 @@ def test_llvm_schedule_applies_and_vectorises(bits: int, rows: int | None) -> No
     if rows is None:  # many rows: decoded slice + register-tiled outer product, any bit width
         assert "T.vectorized" in text and ("matmul_local" in text or "matmul_pad_local" in text)
         assert "x_pad" in text  # a symbolic row count is padded to whole register tiles
-    elif bits != 3:  # one row: packed-byte lanes (3-bit codes straddle bytes: scalar)
-        assert "T.vectorized" in text and "matmul_rf" in text
+    elif bits != 3:  # one row: packed-byte lanes, per-group partial sums in registers (3-bit: scalar)
+        assert "T.vectorized" in text and "group_dot_local" in text and "scaled_sum_local" in text
