@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .tvm_target import make_target, vector_lanes
+from .tvm_target import configure_cpu_threads, make_target, vector_lanes
 
 log = logging.getLogger("rewrite.tvm")
 
@@ -585,6 +585,8 @@ def build_kernel(func: Any, target: Any = "llvm") -> Any:
 
     tgt = make_target(target)
     mod = tvm.IRModule({"main": func})
+    if tgt.kind.name == "llvm":
+        configure_cpu_threads()  # the kernel runs on this CPU: all of its cores
     mod = schedule_kernels(mod, tgt) if tgt.kind.name == "llvm" else schedule_gpu(mod, tgt)
     return tvm.compile(mod, target=tgt)
 

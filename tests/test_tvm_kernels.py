@@ -114,3 +114,22 @@ def test_llvm_schedule_applies_and_vectorises(bits: int, rows: int | None) -> No
         assert "x_pad" in text  # a symbolic row count is padded to whole register tiles
     elif bits != 3:  # one row: packed-byte lanes, per-group partial sums in registers (3-bit: scalar)
         assert "T.vectorized" in text and "group_dot_local" in text and "scaled_sum_local" in text
+
+
+def test_cpu_threads_default_to_physical_cores_and_respect_env() -> None:
+    """TVM halves the CPU count on x86 (assumed SMT); the backend sizes the pool to physical cores."""
+    import os
+    import subprocess
+    import sys
+
+    from kernels.tvm_target import physical_cores
+
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+    code = ("import tvm; from kernels.tvm_target import configure_cpu_threads as c; n = c(); "
+            "print(n, tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(physical_cores())] * 2
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split()[0] == "1"
