@@ -7,13 +7,14 @@
 Kernels: the generated fused dequantize+matmul (GEMV for 1 row, GEMM otherwise), against
 torch fp32 dense matmul on the dequantized weights and against onnxruntime's
 com.microsoft::MatMulNBits (a one-node model on the same packed weights, scales and zero
-points; accuracy_level 0 = fp32 compute, the same numerics), all with 2 threads. Achieved
+points; accuracy_level 0 = fp32 compute, the same numerics), all with 2 threads (`--threads`;
+TVM's pool is sized explicitly: by default TVM takes half the logical CPUs on x86). Achieved
 bandwidth = bytes of packed weights + scales + zeros + activations + output / time. Timings are
 medians with the contenders interleaved (A, B, C, A, B, C, ...) because the machine is shared:
 compare the ratios, not the milliseconds. No runtime spins idle threads (see below). On a
-shared machine run it alone and ahead of background jobs:
+shared machine take the timing lock around each timed section (building stays outside it):
 
-    flock /work/wt/_notes/timing.lock nice -n -5 python benchmarks/kernels.py
+    python benchmarks/kernels.py --lock /work/wt/_notes/timing.lock
 
 End to end: all-MiniLM-L6-v2 with neuron pruning (25%) + W4 (group 128), the TVM llvm build
 (our kernels; dlight cpu rules and our RowWise / CpuGeneric rules for the rest; gelu with
@@ -51,6 +52,8 @@ if SPIN == "0":
 
 import numpy as np
 import torch
+
+from benchmarks.timing_lock import timing_lock
 
 
 SHAPES = [(4096, 4096), (4096, 11008)]  # K x N
@@ -129,7 +132,7 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
             scales = torch.rand(n, k // GROUP, generator=gen) * 0.01
             zeros = torch.randint(0, 1 << bits, (n, k // GROUP), generator=gen, dtype=torch.uint8)
             w_dense = quant.dequantize(packed, scales, zeros, bits, GROUP, k)
-            sess = matmulnbits_session(packed, scales, zeros, k, bits, GROUP) if bits == 4 else None
+            sess = matmulnbits_session(packed, scales, zeros, k, bits, GROUP, args.threads) if bits == 4 else None
             for rows in args.rows:
                 lib = build_kernel(dequant_matmul_primfunc(rows, k, n, bits=bits, group_size=GROUP), "llvm")
                 x = torch.randn(rows, k, generator=gen)
@@ -140,7 +143,8 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
                 fns = [lambda: f(*tv, out), lambda: x @ w_dense.T]
                 if sess is not None:
                     fns.append(lambda: sess.run(None, {"x": xn}))
-                times = interleaved(fns, args.repeat, gap=args.gap if args.spin else 0.0)
+                with timing_lock(args.lock):
+                    times = interleaved(fns, args.repeat, gap=args.gap if args.spin else 0.0)
                 t_tvm, t_ref = times[0], times[1]
                 t_nb = times[2] if sess is not None else float("nan")
                 want = x @ w_dense.T
@@ -244,11 +248,12 @@ def bench_e2e(args: argparse.Namespace) -> None:
         built = compiled.build("tvm", target="llvm")
         err = built.verify([batch], rtol=1e-3)
         ort = OnnxModule(onnx_path, compiled.program)
-        ort.session = ort_session(onnx_path)
-        t_tvm, t_ort, t_torch = interleaved([lambda: batch.call(built), lambda: batch.call(ort),
-                                             lambda: batch.call(compiled.module)], args.repeat,
-                                            gap=args.gap if args.spin else 0.0)
-        ops = profile_ops(built, batch, max(3, args.repeat // 3))
+        ort.session = ort_session(onnx_path, args.threads)
+        with timing_lock(args.lock):
+            t_tvm, t_ort, t_torch = interleaved([lambda: batch.call(built), lambda: batch.call(ort),
+                                                 lambda: batch.call(compiled.module)], args.repeat,
+                                                gap=args.gap if args.spin else 0.0)
+            ops = profile_ops(built, batch, max(3, args.repeat // 3))
     shape = f"{batch.batch_size()}x{batch.tensors()[0].shape[1]}"
     print("\n| MiniLM W4 + 25% neurons pruned | batch | ms | throughput vs onnxruntime | max rel err vs torch |")
     print("|---|---|---:|---:|---:|")
@@ -281,8 +286,18 @@ def main() -> None:
     p.add_argument("--spin", action="store_true", help="runtimes spin idle threads as by default; pause --gap before each call")
     p.add_argument("--gap", type=float, default=0.05, help="with --spin: seconds of pause before each timed call")
     p.add_argument("--top-ops", type=int, default=12, help="rows of the per-function time table")
+    p.add_argument("--threads", type=int, default=2, help="threads of each runtime (torch, onnxruntime, TVM); 1 "
+                   "compares the kernels without thread-pool effects (a loaded machine delays a static "
+                   "partition's slowest thread, which TVM waits for)")
+    p.add_argument("--lock", default="", help="file to flock around each timed section (a shared machine's "
+                   "timing lock; building and compiling run outside it)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts
+    from kernels.tvm_target import configure_cpu_threads
+
+    print(f"threads: torch {torch.get_num_threads()}, onnxruntime {args.threads}, TVM {configure_cpu_threads()} "
+          f"(load average at start: {os.getloadavg()[0]:.1f})\n")
     if not args.skip_kernels:
         bench_kernels(args)
     if not args.skip_e2e:

@@ -10,7 +10,10 @@ definition in `kernels/quant.py`:
 Three blocks, so schedulers (dlight's GEMV/Matmul rules, MetaSchedule, our llvm schedule in
 `kernels/tvm_schedule.py`) recognise the decode + reduction + epilogue pattern:
 `dequantize` (injective, reads one byte, or two when a 3-bit value straddles a byte
-boundary), `matmul` (reduction over K), `bias_add` (epilogue, only with a bias).
+boundary), `matmul` (reduction over K), `bias_add` (epilogue, only with a bias). On llvm, the one-row
+kernel (GEMV) is swapped at schedule time for `grouped_gemv_te`, the same sum regrouped so a
+group's scale and zero point cost O(1) instead of O(group size) (same parameters, so the Relax
+call is unchanged).
 
 Relax converters for the quantized ops (`linear_q`, `dequantize_q`, `embedding_q`,
 `linear_a8_dynamic`, `linear_a8_static`) register in `kernels.registry.TVM_CONVERTERS`.

@@ -1,14 +1,18 @@
 """Schedules for the generated TensorIR kernels (PrimFuncs with attr "rewrite.kernel").
 
-- llvm, fused dequantize + matmul (`_dequant_matmul`): parallel over output channels; the K
-  loop split into [groups of V*P | V lanes | P codes per byte] (P = 8 // bits for 2/4/8 bits)
-  and the V lanes vectorised through an rfactor, so one vector load of V packed bytes feeds P
-  vectors of codes (shift + mask in registers) and the scale/zero of the group is one
-  broadcast. The activations are re-laid out once per call as x[i, k % P, k // P] so their
-  loads are contiguous too. Up to 16 rows: 8 rows x 2 output channels per step, each decoded
-  weight vector reused by 8 rows and each activation load by 2 channels, the 16 accumulators
-  in registers (GEMV is the 1-row, 1-channel case). 3-bit GEMV: a scalar schedule
-  (`_dequant_matmul_scalar`; lanes would gather bytes).
+- llvm, one row (GEMV, 1/2/4/8 bits; `_grouped_gemv`): the kernel is swapped for its grouped
+  form (`tvm_quant.grouped_gemv_te`, same parameters): per group, codes times activations are
+  summed in registers (one vector load of V packed bytes, P code vectors by shift + mask, no
+  subtract or scale per code), the scale multiplies the group's partial sums once and the zero
+  point enters as scale * zero * sum(x over the group); 4 output channels per step give 4
+  independent accumulator chains; parallel over channel blocks.
+- llvm, 2-16 rows (`_dequant_matmul`): parallel over output channels; the K loop split into
+  [groups of V*P | V lanes | P codes per byte] and the V lanes vectorised through an rfactor,
+  so one vector load of V packed bytes feeds P vectors of codes and the scale/zero of the
+  group is one broadcast. The activations are re-laid out once per call as x[i, k % P, k // P]
+  so their loads are contiguous too: 8 rows x 2 output channels per step, each decoded weight
+  vector reused by 8 rows and each activation load by 2 channels, the 16 accumulators in
+  registers. 3-bit codes: a scalar schedule (`_dequant_matmul_scalar`; lanes would gather bytes).
 - llvm, many rows (more than 16, or symbolic, as in a batch x sequence graph;
   `_dequant_gemm_tiled`): each parallel task decodes its [K, 4V] weight slice once, then an
   outer-product GEMM over all rows in 6 x 4V register tiles; any bit width. A row count that
