@@ -7,7 +7,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two threads (the CI machine has 2 cores), or what OMP_NUM_THREADS asks for (1 on a shared machine)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,11 @@
 """The budget allocator picks rewrites jointly to meet a whole-model budget."""
+import pytest
+
 import rewrite
 from rewrite import zoo
 
 
+@pytest.mark.slow
 def test_flops_budget_is_met_and_the_plan_is_reported(tmp_path):
     z = zoo.load("bert", calibration_batches=4)
     out = rewrite.compile(z.model, {"passes": [{"kind": "cleanup"}], "budget": {"flops": 0.7}},

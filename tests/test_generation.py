@@ -17,6 +17,7 @@ from rewrite import generation as G
 from rewrite.decoding import GenerationError, Sampling, TorchStepper, generate_ids
 from rewrite.errors import PassError
 from rewrite.zoo import _lived_in
+from tiers import sweep
 
 VOCAB = 128
 
@@ -103,7 +104,7 @@ def _run_steps(step, layout, ids, mask, schedule):
     return outs
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", sweep(FAMILIES, fast=["llama", "gpt2"]))
 def test_generation_graph_matches_model(name):
     """One graph: prefill at past 0 (1 and many tokens) and decode steps equal the HF model's
     own full-sequence logits at every real position, left padding included."""
@@ -135,6 +136,7 @@ def test_past_length_stays_dynamic():
     assert past[0][0].shape[2] == 20
 
 
+@pytest.mark.slow
 def test_short_prompts_after_a_recapturing_pass(tmp_path):
     """1- and 2-token prompts at past 0 run through a graph that a pass re-captured.
 
@@ -174,7 +176,7 @@ def _check_interface(path, layout):
     return m
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", sweep(["llama", "gpt2"], fast=["gpt2"]))
 def test_export_generation_verified_token_for_token(name, tmp_path):
     _, out = compile_decoder(name)
     rec = out.export(tmp_path / "model.onnx")
@@ -200,6 +202,7 @@ def test_export_generation_verified_token_for_token(name, tmp_path):
     assert torch.equal(g1, got[:, :8])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec,op", [
     ({"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}}]}, "MatMulNBits"),
     ({"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32, "symmetric": True},
@@ -226,6 +229,7 @@ def test_quantized_generation_graph(spec, op, tmp_path):
     assert rec.bytes < base.report.after.weight_bytes
 
 
+@pytest.mark.slow
 def test_w4a8_lowered_to_matmulnbits_int8_compute(tmp_path, monkeypatch):
     """The W4A8 alternative lowering: packed codes in MatMulNBits with accuracy_level=4, verified."""
     import onnx
@@ -298,6 +302,7 @@ def test_smollm2_w4_generates_same_tokens_in_torch_and_onnxruntime(tmp_path):
 
 
 # ----------------------------------------------------------------------- spec, CLI
+@pytest.mark.slow
 def test_llm_deploy_spec_on_a_zoo_decoder(tmp_path):
     from pathlib import Path
 
@@ -320,6 +325,7 @@ def _char_tokenizer(path):
     return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", eos_token="<eos>")
 
 
+@pytest.mark.slow
 def test_cli_generate_streams_from_the_exported_file(tmp_path, capsys):
     from rewrite.cli import main
 

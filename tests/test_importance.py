@@ -8,6 +8,7 @@ from torch import nn
 from passes import importance as imp
 from passes.importance import stats as stats_mod
 from rewrite.program import Program
+from tiers import sweep
 
 try:
     from rewrite.dims import Group, Member
@@ -279,7 +280,7 @@ def test_annotations(tiny):
     assert prog.notes["importance"]["neurons"]["fc2"]["wina"].shape == (2,)
 
 
-@pytest.mark.parametrize("name", ["bert", "llama", "rescat_cnn", "gpt2"])
+@pytest.mark.parametrize("name", sweep(["bert", "llama", "rescat_cnn", "gpt2"], fast=["bert", "rescat_cnn"]))
 def test_every_kind_runs_on_zoo_models(name):
     from rewrite import zoo
 

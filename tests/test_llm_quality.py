@@ -164,6 +164,7 @@ def test_sequential_stats_see_the_quantized_prefix():
 SPECS = __import__("pathlib").Path(__file__).resolve().parents[1] / "specs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec_name,bits", [("llm-w4.yaml", 4), ("llm-w3.yaml", 3)])
 def test_llm_specs_on_a_zoo_decoder(spec_name, bits, tmp_path):
     """The LLM specs compile a (tiny, random) Llama: every linear quantized at the spec's width by

@@ -11,6 +11,7 @@ import torch
 import rewrite
 import rewrite.dims
 from rewrite import zoo
+from tiers import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CAL = {"samples": 8, "batch_size": 2}
@@ -80,6 +81,7 @@ def test_bert_heads_removed_equal_zeroed_heads_and_export(tmp_path):
     assert rec.verified and rec.rel_error <= 1e-4
 
 
+@pytest.mark.slow
 def test_llama_gqa_kv_head_goes_with_its_query_heads_and_swiglu_neurons(tmp_path):
     z = zoo.load("llama")
     out = _compile(z, {"kind": "prune", "granularity": "head", "amount": 0.5, "importance": "magnitude"},
@@ -131,6 +133,7 @@ def test_cnn_channels_through_residual_depthwise_and_bn(tmp_path):
     assert rec.verified
 
 
+@pytest.mark.slow
 def test_compensation_improves_fidelity_and_round_to_global_allocation():
     z = zoo.load("bert")
     base = {"kind": "prune", "granularity": "neuron", "amount": 0.5, "importance": "wanda", "allocation": "global",
@@ -175,8 +178,8 @@ def test_params_budget():
     assert d["params after"] >= 0.78 * d["params before"]
 
 
-@pytest.mark.parametrize("spec_name,model", [("prune-heads-ffn.yaml", "bert"), ("prune-cnn-channels.yaml", "rescat_cnn"),
-                                             ("prune-2of4.yaml", "gpt2")])
+@pytest.mark.parametrize("spec_name,model", sweep([("prune-heads-ffn.yaml", "bert"), ("prune-cnn-channels.yaml", "rescat_cnn"),
+                                                   ("prune-2of4.yaml", "gpt2")], fast=[("prune-cnn-channels.yaml", "rescat_cnn")]))
 def test_example_specs_compile_and_export(spec_name, model, tmp_path):
     z = zoo.load(model)
     spec = rewrite.Spec.from_yaml(ROOT / "specs" / spec_name)
@@ -190,7 +193,7 @@ COVERAGE = {"bert": "head", "gpt2": "neuron", "llama": "neuron", "vit": "head", 
             "mobilenetv2": "channel", "rescat_cnn": "channel", "mlp": "neuron", "dict_output": "unstructured"}
 
 
-@pytest.mark.parametrize("name", zoo.ALL)
+@pytest.mark.parametrize("name", sweep(zoo.ALL, fast=["vit", "rescat_cnn"]))
 def test_zoo_coverage_at_30_percent(name, tmp_path):
     z = zoo.load(name, calibration_batches=2)
     extra = {"scope": ["proj"]} if name == "dict_output" else {}  # its only layer feeds the output directly
@@ -200,6 +203,7 @@ def test_zoo_coverage_at_30_percent(name, tmp_path):
     assert out.export(tmp_path / f"{name}.onnx").verified
 
 
+@pytest.mark.slow
 def test_sequential_refit_beats_oneshot_and_exports(tmp_path, monkeypatch):
     """`compensate: lstsq` refits layer by layer (each consumer on the already pruned program,
     towards the original's output plus residual): better held-back fidelity than refitting all
@@ -263,6 +267,7 @@ def test_obs_select_removes_a_redundant_unit_and_refits_what_it_carried():
     assert torch.allclose(theta[:2, 0], torch.tensor([4.0, 4.0], dtype=torch.float64), atol=1e-2)  # 1 + 3 on one unit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_obs_importance_beats_wanda_refit_and_exports(name, tmp_path):
     """importance obs (the refit chooses which heads/neurons go, heads allocated globally) keeps

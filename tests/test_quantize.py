@@ -9,6 +9,7 @@ from kernels import quant as kq
 from passes import quantize as qp
 from passes import quantize_methods as qm
 from rewrite import zoo
+from tiers import sweep
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
@@ -66,6 +67,7 @@ def _compile(name, spec, **kw):
     return z, rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, **kw)
 
 
+@pytest.mark.slow
 def test_w4_pass_report_cost_and_onnx(tmp_path):
     z, out = _compile("gpt2", rewrite.Spec.from_yaml(SPECS / "quantize-w4.yaml"))
     rec = out.report.passes[-1]
@@ -93,6 +95,7 @@ def test_w4_pass_report_cost_and_onnx(tmp_path):
     assert [cfg.vocab_size, cfg.n_embd // 2] in [list(t.dims) for t in gathered if t.data_type == onnx.TensorProto.UINT8]
 
 
+@pytest.mark.slow
 def test_mixed_spec_gptq_block_influence(tmp_path):
     z, out = _compile("llama", rewrite.Spec.from_yaml(SPECS / "quantize-mixed.yaml"))
     rec = out.report.passes[-1]
@@ -163,7 +166,7 @@ COVERAGE = {"kind": "quantize", "weights": {"bits": [4, 8], "average": 6.0, "gro
             "allocate": "layerwise", "embeddings": 4}
 
 
-@pytest.mark.parametrize("name", zoo.ALL)
+@pytest.mark.parametrize("name", sweep(zoo.ALL, fast=["llama", "mlp"]))
 def test_zoo_w4_and_mixed_in_onnxruntime(name, tmp_path):
     """Every zoo model: mixed precision (the most important layers at 8 bits, the rest at 4, average
     6.0 where layer sizes allow; a single-layer model gets 4), 4-bit embeddings; exported and matched against the rewritten module in onnxruntime (default 1e-4).

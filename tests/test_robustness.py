@@ -9,6 +9,7 @@ import torch
 import rewrite
 from rewrite import zoo
 from rewrite.inputs import Inputs
+from tiers import sweep
 
 
 def _sentences(n: int, seed: int, vocab: int = 128) -> list[torch.Tensor]:
@@ -69,7 +70,7 @@ PADDING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,passes", PADDING_CASES, ids=lambda v: v if isinstance(v, str) else
+@pytest.mark.parametrize("name,passes", sweep(PADDING_CASES, fast=[PADDING_CASES[2], PADDING_CASES[11]]), ids=lambda v: v if isinstance(v, str) else
                          "-".join(f"{p['kind']}:{p.get('granularity', '')}:{p.get('importance') or p.get('method') or 'default'}:"
                                            f"{p.get('compensate', '')}"
                                   for p in v))
@@ -168,6 +169,7 @@ def test_refit_never_worse_than_unfitted_on_held_back_batches(passes):
         assert rec.fidelity.cosine >= unfitted.report.passes[0].fidelity.cosine - 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_quantize_fit_checked_against_rtn(method):
     out = _holdout_compile("llama", [{"kind": "quantize", "weights": {"bits": 3, "group_size": 32}, "method": method}])
@@ -199,6 +201,7 @@ def test_too_little_calibration_is_named():
 
 
 # ----------------------------------------------------------------------------- GQA heads
+@pytest.mark.slow
 def test_gqa_head_pruning_removes_what_it_says():
     """Zoo LLaMA: 2 KV heads per layer (2 query heads each). 25% of the heads used to round to zero
     removed units and report success; now one KV head (with its query heads) goes per layer, the

@@ -112,6 +112,7 @@ def test_no_embedding_refuses():
         RotatePass(RotateSpec()).run(program, None)
 
 
+@pytest.mark.slow
 def test_rotate_then_gptq_compiles_and_exports(tmp_path):
     """rotate -> quantize (GPTQ, sequential, normalized tokens) through the compiler; the ONNX model matches."""
     import rewrite

@@ -14,6 +14,7 @@ from rewrite import Program, Spec, zoo
 from rewrite.calibration import CalibrationData
 from rewrite.errors import PassError
 from rewrite.passmanager import PassContext
+from tiers import sweep
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 
@@ -49,10 +50,10 @@ def _weights(p):
     return set(p.params())
 
 
-@pytest.mark.parametrize("name,layers", [
+@pytest.mark.parametrize("name,layers", sweep([
     ("bert", ["encoder.layer.1"]), ("gpt2", ["h.1"]), ("llama", ["layers.1"]), ("vit", ["layers.0"]),
     ("resnet", ["encoder.stages.0.layers.1"]), ("convnext", ["encoder.stages.1.layers.1"]),
-])
+], fast=[("bert", ["encoder.layer.1"]), ("resnet", ["encoder.stages.0.layers.1"])]))
 def test_zoo_skip_exports_and_matches_onnxruntime(name, layers, tmp_path):
     z, _ = _zoo(name)
     original, res = _skip(z, layers=layers, importance="outlier_fraction", search="oneshot")

@@ -178,6 +178,7 @@ def _bert_reference(model, batch, stages):
     return h, valid
 
 
+@pytest.mark.slow
 def test_bert_spec_matches_reference_and_onnx(tmp_path):
     z = zoo.load("bert")
     spec = Spec.from_yaml(SPECS / "token-encoder.yaml")
@@ -242,6 +243,7 @@ def test_bert_merge_matches_reference():
             assert torch.equal((size * valid).sum(1), b.kwargs["attention_mask"].sum(1).float())
 
 
+@pytest.mark.slow
 def test_bert_merge_onnx(tmp_path):
     z = zoo.load("bert", calibration_batches=0)
     out = rewrite.compile(z.model, MERGE_SPEC, example_inputs=z.example)
@@ -249,6 +251,7 @@ def test_bert_merge_onnx(tmp_path):
     assert rec.verified and rec.rel_error <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert", "llama"])
 def test_pooled_influence_exports_with_padding(name, tmp_path):
     """The score that reads both the attention (q, k, mask) and the hidden states, in the graph:
@@ -291,6 +294,7 @@ def _llama_reference(model, batch, after, keep, restore=True):
     return model.norm(h)
 
 
+@pytest.mark.slow
 def test_llama_prefill_spec_matches_reference_and_onnx(tmp_path):
     z = zoo.load("llama")
     out = rewrite.compile(z.model, Spec.from_yaml(SPECS / "token-llama-prefill.yaml"), example_inputs=z.example,
@@ -307,6 +311,7 @@ def test_llama_prefill_spec_matches_reference_and_onnx(tmp_path):
     assert rec.verified and rec.rel_error <= 1e-4
 
 
+@pytest.mark.slow
 def test_vit_merge_spec_onnx(tmp_path):
     z = zoo.load("vit")
     out = rewrite.compile(z.model, Spec.from_yaml(SPECS / "token-vit-merge.yaml"), example_inputs=z.example,
