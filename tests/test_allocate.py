@@ -1,15 +1,10 @@
 """The budget allocator picks rewrites jointly to meet a whole-model budget."""
 import pytest
 
-import rewrite
-from rewrite import zoo
-
 
 @pytest.mark.slow
-def test_flops_budget_is_met_and_the_plan_is_reported(tmp_path):
-    z = zoo.load("bert", calibration_batches=4)
-    out = rewrite.compile(z.model, {"passes": [{"kind": "cleanup"}], "budget": {"flops": 0.7}},
-                          example_inputs=z.example, calibration=z.calibration)
+def test_flops_budget_is_met_and_the_plan_is_reported(bert_flops_budget, tmp_path):
+    _, _, out = bert_flops_budget  # the zoo BERT, budget flops 0.7 (tests/conftest.py)
     record = out.report.passes[-1]
     assert record.kind == "budget"
     plans = record.details["plans (chosen and rejected)"]

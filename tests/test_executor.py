@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 import rewrite
-from rewrite import zoo
 from rewrite.errors import RewriteError
 from rewrite.executor import LocalExecutor, RayExecutor, executor_for
 
@@ -25,13 +24,11 @@ def test_executor_names():
 
 
 @pytest.mark.slow
-def test_ray_workers_give_the_local_cost_table_and_plan():
+def test_ray_workers_give_the_local_cost_table_and_plan(bert_flops_budget):
     pytest.importorskip("ray")
     import ray
 
-    z = zoo.load("bert", calibration_batches=4)
-    spec = {"passes": [{"kind": "cleanup"}], "budget": {"flops": 0.7}}
-    local = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, progress=False)
+    spec, z, local = bert_flops_budget  # the same compile on the local executor (tests/conftest.py)
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env=RayExecutor()._runtime_env())
