@@ -132,6 +132,7 @@ def test_gptq_act_order_keeps_contiguous_groups_and_beats_rtn():
     assert err(q_act.weight()) < 0.8 * err(q_rtn.weight())
 
 
+@pytest.mark.slow
 def test_sequential_stats_see_the_quantized_prefix():
     """With an identity requantizer the sequential run measures exactly the one-shot statistics;
     with a real one, the second linear's statistics come from the first one's quantized output."""
@@ -210,6 +211,7 @@ def test_token_weights_cap_massive_tokens_in_the_hessian():
     assert err(qm.gptq(w, normed.hessian, 3, 16, False)) < err(qm.gptq(w, plain.hessian, 3, 16, False))
 
 
+@pytest.mark.slow
 def test_token_weight_reaches_the_pass():
     import rewrite
     from rewrite import zoo

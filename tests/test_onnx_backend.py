@@ -68,6 +68,7 @@ def _interface(path):
     return {vi.name: dims(vi) for vi in m.graph.input}, {vi.name: dims(vi) for vi in m.graph.output}
 
 
+@pytest.mark.slow
 def test_onnx_interface_takes_the_models_names_and_shared_dims(tmp_path):
     z = zoo.load("bert")
     compiled = rewrite.compile(z.model, None, example_inputs=z.example)

@@ -58,6 +58,7 @@ def _removed_cols(out, consumer: str, width: int) -> list[int]:
     return cols
 
 
+@pytest.mark.slow
 def test_bert_heads_removed_equal_zeroed_heads_and_export(tmp_path):
     z = zoo.load("bert")
     # no refit (heads default to compensate: lstsq): removing a head must equal zeroing it
@@ -170,6 +171,7 @@ def test_unstructured_and_nm_masks(tmp_path):
         assert abs((w == 0).float().mean().item() - 0.3) < 0.02
 
 
+@pytest.mark.slow
 def test_params_budget():
     z = zoo.load("bert")
     out = _compile(z, {"kind": "prune", "granularity": "neuron", "budget": {"params": 0.8}, "importance": "magnitude"})
@@ -193,7 +195,7 @@ COVERAGE = {"bert": "head", "gpt2": "neuron", "llama": "neuron", "vit": "head", 
             "mobilenetv2": "channel", "rescat_cnn": "channel", "mlp": "neuron", "dict_output": "unstructured"}
 
 
-@pytest.mark.parametrize("name", sweep(zoo.ALL, fast=["vit", "rescat_cnn"]))
+@pytest.mark.parametrize("name", sweep(zoo.ALL, fast=["mlp"]))
 def test_zoo_coverage_at_30_percent(name, tmp_path):
     z = zoo.load(name, calibration_batches=2)
     extra = {"scope": ["proj"]} if name == "dict_output" else {}  # its only layer feeds the output directly
