@@ -5,11 +5,13 @@ pass reports those counts. Dead code is eliminated by the pass manager afterward
 """
 from __future__ import annotations
 
+from typing import Literal
 import torch
 import torch.fx as fx
 
 from rewrite.pass_base import Pass, PassContext, PassResult, register
 from rewrite.program import Program
+from rewrite.spec import StrictModel
 
 aten = torch.ops.aten
 DROPOUT_OPS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default, aten.feature_alpha_dropout.default}
@@ -110,9 +112,19 @@ def fold_batch_norm(program: Program) -> int:
     return folded
 
 
+# --------------------------------------------------------------------------- spec
+class CleanupSpec(StrictModel):
+    """Dropout removal, constant folding, batch-norm folding and dead-code elimination."""
+
+    kind: Literal["cleanup"] = "cleanup"
+    dropout: bool = True
+    fold_constants: bool = True
+    fold_batchnorm: bool = True
+
+
 @register
 class CleanupPass(Pass):
-    kind = "cleanup"
+    spec_class = CleanupSpec
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         counts = {}

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, model_validator
 import torch
 import torch.fx as fx
 
 from rewrite.dims import analyse, kept_sizes
 from rewrite.errors import PassError
 from rewrite.measure import count_flops
-from rewrite.pass_base import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program
-from rewrite.spec import PruneSpec
+from rewrite.spec import Fraction, WeightImportance, StrictModel
 
 from .prune_plan import (DEFAULT_ALLOCATION, DEFAULT_COMPENSATE, DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
                          op_positions, rounding_notes, uniform_counts, unit_flops, unit_scores)
@@ -52,17 +53,77 @@ def refit_reference(program: Program, ctx: PassContext) -> Program | None:
     kept layer try to stand in for a removed block (all-MiniLM-L6-v2, deploy spec: STS-B 81.3
     aiming at the original after skipping two blocks, against 83.6 with the one-shot refit).
     """
-    if "tokens-pruned" in ctx.state or len(program.blocks()) != len(ctx.original.blocks()):
+    if Property.TOKENS_PRUNED in ctx.state or len(program.blocks()) != len(ctx.original.blocks()):
         return None
     return ctx.original
 
 
+# --------------------------------------------------------------------------- spec
+class PruneBudget(StrictModel):
+    """Fraction of the whole model's params or FLOPs to keep."""
+
+    params: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+    flops: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "PruneBudget":
+        if (self.params is None) == (self.flops is None):
+            raise ValueError("give exactly one of params, flops")
+        return self
+
+
+class PruneSpec(StrictModel):
+    """Remove coupled groups (structured) or mask weights (unstructured, N:M)."""
+
+    kind: Literal["prune"] = "prune"
+    granularity: Literal["channel", "neuron", "head", "unstructured", "n:m"]
+    amount: Annotated[float | None, Field(ge=0.0, lt=1.0)] = None
+    """Fraction removed within scope."""
+    budget: PruneBudget | None = None
+    importance: WeightImportance | Literal["obs"] | None = None
+    """Defaults per granularity: wanda for neuron/head/unstructured/n:m, magnitude for channel.
+    `obs` (heads and neurons read by a linear layer): structured Optimal Brain Surgeon, each layer
+    drops the units its least-squares refit recovers best (implies compensate: lstsq)."""
+    scope: list[str] | None = None
+    """Module globs; default: everything prunable except embeddings, output head and residual width."""
+    exclude: list[str] = []
+    allocation: Literal["uniform", "global"] | None = None
+    """None: the granularity's default (passes/prune_plan.py, chosen on held-out train data)."""
+    max_per_layer: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
+    """Cap on the fraction removed from one layer under global allocation."""
+    round_to: Annotated[int, Field(ge=1)] = 1
+    reduce: Literal["sum", "mean", "max"] = "sum"
+    normalize: bool = True
+    """Normalise group scores per layer before a global ranking."""
+    compensate: Literal[False, True, "bias", "lstsq"] | None = None
+    """None: the granularity's default (passes/prune_plan.py, chosen on held-out train data)."""
+    n: Annotated[int | None, Field(ge=1)] = None
+    m: Annotated[int | None, Field(ge=2)] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "PruneSpec":
+        if self.granularity == "n:m":
+            if self.n is None or self.m is None:
+                raise ValueError("granularity 'n:m' needs n and m (e.g. n: 2, m: 4)")
+            if self.n >= self.m:
+                raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
+        elif (self.amount is None) == (self.budget is None):
+            raise ValueError("give exactly one of amount (a fraction) or budget (params or flops)")
+        if self.importance == "obs":
+            if self.granularity not in ("head", "neuron"):
+                raise ValueError("importance 'obs' chooses heads or neurons by refitting the linear layer that reads "
+                                 f"them; granularity {self.granularity!r} needs another importance (e.g. wanda)")
+            if self.compensate not in (None, False, "lstsq"):
+                raise ValueError("importance 'obs' refits by least squares; use compensate: lstsq (or leave it out)")
+        return self
+
+
 @register
 class PrunePass(Pass):
-    kind = "prune"
-    requires_absent = {"quantized": "pruning edits float weights, which quantization has packed",
-                       "tokens-pruned": "token pruning inserts data-dependent shapes that weight pruning does not track"}
-    establishes = frozenset({"pruned"})
+    spec_class = PruneSpec
+    requires_absent = {Property.QUANTIZED: "pruning edits float weights, which quantization has packed",
+                       Property.TOKENS_PRUNED: "token pruning inserts data-dependent shapes that weight pruning does not track"}
+    establishes = frozenset({Property.PRUNED})
 
     spec: PruneSpec
 
@@ -89,13 +150,12 @@ class PrunePass(Pass):
         """The spec's allocation, or the granularity's default (`prune_plan.DEFAULT_ALLOCATION`)."""
         return self.spec.allocation or DEFAULT_ALLOCATION.get((self.spec.granularity, self.importance), "uniform")
 
-    @property
-    def needs(self) -> frozenset[str]:  # type: ignore[override]
+    def needs(self) -> dict[Need, str]:
         """Calibration, unless the importance is data-free and no compensation was asked for: a
         defaulted refit is then skipped without data (and the report says so), not required."""
         data_free = self.importance in ("magnitude", "magnitude_l1", "magnitude_l2")
         data = not data_free or (self.spec.compensate if self.spec.compensate is not None else False)
-        return frozenset({"calibration"}) if data else frozenset()
+        return {Need.CALIBRATION: ""} if data else {}
 
     def run(self, program: Program, ctx: PassContext) -> PassResult:
         if self.spec.granularity in ("unstructured", "n:m"):

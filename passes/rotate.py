@@ -25,14 +25,15 @@ Embeddings and a lm_head that share one tensor are untied (they get different we
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
 
 from rewrite.errors import PassError
-from rewrite.pass_base import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program, _unique_attr
+from rewrite.spec import StrictModel
 
 aten = torch.ops.aten
 
@@ -363,11 +364,24 @@ def residual_width(program: Program) -> tuple[list[fx.Node], int]:
     return embeds, widths.pop()
 
 
+# --------------------------------------------------------------------------- spec
+class RotateSpec(StrictModel):
+    """Rotate the residual stream by an orthogonal matrix fused into the weights (before quantize)."""
+
+    kind: Literal["rotate"] = "rotate"
+    matrix: Literal["hadamard", "random"] = "hadamard"
+    """hadamard: randomised Hadamard (random signs; random orthogonal where no construction exists)."""
+    seed: int = 0
+    online: bool = False
+    """Insert explicit matmuls by Q where the stream meets an op that does not commute with a
+    rotation (e.g. Gemma's norms on residual branches) instead of refusing."""
+
+
 @register
 class RotatePass(Pass):
-    kind = "rotate"
-    establishes = frozenset({"rotated"})
-    requires_absent = {"quantized": "the weights are already quantized; rotate the float weights first (put rotate "
+    spec_class = RotateSpec
+    establishes = frozenset({Property.ROTATED})
+    requires_absent = {Property.QUANTIZED: "the weights are already quantized; rotate the float weights first (put rotate "
                                     "before quantize)",
                        "rotated": "the residual stream is already rotated"}
 

@@ -21,12 +21,14 @@ fidelity after each removal (the trajectory).
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable
+from typing import Annotated, Callable, Literal, Union
 
 from rewrite.errors import PassError
-from rewrite.pass_base import Pass, PassContext, PassResult, register
+from pydantic import Field
+from rewrite.pass_base import Need, Pass, PassContext, PassResult, register
 from rewrite.program import Program
 from rewrite.progress import bar
+from rewrite.spec import LayerImportance, StrictModel
 
 from .importance.layer import mean_output_cosine, score_regions
 from .skip_blocks import ALIAS_NOTE, Candidates, Region, bypassed, find_regions, no_region_message, skip_regions
@@ -74,10 +76,27 @@ def beam_search(free: list[Region], k: int, score: Scorer, *, width: int,
     return best_path, best_history
 
 
+# --------------------------------------------------------------------------- spec
+class SkipSpec(StrictModel):
+    """Remove whole blocks, or one residual branch of them, by importance."""
+
+    kind: Literal["skip"] = "skip"
+    layers: Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0.0, lt=1.0)], list[str]] = 1
+    granularity: Literal["block", "attention", "mlp"] = "block"
+    importance: LayerImportance = "fidelity_drop"
+    search: Literal["oneshot", "greedy", "beam"] = "beam"
+    """oneshot: rank once; greedy: remove one at a time, re-scoring; beam: greedy that keeps the
+    `beam_width` best partial sets at each step (finds pairs greedy misses)."""
+    beam_width: Annotated[int, Field(ge=1, le=64)] = 4
+    protect: list[str] = []
+
+
 @register
 class SkipPass(Pass):
-    kind = "skip"
-    needs = frozenset({"calibration"})
+    spec_class = SkipSpec
+    def needs(self) -> dict[Need, str]:
+        """Calibration: blocks are ranked by what removing them does on calibration batches."""
+        return {Need.CALIBRATION: ""}
 
     def _candidates(self, program: Program) -> Candidates:
         cands = find_regions(program, self.spec.granularity)

@@ -28,8 +28,9 @@ pass manager runs after every pass traces them into ATen ops plus `rewrite::toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
+from pydantic import Field
 import torch
 import torch.fx as fx
 
@@ -38,8 +39,9 @@ from kernels.token import keep_count
 from passes.importance.token import (HIDDEN_ONLY, SDPA, AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
                                      padding_input, same_size)
 from rewrite.errors import PassError
-from rewrite.pass_base import Pass, PassContext, PassResult, register
+from rewrite.pass_base import Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program
+from rewrite.spec import OpenFraction, TokenImportance, StrictModel
 
 token_select = torch.ops.rewrite.token_select.default
 
@@ -314,10 +316,25 @@ def _check_runs(program: Program, ctx: PassContext, where: str) -> None:
                             "(or choose a later `after` block)") from exc
 
 
+# --------------------------------------------------------------------------- spec
+class TokenSpec(StrictModel):
+    """Drop (or merge) low-importance tokens after chosen layers, inside the graph."""
+
+    kind: Literal["token"] = "token"
+    keep: Union[OpenFraction, Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(min_length=1)]] = 0.7
+    after: list[Union[int, str]] | None = None
+    importance: TokenImportance = "cls_attention"
+    keep_special: bool = True
+    keep_last: bool | None = None
+    """Always keep the last token; None: on for causal decoders (detected from the attention mask)."""
+    merge: bool = False
+    restore: bool = False
+
+
 @register
 class TokenPass(Pass):
-    kind = "token"
-    establishes = frozenset({"tokens-pruned"})
+    spec_class = TokenSpec
+    establishes = frozenset({Property.TOKENS_PRUNED})
 
     def check(self, program: Program, ctx: PassContext) -> None:
         blocks = program.blocks()

@@ -29,13 +29,18 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
+from passes.prune import PruneSpec
+from passes.quantize import QuantizeSpec, QuantWeightsSpec
+from passes.skip import SkipSpec
+from passes.token import TokenSpec
+
 from .errors import PassError
 from .inputs import Inputs
 from .measure import cost, fidelity
 from .passmanager import PassContext, pass_for, run_passes
 from .program import Program
 from .report import PassRecord
-from .spec import BudgetSpec, PruneSpec, QuantizeSpec, QuantWeightsSpec, SkipSpec, TokenSpec
+from .spec import BudgetSpec
 
 log = logging.getLogger("rewrite")
 

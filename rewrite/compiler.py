@@ -12,7 +12,7 @@ import torch
 from .calibration import CalibrationData
 from .inputs import Inputs
 from .measure import cost, fidelity
-from .passmanager import PassContext, pass_for, run_passes
+from .passmanager import PassContext, check_needs, pass_for, run_passes
 from .progress import showing, stage
 from .program import Program
 from .report import ExportRecord, LatencyRecord, PassRecord, Report
@@ -214,9 +214,7 @@ def _compile(model: torch.nn.Module | Program, spec: Any, example_inputs: Any, c
         model = generation.CacheGraph(model)
     calib = CalibrationData.from_user(calibration, example, samples=spec.calibration.samples, holdout=spec.calibration.holdout,
                                       check_shapes=layout is None)
-    for p in passes:
-        if "calibration" in p.needs:
-            calib.require(f"the {p.kind} pass")
+    check_needs(passes, calib)
 
     from passes.canonicalize import canonicalize
 

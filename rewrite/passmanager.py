@@ -13,9 +13,11 @@ import time
 
 from pydantic import BaseModel
 
+import passes  # noqa: F401  (registers every pass kind and its spec: Spec's union is built from them)
+
 from .errors import PassError, VerificationError
 from .measure import cost, fidelity
-from .pass_base import REGISTRY, Pass, PassContext, PassResult, register  # noqa: F401  (re-exported)
+from .pass_base import REGISTRY, Need, Pass, PassContext, PassResult, register  # noqa: F401  (re-exported)
 from .program import Program
 from .progress import stage
 from .report import PassRecord
@@ -24,8 +26,6 @@ from .spec import Spec
 log = logging.getLogger("rewrite")
 
 def pass_for(spec: BaseModel) -> "Pass":
-    import passes  # noqa: F401  (registers the built-in passes)
-
     kind = getattr(spec, "kind")
     if kind not in REGISTRY:
         raise PassError(f"no pass is registered for kind {kind!r}; known kinds: {sorted(REGISTRY)}")
@@ -64,14 +64,20 @@ def _describe(p: "Pass") -> str:
     return p.kind
 
 
+def check_needs(passes: list[Pass], calibration) -> None:
+    """Before any work: raise the first unmet need (`Pass.needs`), naming the pass and why."""
+    for p in passes:
+        for need, why in p.needs().items():
+            if need is Need.CALIBRATION:
+                calibration.require(f"the {p.kind} pass ({why})" if why else f"the {p.kind} pass")
+
+
 def run_passes(program: Program, ctx: PassContext, passes: list[Pass], records: list[PassRecord], warnings: list[str]) -> Program:
     """Run every pass in order; measure after each one."""
     from passes.canonicalize import canonicalize  # the pipeline canonicalises after every recapture
 
     check_order(passes)
-    for p in passes:
-        if "calibration" in p.needs:
-            ctx.calibration.require(f"the {p.kind} pass")
+    check_needs(passes, ctx.calibration)
     for i, p in enumerate(passes):
         ctx.index = i
         with stage(f"pass {i + 1}/{len(passes)}: {_describe(p)}"):

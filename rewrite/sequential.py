@@ -43,13 +43,12 @@ import torch
 from torch import nn
 
 from passes import quantize_methods as qm
-from passes.quantize import _matches, effective_group
+from passes.quantize import QuantizeSpec, _matches, effective_group
 
 from .checkpoint import Checkpoint, load_hf
 from .errors import CalibrationError, PassError
 from .inputs import Inputs
 from .progress import note, showing
-from .spec import QuantizeSpec
 
 SHARD_BYTES = 1 << 28          # output shard size (at most; every block also ends its shard)
 ROW_CHUNK_ELEMENTS = 1 << 21

@@ -30,7 +30,9 @@ OpenFraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every spec model: unknown fields are errors; attribute docstrings become the schema's descriptions."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 # --------------------------------------------------------------------------- settings
@@ -89,194 +91,82 @@ class BudgetSpec(StrictModel):
         return self
 
 
-# --------------------------------------------------------------------------- passes
-class CleanupSpec(StrictModel):
-    """Dropout removal, constant folding, batch-norm folding and dead-code elimination."""
-
-    kind: Literal["cleanup"] = "cleanup"
-    dropout: bool = True
-    fold_constants: bool = True
-    fold_batchnorm: bool = True
+# --------------------------------------------------------------------------- pass specs
+# Each pass kind's spec class lives next to its pass (passes/<kind>.py) and is registered with
+# the pass (`rewrite.pass_base.register`), so this core module imports no pass: the union of
+# pass specs, the kind list and the JSON schema are built from this registry when first used.
+PASS_SPECS: dict[str, type[StrictModel]] = {}
+"""{kind: spec class}, in registration order (filled when the pass modules are imported)."""
 
 
-class PruneBudget(StrictModel):
-    """Fraction of the whole model's params or FLOPs to keep."""
-
-    params: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-    flops: Annotated[float | None, Field(gt=0.0, le=1.0)] = None
-
-    @model_validator(mode="after")
-    def _one(self) -> "PruneBudget":
-        if (self.params is None) == (self.flops is None):
-            raise ValueError("give exactly one of params, flops")
-        return self
+def pass_kind(spec_class: type[BaseModel]) -> str:
+    """The `kind` a pass spec class declares (its `kind: Literal["..."]` field's default)."""
+    field = spec_class.model_fields.get("kind")
+    if field is None or not isinstance(field.default, str) or not field.default:
+        raise TypeError(f"{spec_class.__name__} needs a field kind: Literal['<kind>'] = '<kind>' (the spec's discriminator)")
+    return field.default
 
 
-class PruneSpec(StrictModel):
-    """Remove coupled groups (structured) or mask weights (unstructured, N:M)."""
-
-    kind: Literal["prune"] = "prune"
-    granularity: Literal["channel", "neuron", "head", "unstructured", "n:m"]
-    amount: Annotated[float | None, Field(ge=0.0, lt=1.0)] = None
-    """Fraction removed within scope."""
-    budget: PruneBudget | None = None
-    importance: WeightImportance | Literal["obs"] | None = None
-    """Defaults per granularity: wanda for neuron/head/unstructured/n:m, magnitude for channel.
-    `obs` (heads and neurons read by a linear layer): structured Optimal Brain Surgeon, each layer
-    drops the units its least-squares refit recovers best (implies compensate: lstsq)."""
-    scope: list[str] | None = None
-    """Module globs; default: everything prunable except embeddings, output head and residual width."""
-    exclude: list[str] = []
-    allocation: Literal["uniform", "global"] | None = None
-    """None: the granularity's default (passes/prune_plan.py, chosen on held-out train data)."""
-    max_per_layer: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9
-    """Cap on the fraction removed from one layer under global allocation."""
-    round_to: Annotated[int, Field(ge=1)] = 1
-    reduce: Literal["sum", "mean", "max"] = "sum"
-    normalize: bool = True
-    """Normalise group scores per layer before a global ranking."""
-    compensate: Literal[False, True, "bias", "lstsq"] | None = None
-    """None: the granularity's default (passes/prune_plan.py, chosen on held-out train data)."""
-    n: Annotated[int | None, Field(ge=1)] = None
-    m: Annotated[int | None, Field(ge=2)] = None
-
-    @model_validator(mode="after")
-    def _check(self) -> "PruneSpec":
-        if self.granularity == "n:m":
-            if self.n is None or self.m is None:
-                raise ValueError("granularity 'n:m' needs n and m (e.g. n: 2, m: 4)")
-            if self.n >= self.m:
-                raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
-        elif (self.amount is None) == (self.budget is None):
-            raise ValueError("give exactly one of amount (a fraction) or budget (params or flops)")
-        if self.importance == "obs":
-            if self.granularity not in ("head", "neuron"):
-                raise ValueError("importance 'obs' chooses heads or neurons by refitting the linear layer that reads "
-                                 f"them; granularity {self.granularity!r} needs another importance (e.g. wanda)")
-            if self.compensate not in (None, False, "lstsq"):
-                raise ValueError("importance 'obs' refits by least squares; use compensate: lstsq (or leave it out)")
-        return self
+def register_pass_spec(spec_class: type[StrictModel]) -> type[StrictModel]:
+    """Add a pass spec class to the union that `Spec.passes` accepts (and to the schema)."""
+    PASS_SPECS[pass_kind(spec_class)] = spec_class
+    _rebuild()
+    return spec_class
 
 
-class QuantWeightsSpec(StrictModel):
-    bits: Union[Literal[2, 3, 4, 8], list[Literal[2, 3, 4, 8]]] = 4
-    average: Annotated[float | None, Field(ge=2.0, le=8.0)] = None
-    """Target average bits over quantized weights (fractional allowed); needs a list of bits."""
-    group_size: Annotated[int, Field(ge=-1)] = 128
-    """Weights per scale along the input dimension; -1 for one scale per output channel."""
-    symmetric: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> "QuantWeightsSpec":
-        if self.group_size == 0:
-            raise ValueError("group_size must be positive, or -1 for per-channel")
-        if self.average is not None:
-            if not isinstance(self.bits, list) or len(self.bits) < 2:
-                raise ValueError("average needs bits to be a list of at least two widths, e.g. [2, 4, 8]")
-            if not min(self.bits) <= self.average <= max(self.bits):
-                raise ValueError(f"average {self.average} is outside the allowed widths {self.bits}")
-        return self
+def unregister_pass_spec(kind: str) -> type[StrictModel] | None:
+    """Remove a kind from the union (tests that register a throwaway pass clean up with this)."""
+    cls = PASS_SPECS.pop(kind, None)
+    _rebuild()
+    return cls
 
 
-class ActivationQuantSpec(StrictModel):
-    mode: Literal["static", "dynamic"] = "dynamic"
-    bits: Literal[8] = 8
-    smoothquant: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
-    """Migration strength alpha of SmoothQuant; None disables it."""
+def pass_kinds() -> tuple[str, ...]:
+    """The registered pass kinds, in registration order (what error messages list as valid)."""
+    return tuple(PASS_SPECS)
 
 
-class GPTQSpec(StrictModel):
-    """Options of `method: gptq`."""
+class PassSpec:
+    """The type of one entry of `Spec.passes`: the union of the registered pass specs, told apart by `kind`.
 
-    sequential: bool = False
-    """Measure each layer's Hessian on the outputs of the already-quantized layers (the GPTQ paper's
-    procedure); false (default): every Hessian from one run of the float model, each layer's fit checked
-    against RTN on held-back batches. Sequential is opt-in (the LLM specs use it) until it has the same
-    held-back check; on SmolLM2 W4 it measured a tie with one-shot RTN (41.36 vs 41.01 ppl)."""
-    act_order: bool = False
-    """Quantize columns in order of decreasing Hessian diagonal (groups stay contiguous in the original order)."""
-    damp: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
-    """Added to the Hessian's diagonal, relative to its mean."""
-    clip_search: bool = False
-    """With act_order: shrink each group's range by weight MSE before the column sweep."""
-    token_weight: Literal["uniform", "normalized", "clipped"] = "uniform"
-    """How each calibration token counts in X^T X: uniform (plain GPTQ); normalized: every token by
-    (median norm / its norm)^2, so GPTQ minimises relative output error per token (decoders' large
-    tokens otherwise dominate the fit); clipped: only tokens above 4x the median norm are scaled down."""
+    Its validator is built from `PASS_SPECS` when `Spec` is first used (and rebuilt when a kind is
+    registered later), so a new pass kind needs no edit here.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        members = tuple(PASS_SPECS.values())
+        if not members:
+            raise TypeError("no pass kinds are registered; import passes (rewrite.compiler does) before using Spec")
+        union = members[0] if len(members) == 1 else Union[members]  # type: ignore[valid-type]
+        return handler(Annotated[union, Field(discriminator="kind")])
 
 
-class QuantizeSpec(StrictModel):
-    """Weight-only group-wise quantization (mixed precision optional), embeddings, activations."""
-
-    kind: Literal["quantize"] = "quantize"
-    weights: QuantWeightsSpec | None = QuantWeightsSpec()
-    method: Literal["rtn", "awq", "gptq"] = "rtn"
-    gptq: GPTQSpec = GPTQSpec()
-    allocate: Literal["uniform", "layerwise"] = "uniform"
-    importance: LayerImportance = "outlier_fraction"
-    order: Literal["importance", "random", "reverse"] = "importance"
-    seed: int = 0
-    scope: list[str] | None = None
-    exclude: list[str] = []
-    embeddings: Literal[None, 2, 3, 4, 8] = None
-    embeddings_group_size: Annotated[int | None, Field(ge=-1)] = None
-    """Group size of embedding tables along the embedding dim (-1: one group per row); None: weights.group_size."""
-    activations: ActivationQuantSpec | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> "QuantizeSpec":
-        if self.weights is None and self.embeddings is None and self.activations is None:
-            raise ValueError("nothing to quantize: give weights, embeddings or activations")
-        if self.allocate == "layerwise" and (self.weights is None or not isinstance(self.weights.bits, list)):
-            raise ValueError("allocate 'layerwise' needs weights.bits to be a list, e.g. [2, 4, 8]")
-        return self
+def _default_passes() -> list[BaseModel]:
+    """The default pipeline: one cleanup pass."""
+    return [PASS_SPECS["cleanup"]()]
 
 
-class SkipSpec(StrictModel):
-    """Remove whole blocks, or one residual branch of them, by importance."""
-
-    kind: Literal["skip"] = "skip"
-    layers: Union[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0.0, lt=1.0)], list[str]] = 1
-    granularity: Literal["block", "attention", "mlp"] = "block"
-    importance: LayerImportance = "fidelity_drop"
-    search: Literal["oneshot", "greedy", "beam"] = "beam"
-    """oneshot: rank once; greedy: remove one at a time, re-scoring; beam: greedy that keeps the
-    `beam_width` best partial sets at each step (finds pairs greedy misses)."""
-    beam_width: Annotated[int, Field(ge=1, le=64)] = 4
-    protect: list[str] = []
+def _rebuild() -> None:
+    """Rebuild `Spec`'s validator after the registry changed (only if it was already built)."""
+    spec_class = globals().get("Spec")
+    if spec_class is not None and spec_class.__pydantic_complete__:
+        spec_class.model_rebuild(force=True)
 
 
-class TokenSpec(StrictModel):
-    """Drop (or merge) low-importance tokens after chosen layers, inside the graph."""
-
-    kind: Literal["token"] = "token"
-    keep: Union[OpenFraction, Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(min_length=1)]] = 0.7
-    after: list[Union[int, str]] | None = None
-    importance: TokenImportance = "cls_attention"
-    keep_special: bool = True
-    keep_last: bool | None = None
-    """Always keep the last token; None: on for causal decoders (detected from the attention mask)."""
-    merge: bool = False
-    restore: bool = False
-
-
-class RotateSpec(StrictModel):
-    """Rotate the residual stream by an orthogonal matrix fused into the weights (before quantize)."""
-
-    kind: Literal["rotate"] = "rotate"
-    matrix: Literal["hadamard", "random"] = "hadamard"
-    """hadamard: randomised Hadamard (random signs; random orthogonal where no construction exists)."""
-    seed: int = 0
-    online: bool = False
-    """Insert explicit matmuls by Q where the stream meets an op that does not commute with a
-    rotation (e.g. Gemma's norms on residual branches) instead of refusing."""
-
-
-PassSpec = Annotated[
-    Union[CleanupSpec, PruneSpec, QuantizeSpec, SkipSpec, TokenSpec, RotateSpec],
-    Field(discriminator="kind"),
-]
-PASS_KINDS = ("cleanup", "prune", "quantize", "skip", "token", "rotate")
+def __getattr__(name: str) -> Any:
+    """`PASS_KINDS` and the registered spec classes by name (`from rewrite.spec import PruneSpec`), so
+    code written before the specs moved next to their passes keeps working."""
+    if name == "PASS_KINDS":
+        return pass_kinds()
+    for cls in list(PASS_SPECS.values()):
+        if cls.__name__ == name:
+            return cls
+        for field in cls.model_fields.values():  # nested option models (QuantWeightsSpec, GPTQSpec, ...)
+            for t in (field.annotation, *get_args(field.annotation)):
+                if isinstance(t, type) and t.__name__ == name and issubclass(t, BaseModel):
+                    return t
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Spec(StrictModel):
@@ -296,8 +186,10 @@ class Spec(StrictModel):
         rewrite.errors.SpecError: ...
     """
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True, defer_build=True)
+
     calibration: CalibrationSpec = CalibrationSpec()
-    passes: list[PassSpec] = [CleanupSpec()]
+    passes: list[PassSpec] = Field(default_factory=_default_passes)
     verify: VerifySpec = VerifySpec()
     export: ExportSpec = ExportSpec()
     budget: BudgetSpec | None = None
@@ -391,7 +283,7 @@ def _explain(exc: ValidationError) -> str:
         loc = [str(p) for p in err["loc"]]
         # drop pydantic's union-member tags ("prune", "list[...]", "int") from the path
         path = ".".join(p for p in loc if not _is_union_tag(p)) or "spec"
-        member = next((p for p in reversed(loc) if _is_union_tag(p) and p not in PASS_KINDS), "")
+        member = next((p for p in reversed(loc) if _is_union_tag(p) and p not in pass_kinds()), "")
         problems.setdefault(path, []).append((member, err))
     lines = []
     seen: set[str] = set()
@@ -439,9 +331,9 @@ def _one_problem(path: str, err: dict) -> str:
     kind = err["type"]
     value = err.get("input")
     if kind == "union_tag_invalid":
-        msg = f"unknown pass kind {value.get('kind')!r}; valid kinds: {', '.join(PASS_KINDS)}" if isinstance(value, dict) else err["msg"]
+        msg = f"unknown pass kind {value.get('kind')!r}; valid kinds: {', '.join(pass_kinds())}" if isinstance(value, dict) else err["msg"]
     elif kind == "union_tag_not_found":
-        msg = f"missing 'kind'; valid kinds: {', '.join(PASS_KINDS)}"
+        msg = f"missing 'kind'; valid kinds: {', '.join(pass_kinds())}"
     elif kind == "extra_forbidden":
         msg = f"unknown field {loc[-1]!r} (value {value!r}); remove it or check its spelling"
         path = ".".join(p for p in loc[:-1] if not _is_union_tag(p)) or "spec"
@@ -454,6 +346,6 @@ def _one_problem(path: str, err: dict) -> str:
 
 
 def _is_union_tag(part: str) -> bool:
-    return part in PASS_KINDS or part.startswith(("list[", "literal[", "function-", "union[")) or part in {
+    return part in PASS_SPECS or part.startswith(("list[", "literal[", "function-", "union[")) or part in {
         "int", "float", "str", "bool", "constrained-int", "constrained-float"
     }

@@ -8,7 +8,7 @@ from passes.rotate import RotatePass, hadamard, rotation_matrix
 from rewrite import zoo
 from rewrite.errors import PassError
 from rewrite.program import Program
-from rewrite.spec import RotateSpec
+from passes.rotate import RotateSpec
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 36, 64, 576, 640])

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from rewrite import Spec, SpecError
-from rewrite.spec import CleanupSpec, PruneSpec
+from passes.cleanup import CleanupSpec
+from passes.prune import PruneSpec
 
 
 def test_spec_from_python_yaml_json_roundtrip(tmp_path):

@@ -20,7 +20,8 @@ from rewrite import demo, zoo
 from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
-from rewrite.spec import Spec, TokenSpec
+from passes.token import TokenSpec
+from rewrite.spec import Spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 select = torch.ops.rewrite.token_select
