@@ -25,16 +25,13 @@ from rewrite.errors import PassError
 from rewrite.measure import count_flops
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program
-from rewrite.spec import Fraction, WeightImportance, StrictModel
+from passes.importance import WeightImportance
+from rewrite.spec import Fraction, StrictModel
 
 from .prune_plan import (DEFAULT_ALLOCATION, DEFAULT_COMPENSATE, DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
                          op_positions, rounding_notes, uniform_counts, unit_flops, unit_scores)
 
 aten = torch.ops.aten
-LSTSQ = "sequential"
-"""How `compensate: lstsq` refits: "sequential" (layer by layer on the current program, towards the
-original's outputs; `prune_compensate.compensate_sequential`) or "oneshot" (all consumers at once from
-statistics of the unpruned program; `prune_compensate.compensate`)."""
 OBS_FALLBACK = "wanda"
 """The importance a default `obs` falls back to where OBS cannot run (with the default compensation)."""
 LSTSQ_RIDGE = 1e-2
@@ -97,6 +94,10 @@ class PruneSpec(StrictModel):
     """Normalise group scores per layer before a global ranking."""
     compensate: Literal[False, True, "bias", "lstsq"] | None = None
     """None: the granularity's default (passes/prune_plan.py, chosen on held-out train data)."""
+    lstsq: Literal["sequential", "oneshot"] = "sequential"
+    """How `compensate: lstsq` refits: "sequential" (layer by layer on the current program, towards the
+    original's outputs; `prune_compensate.compensate_sequential`) or "oneshot" (all consumers at once from
+    statistics of the unpruned program; `prune_compensate.compensate`)."""
     n: Annotated[int | None, Field(ge=1)] = None
     m: Annotated[int | None, Field(ge=2)] = None
 
@@ -228,7 +229,7 @@ class PrunePass(Pass):
             from .prune_compensate import compensate, compensate_sequential
 
             entry = program.clone()
-            if comp == "lstsq" and LSTSQ == "sequential":
+            if comp == "lstsq" and s.lstsq == "sequential":
                 comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
                                                           ridge=LSTSQ_RIDGE)
             else:

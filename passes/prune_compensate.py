@@ -9,8 +9,8 @@ by W[:, R] x_R. Two refits, both from calibration statistics of the consumer's i
 - `lstsq`: least squares of the consumer's output on the kept features plus a constant,
   min E|| W x + b - W' x_K - b' ||^2, solved from E[x x^T] and E[x] with a small ridge:
   the kept columns absorb what the removed ones carried when they are correlated
-  (linear / x @ W consumers; convs fall back to `bias`). This one-shot refit is kept as
-  `passes.prune.LSTSQ = "oneshot"`.
+  (linear / x @ W consumers; convs fall back to `bias`). This one-shot refit is the prune spec's
+  `lstsq: oneshot`.
 - `compensate_sequential` (what `compensate: lstsq` runs): consumers in graph order, each refit
   on its input in the current program (earlier consumers already refit, their removed inputs
   zeroed) towards the original model's output (+ residual, when the output is only added to

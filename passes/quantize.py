@@ -36,7 +36,8 @@ from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, reg
 from rewrite.calibration import observe
 from rewrite.program import Program
 from rewrite.statistics import token_rows
-from rewrite.spec import LayerImportance, StrictModel
+from passes.importance import LayerImportance
+from rewrite.spec import StrictModel
 
 from . import quantize_methods as qm
 

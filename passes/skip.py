@@ -28,7 +28,8 @@ from pydantic import Field
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, register
 from rewrite.program import Program
 from rewrite.progress import bar
-from rewrite.spec import LayerImportance, StrictModel
+from passes.importance import LayerImportance
+from rewrite.spec import StrictModel
 
 from .importance.layer import mean_output_cosine, score_regions
 from .skip_blocks import ALIAS_NOTE, Candidates, Region, bypassed, find_regions, no_region_message, skip_regions

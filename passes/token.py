@@ -41,7 +41,8 @@ from passes.importance.token import (HIDDEN_ONLY, SDPA, AttentionSite, attention
 from rewrite.errors import PassError
 from rewrite.pass_base import Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program
-from rewrite.spec import OpenFraction, TokenImportance, StrictModel
+from passes.importance import TokenImportance
+from rewrite.spec import OpenFraction, StrictModel
 
 token_select = torch.ops.rewrite.token_select.default
 

@@ -16,15 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import SpecError
 
-# Importance kinds, by the granularity they score. Names are the spec's vocabulary.
-WEIGHT_IMPORTANCE = ("magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation")
-NEURON_IMPORTANCE = ("wina",)
-LAYER_IMPORTANCE = ("block_influence", "outlier_fraction", "fidelity_drop")
-
-WeightImportance = Literal["magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation", "wina"]
-LayerImportance = Literal["block_influence", "outlier_fraction", "fidelity_drop"]
-TokenImportance = Literal["cls_attention", "attention_rank", "norm", "mean_distance", "pooled_influence"]
-TOKEN_IMPORTANCE = get_args(TokenImportance)
+# Field types shared by pass specs. (Importance kinds are registered next to their scoring
+# functions, `passes.importance.kinds`; the pass specs build their Literal types from there.)
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 OpenFraction = Annotated[float, Field(gt=0.0, lt=1.0)]
 

@@ -206,19 +206,19 @@ def test_zoo_coverage_at_30_percent(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_sequential_refit_beats_oneshot_and_exports(tmp_path, monkeypatch):
+def test_sequential_refit_beats_oneshot_and_exports(tmp_path):
     """`compensate: lstsq` refits layer by layer (each consumer on the already pruned program,
     towards the original's output plus residual): better held-back fidelity than refitting all
     consumers at once from the unpruned statistics; the export still matches onnxruntime."""
-    import passes.prune as pp
-
     z = zoo.load("gpt2", calibration_batches=16)
-    spec = {"calibration": {"samples": 32, "batch_size": 2},
-            "passes": [{"kind": "prune", "granularity": g, "amount": 0.5, "importance": "wanda", "compensate": "lstsq"}
-                       for g in ("head", "neuron")]}
-    seq = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration)
-    monkeypatch.setattr(pp, "LSTSQ", "oneshot")
-    one = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration)
+
+    def spec(lstsq: str) -> dict:
+        return {"calibration": {"samples": 32, "batch_size": 2},
+                "passes": [{"kind": "prune", "granularity": g, "amount": 0.5, "importance": "wanda", "compensate": "lstsq",
+                            "lstsq": lstsq} for g in ("head", "neuron")]}
+
+    seq = rewrite.compile(z.model, spec("sequential"), example_inputs=z.example, calibration=z.calibration)
+    one = rewrite.compile(z.model, spec("oneshot"), example_inputs=z.example, calibration=z.calibration)
     c_seq, c_one = seq.report.passes[-1].fidelity.cosine, one.report.passes[-1].fidelity.cosine
     assert c_seq > c_one, (c_seq, c_one)
     methods = {r["method"] for p in seq.report.passes for r in p.details["compensation"]}

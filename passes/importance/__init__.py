@@ -30,6 +30,7 @@ the largest removed / smallest kept score of a decision; `module_rows(program, s
 per-weight score totals and ranges. Passes that need the full X^T X (GPTQ) can take it from
 `statistics(program, batches, second_moment=True, cache=ctx.cache)[param].input.xtx`.
 """
+from . import layer, token  # noqa: F401  (register the layer and token kinds)
 from .gradients import distillation_loss, taylor_scores
 from .groups import annotate_group_scores, group_rows, group_scores, head_matrix, member_unit_scores
 from .neuron import annotate_neuron_scores, column_norms, neuron_scores
@@ -37,7 +38,15 @@ from .stats import CACHE_KEY, FeatureStats, Statistics, WeightOp, statistics, we
 from .weight import (KINDS, Scores, all_weight_scores, annotate_weight_scores, canonical_kind, module_rows, module_summary,
                      scores_from_stats, weight_scores)
 
+from .kinds import literal
+
+WeightImportance = literal("weight")
+"""The spec type of a weight (or neuron) importance kind: the registered weight kinds."""
+LayerImportance = literal("layer")
+TokenImportance = literal("token")
+
 __all__ = [
+    "WeightImportance", "LayerImportance", "TokenImportance",
     "CACHE_KEY", "FeatureStats", "KINDS", "Scores", "Statistics", "WeightOp", "all_weight_scores",
     "annotate_group_scores", "annotate_neuron_scores", "annotate_weight_scores", "canonical_kind", "column_norms",
     "distillation_loss", "group_rows", "group_scores", "head_matrix", "member_unit_scores", "module_rows", "module_summary",

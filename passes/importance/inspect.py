@@ -33,11 +33,12 @@ import torch
 from rewrite.errors import RewriteError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
-from rewrite.spec import LAYER_IMPORTANCE, TOKEN_IMPORTANCE, Spec
+from rewrite.spec import Spec
 
 from .groups import group_scores, head_matrix
 from .stats import weight_ops
-from .weight import KINDS as WEIGHT_KINDS, weight_scores
+from .kinds import names
+from .weight import weight_scores
 
 DEFAULT_WEIGHT = ("magnitude", "wanda", "hessian", "activation", "wina")
 
@@ -55,15 +56,15 @@ def kinds_from(spec: Spec | None, requested: Sequence[str] | None) -> dict[str, 
             elif p.kind in ("skip", "quantize", "token"):
                 asked.append(p.importance)
     if not asked:
-        return {"weight": list(DEFAULT_WEIGHT), "layer": list(LAYER_IMPORTANCE), "token": list(TOKEN_IMPORTANCE)}
+        return {"weight": list(DEFAULT_WEIGHT), "layer": list(names("layer")), "token": list(names("token"))}
     out: dict[str, list[str]] = {"weight": [], "layer": [], "token": []}
     for k in asked:
-        group = "weight" if k in WEIGHT_KINDS else "layer" if k in LAYER_IMPORTANCE else "token" if k in TOKEN_IMPORTANCE else None
+        group = next((g for g in ("weight", "layer", "token") if k in names(g)), None)
         if group is None and k == "obs":
             raise RewriteError("importance 'obs' has no standalone scores: the prune pass computes it while refitting "
                                "each layer (its compile report lists every unit's cost); inspect wanda or hessian instead")
         if group is None:
-            valid = ", ".join(list(WEIGHT_KINDS) + list(LAYER_IMPORTANCE) + list(TOKEN_IMPORTANCE))
+            valid = ", ".join(n for g in ("weight", "layer", "token") for n in names(g))
             raise RewriteError(f"unknown importance kind {k!r}; valid kinds: {valid}")
         if k not in out[group]:
             out[group].append(k)

@@ -31,9 +31,9 @@ from rewrite.inputs import Inputs
 from rewrite.program import Program
 from rewrite.statistics import output_token_weights, token_weights
 
+from .kinds import REGISTRY, importance, names
 from ..skip_blocks import CONV_OPS, Region, weight_of, bypassed, find_regions, no_region_message, resolve
 
-LAYER_KINDS = ("block_influence", "outlier_fraction", "fidelity_drop")
 
 
 def layer_scores(program: Program, batches: list[Inputs], kind: str, *, granularity: str = "block",
@@ -56,13 +56,9 @@ def layer_scores(program: Program, batches: list[Inputs], kind: str, *, granular
 def score_regions(program: Program, regions: list[Region], batches: list[Inputs], kind: str, *,
                   original: Program | None = None) -> dict[str, float]:
     """Scores of regions found on `program` or on a program it was derived from by skips."""
-    if kind == "block_influence":
-        return _block_influence(program, regions, batches)
-    if kind == "outlier_fraction":
-        return {r.key: outlier_fraction([program.param(w) for w in r.weights]) for r in regions}
-    if kind == "fidelity_drop":
-        return _fidelity_drop(program, regions, batches, original or program)
-    raise PassError(f"unknown layer importance {kind!r}; valid: {', '.join(LAYER_KINDS)}")
+    if kind not in names("layer"):
+        raise PassError(f"unknown layer importance {kind!r}; valid: {', '.join(names('layer'))}")
+    return REGISTRY["layer"][kind].fn(program, regions, batches, original or program)
 
 
 # ------------------------------------------------------------------------ outliers
@@ -138,10 +134,19 @@ class _InOut:
                 self.sums[k][1] += n
 
 
-def _block_influence(program: Program, regions: list[Region], batches: list[Inputs]) -> dict[str, float]:
+# ---------------------------------------------------------------- the layer kinds (registration order = spec order)
+@importance("layer", "block_influence")
+def _block_influence(program: Program, regions: list[Region], batches: list[Inputs], original: Program) -> dict[str, float]:
+    """1 - cosine(region input, region output) per token (ShortGPT's Block Influence)."""
     sub = _InOut(program, regions)
     observe(program, batches, [sub], desc="block influence")
     return {k: 1.0 - s / max(n, 1.0) for k, (s, n) in sub.sums.items()}
+
+
+@importance("layer", "outlier_fraction")
+def _outlier_fraction(program: Program, regions: list[Region], batches: list[Inputs], original: Program) -> dict[str, float]:
+    """Share of outlier weights in the region (data-free; `outlier_fraction`)."""
+    return {r.key: outlier_fraction([program.param(w) for w in r.weights]) for r in regions}
 
 
 def output_cosine(ref: Any, got: Any, batch: Inputs) -> tuple[float, float]:
@@ -156,7 +161,9 @@ def output_cosine(ref: Any, got: Any, batch: Inputs) -> tuple[float, float]:
     return s, n
 
 
+@importance("layer", "fidelity_drop")
 def _fidelity_drop(program: Program, regions: list[Region], batches: list[Inputs], original: Program) -> dict[str, float]:
+    """1 - output cosine against `original` when the region alone is bypassed."""
     refs = [original.run(b) for b in batches]
     out: dict[str, float] = {}
     for r in regions:

@@ -35,10 +35,9 @@ from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Block, Program
 
-KINDS = ("cls_attention", "attention_rank", "norm", "mean_distance", "pooled_influence")
+from .kinds import REGISTRY, importance, names
+
 RANK_ITERS = 10
-HIDDEN_ONLY = ("norm", "mean_distance")  # kinds that read the hidden states only (no attention site)
-READS_HIDDEN = HIDDEN_ONLY + ("pooled_influence",)
 INFLUENCE_WEIGHT = 1.0
 """Weight of the attention a token receives in `pooled_influence` (each real token receives 1 on average)."""
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -142,22 +141,46 @@ def hidden_norm(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.float().norm(dim=-1)
 
 
+# ----------------------------------------------------------------- the token kinds (registration order = spec order)
+# source: what a kind reads: "attention" (q, k, mask), "hidden" (the block's hidden states), or both.
+@importance("token", "cls_attention", source="attention")
+def _cls_attention(q, k, mask, hidden, valid, *, scale, is_causal, query):  # noqa: ANN001, ANN202
+    return cls_attention(q, k, mask, scale=scale, is_causal=is_causal, query=query)
+
+
+@importance("token", "attention_rank", source="attention")
+def _attention_rank(q, k, mask, hidden, valid, *, scale, is_causal, query):  # noqa: ANN001, ANN202
+    return attention_rank(q, k, mask, scale=scale, is_causal=is_causal, valid=valid)
+
+
+@importance("token", "norm", source="hidden")
+def _norm(q, k, mask, hidden, valid, *, scale, is_causal, query):  # noqa: ANN001, ANN202
+    return hidden_norm(hidden)
+
+
+@importance("token", "mean_distance", source="hidden")
+def _mean_distance(q, k, mask, hidden, valid, *, scale, is_causal, query):  # noqa: ANN001, ANN202
+    return mean_distance(hidden, valid)
+
+
+@importance("token", "pooled_influence", source="attention+hidden")
+def _pooled_influence(q, k, mask, hidden, valid, *, scale, is_causal, query):  # noqa: ANN001, ANN202
+    return pooled_influence(q, k, mask, hidden, valid, scale=scale, is_causal=is_causal)
+
+
+KINDS = names("token")
+HIDDEN_ONLY = tuple(n for n, kind in REGISTRY["token"].items() if kind.source == "hidden")
+"""Kinds that read the hidden states only (no attention site needed)."""
+READS_HIDDEN = tuple(n for n, kind in REGISTRY["token"].items() if "hidden" in kind.source)
+
+
 def score_tokens(kind: str, q: torch.Tensor | None, k: torch.Tensor | None, mask: torch.Tensor | None,
                  hidden: torch.Tensor | None, valid: torch.Tensor | None, scale: float | None = None,
                  is_causal: bool = False, query: int = 0) -> torch.Tensor:
     """The scores of one kind, padding at -inf. This function is what the graph runs."""
-    if kind == "cls_attention":
-        s = cls_attention(q, k, mask, scale=scale, is_causal=is_causal, query=query)
-    elif kind == "attention_rank":
-        s = attention_rank(q, k, mask, scale=scale, is_causal=is_causal, valid=valid)
-    elif kind == "norm":
-        s = hidden_norm(hidden)
-    elif kind == "mean_distance":
-        s = mean_distance(hidden, valid)
-    elif kind == "pooled_influence":
-        s = pooled_influence(q, k, mask, hidden, valid, scale=scale, is_causal=is_causal)
-    else:
+    if kind not in REGISTRY["token"]:
         raise PassError(f"unknown token importance {kind!r}; use one of {', '.join(KINDS)}")
+    s = REGISTRY["token"][kind].fn(q, k, mask, hidden, valid, scale=scale, is_causal=is_causal, query=query)
     if valid is not None:
         s = s.masked_fill(~valid.bool(), float("-inf"))
     return s

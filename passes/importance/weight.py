@@ -31,12 +31,60 @@ from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
 
-from .stats import Statistics, WeightOp, input_view, statistics, weight_ops
+from .kinds import alias, get, importance, names
+from .stats import FeatureStats, Statistics, WeightOp, input_view, statistics, weight_ops
 
-KINDS = ("magnitude", "magnitude_l1", "magnitude_l2", "wanda", "taylor", "hessian", "activation", "wina")
-NEEDS_STATS = {"wanda", "hessian", "activation", "wina"}
-NEEDS_GRADIENTS = {"taylor"}
-ALIASES = {"magnitude": "magnitude_l2"}
+# ---------------------------------------------------------------- the weight kinds (registration order = spec order)
+alias("weight", "magnitude", of="magnitude_l2")
+
+
+@importance("weight", "magnitude_l1", source="weights")
+def _magnitude_l1(w: torch.Tensor) -> torch.Tensor:
+    return w.abs()
+
+
+@importance("weight", "magnitude_l2", source="weights")
+def _magnitude_l2(w: torch.Tensor) -> torch.Tensor:
+    return w * w
+
+
+@importance("weight", "wanda", source="stats")
+def _wanda(op: WeightOp, w: torch.Tensor, st: FeatureStats) -> torch.Tensor:
+    """|W| times the input feature's L2 norm over calibration tokens (Wanda)."""
+    return w.abs() * input_view(op, w, st.l2)
+
+
+@importance("weight", "taylor", source="gradients")
+def _taylor(program: Program, batches: list[Inputs], params: list[str], task_loss: Any, original: Program | None) -> Scores:
+    """|W * dL/dW| (first-order Taylor), the loss from `gradients.taylor_scores`."""
+    from .gradients import taylor_scores
+
+    out = Scores(taylor_scores(program, batches, params=params, task_loss=task_loss, original=original), kind="taylor")
+    out.loss = taylor_scores.last_loss  # "task" | "distillation" | "probe" (see gradients.py)
+    return out
+
+
+@importance("weight", "hessian", source="stats")
+def _hessian(op: WeightOp, w: torch.Tensor, st: FeatureStats) -> torch.Tensor:
+    """W^2 times the diagonal of the input's second moment (OBD-style saliency)."""
+    return w * w * input_view(op, w, st.sum_sq.float())
+
+
+@importance("weight", "activation", source="stats")
+def _activation(op: WeightOp, w: torch.Tensor, st: FeatureStats) -> torch.Tensor:
+    """The input feature's mean |activation|, broadcast over the weight."""
+    return input_view(op, w, st.mean_abs).clone()
+
+
+@importance("weight", "wina", source="stats", roles=("consumer",))
+def _wina(op: WeightOp, w: torch.Tensor, st: FeatureStats) -> torch.Tensor:
+    """WINA: input activation times the weight's column norm (scores the consumer's input neurons)."""
+    from .neuron import wina_vector
+
+    return input_view(op, w, wina_vector(op, w, st)).clone()
+
+
+KINDS = names("weight")
 
 
 class Scores(dict):
@@ -55,9 +103,10 @@ class Scores(dict):
 
 
 def canonical_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise PassError(f"unknown weight importance {kind!r}; valid kinds: {', '.join(KINDS)}")
-    return ALIASES.get(kind, kind)
+    """The registered name `kind` stands for (an alias resolved); PassError for an unknown kind."""
+    if kind not in names("weight"):
+        raise PassError(f"unknown weight importance {kind!r}; valid kinds: {', '.join(names('weight'))}")
+    return get("weight", kind).name
 
 
 def weight_scores(program: Program, batches: Sequence[Any] | None, kind: str, *, params: Sequence[str] | str | None = None,
@@ -70,23 +119,18 @@ def weight_scores(program: Program, batches: Sequence[Any] | None, kind: str, *,
     and `original` (the uncompressed Program) are used by `taylor` only.
     """
     kind = canonical_kind(kind)
+    entry = get("weight", kind)
     ops = weight_ops(program, params)
-    if kind in ("magnitude_l1", "magnitude_l2"):
+    if entry.source == "weights":
         out = Scores(kind=kind)
         for op in ops:
-            w = program.param(op.param).detach().float()
-            out[op.param] = w.abs() if kind == "magnitude_l1" else w * w
+            out[op.param] = entry.fn(program.param(op.param).detach().float())
         return out
     if not batches:
         raise PassError(f"importance {kind!r} needs calibration batches: pass calibration= to rewrite.compile")
     batches = [Inputs.of(b) for b in batches]
-    if kind == "taylor":
-        from .gradients import taylor_scores
-
-        out = Scores(taylor_scores(program, batches, params=[op.param for op in ops], task_loss=task_loss,
-                                   original=original), kind=kind)
-        out.loss = taylor_scores.last_loss  # "task" | "distillation" | "probe" (see gradients.py)
-        return out
+    if entry.source == "gradients":
+        return entry.fn(program, batches, [op.param for op in ops], task_loss, original)
     stats = statistics(program, batches, cache=cache, progress=progress)
     return scores_from_stats(program, stats, kind, ops)
 
@@ -94,25 +138,15 @@ def weight_scores(program: Program, batches: Sequence[Any] | None, kind: str, *,
 def scores_from_stats(program: Program, stats: Statistics, kind: str, ops: list[WeightOp] | None = None) -> Scores:
     """The statistics-based kinds (wanda, hessian, activation, wina) from collected stats."""
     kind = canonical_kind(kind)
+    entry = get("weight", kind)
+    if entry.source != "stats":
+        raise PassError(f"importance {kind!r} is not computed from statistics")
     ops = ops if ops is not None else [s.op for s in stats.ops.values()]
-    out = Scores(kind=kind, roles=("consumer",) if kind == "wina" else None)
+    out = Scores(kind=kind, roles=entry.roles)
     for op in ops:
         if op.param not in stats:
             continue
-        w = program.param(op.param).detach().float()
-        st = stats[op.param].input
-        if kind == "wanda":
-            out[op.param] = w.abs() * input_view(op, w, st.l2)
-        elif kind == "hessian":
-            out[op.param] = w * w * input_view(op, w, st.sum_sq.float())
-        elif kind == "activation":
-            out[op.param] = input_view(op, w, st.mean_abs).clone()
-        elif kind == "wina":
-            from .neuron import wina_vector
-
-            out[op.param] = input_view(op, w, wina_vector(op, w, st)).clone()
-        else:
-            raise PassError(f"importance {kind!r} is not computed from statistics")
+        out[op.param] = entry.fn(op, program.param(op.param).detach().float(), stats[op.param].input)
     return out
 
 
