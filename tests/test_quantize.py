@@ -112,6 +112,7 @@ def test_mixed_spec_gptq_block_influence(tmp_path):
     assert e.verified and e.rel_error <= 1e-4
 
 
+@pytest.mark.slow
 def test_w8a8_spec(tmp_path):
     z, out = _compile("bert", rewrite.Spec.from_yaml(SPECS / "quantize-w8a8.yaml"))
     assert "linear_a8_dynamic" in str(out.module.code)
