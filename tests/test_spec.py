@@ -84,3 +84,23 @@ def test_yaml_and_json_syntax_errors_name_the_file_and_line(tmp_path):
     bad_json.write_text('{"passes": [}')
     with pytest.raises(SpecError, match=r"spec file .*bad\.json is not valid JSON at line 1, column 13"):
         Spec.load(bad_json)
+
+
+def test_pass_and_importance_kinds_come_from_their_registries():
+    """The spec's pass union, kind list and schema are the registered passes' own spec classes; the
+    importance fields accept exactly the registered importance kinds."""
+    from passes.importance import kinds
+    from rewrite.pass_base import REGISTRY
+    from rewrite.spec import PASS_SPECS, pass_kinds
+
+    assert set(pass_kinds()) == set(REGISTRY) >= {"cleanup", "prune", "quantize", "rotate", "skip", "token"}
+    assert all(REGISTRY[k].spec_class is PASS_SPECS[k] for k in REGISTRY)
+    defs = Spec.model_json_schema()["$defs"]
+    assert defs["PruneSpec"]["properties"]["amount"]["description"] == "Fraction removed within scope."
+    for k in kinds.names("layer"):
+        assert Spec.parse({"passes": [{"kind": "skip", "importance": k}]}).passes[0].importance == k
+    with pytest.raises(SpecError, match="block_influence"):
+        Spec.parse({"passes": [{"kind": "skip", "importance": "nope"}]})
+    assert Spec.parse({"passes": [{"kind": "prune", "granularity": "neuron", "amount": 0.5, "lstsq": "oneshot"}]}).passes[0].lstsq == "oneshot"
+    with pytest.raises(SpecError, match="passes.0.lstsq"):
+        Spec.parse({"passes": [{"kind": "prune", "granularity": "neuron", "amount": 0.5, "lstsq": "twice"}]})
