@@ -3,17 +3,18 @@ import torch
 
 import rewrite
 from rewrite import PassError, zoo
+from rewrite.pass_base import Property
 from rewrite.passmanager import Pass, PassResult, check_order
 
 
 class _Quantizes(Pass):
     kind = "q"
-    establishes = frozenset({"quantized"})
+    establishes = frozenset({Property.QUANTIZED})
 
 
 class _Prunes(Pass):
     kind = "p"
-    requires_absent = {"quantized": "a quantized weight cannot be sliced into structured groups"}
+    requires_absent = {Property.QUANTIZED: "a quantized weight cannot be sliced into structured groups"}
 
 
 class _Reads(Pass):
