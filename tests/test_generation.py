@@ -7,6 +7,7 @@ zoo has LLaMA and GPT-2 backbones only); each goes through the same mechanism.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import pytest
@@ -81,6 +82,13 @@ def test_task_detection():
         G.resolve_task(decoder("llama"), "summarise")
 
 
+@functools.lru_cache(maxsize=None)
+def plain_decoder(name: str):
+    """(model, compiled) with no passes and no calibration, compiled once per family for the tests
+    that only run them (steppers and reference forwards change neither)."""
+    return compile_decoder(name, calibration=0)
+
+
 def test_task_none_keeps_full_sequence_graph():
     model = decoder("llama")
     model.config.use_cache = False  # as before: a full-sequence capture needs no cache output
@@ -108,7 +116,7 @@ def _run_steps(step, layout, ids, mask, schedule):
 def test_generation_graph_matches_model(name):
     """One graph: prefill at past 0 (1 and many tokens) and decode steps equal the HF model's
     own full-sequence logits at every real position, left padding included."""
-    model, out = compile_decoder(name, calibration=0)
+    model, out = plain_decoder(name)
     layout = G.GenerationProgramInfo.of(out.program)
     assert layout.num_layers == model.config.num_hidden_layers
     names = [n.name for n in out.program.placeholders()]
@@ -126,7 +134,7 @@ def test_generation_graph_matches_model(name):
 
 
 def test_past_length_stays_dynamic():
-    _, out = compile_decoder("llama", calibration=0)
+    _, out = plain_decoder("llama")
     layout = G.GenerationProgramInfo.of(out.program)
     step = TorchStepper(out.module, layout)
     ids, mask = tokens(3, batch=1, seq=20, left_pad=0).values()
@@ -260,7 +268,7 @@ def test_rewrites_that_cannot_carry_into_the_cache_refuse(passes, match):
 
 
 def test_generation_errors():
-    _, out = compile_decoder("llama", calibration=0)
+    _, out = plain_decoder("llama")
     layout = G.GenerationProgramInfo.of(out.program)
     step = TorchStepper(out.module, layout)
     ids, mask = tokens(1).values()
