@@ -30,7 +30,7 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import networkx as nx
 import numpy as np
@@ -297,287 +297,357 @@ def _reshape(b: _Builder, x: fx.Node, out: fx.Node) -> None:
             b.freeze(out, j, f"inner dim of reshape {out.name}")
 
 
-def _visit(b: _Builder, node: fx.Node) -> None:
-    t = node.target
-    shape = b.shape(node)
-    if t in UNARY:
-        x = node.args[0]
-        if isinstance(x, fx.Node) and shape is not None:
-            _broadcast(b, node, [x])
-        return
-    if t in BINARY:
-        _broadcast(b, node, [a for a in node.args[:3] if isinstance(a, fx.Node)])
-        return
-    if t == aten.linear.default:
-        x, w = node.args[0], node.args[1]
-        bias = _arg(node, 2, "bias")
-        rank = len(shape)
-        for d in range(rank - 1):
-            b.link(x, d, node, d)
-        b.link(x, -1, w, 1)
-        b.link(node, -1, w, 0)
-        b.use_param(w, 1, "consumer", node)
-        b.use_param(w, 0, "producer", node)
-        if isinstance(bias, fx.Node):
-            b.link(node, -1, bias, 0)
-            b.use_param(bias, 0, "producer", node)
-        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-            b.freeze_node(w, "linear weight computed at runtime")
-        return
-    if t == aten.addmm.default:  # GPT-2 Conv1D: bias + x @ W[in, out]
-        bias, x, w = node.args[:3]
-        b.link(x, 0, node, 0)
-        b.link(x, 1, w, 0)
-        b.link(node, 1, w, 1)
-        b.link(node, 1, bias, -1)
-        b.use_param(w, 0, "consumer", node)
-        b.use_param(w, 1, "producer", node)
+_RULES: dict[Any, Callable[["_Builder", fx.Node, Any, Any], None]] = {}
+"""{op target: rule}: how an op links the dimensions of its inputs and outputs (`_visit` applies them)."""
+
+
+def _rule(*targets: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a dimension rule for `targets` (the first rule registered for a target wins)."""
+
+    def add(fn: Callable[..., None]) -> Callable[..., None]:
+        for target in targets:
+            _RULES.setdefault(target, fn)
+        return fn
+
+    return add
+
+
+@_rule(*UNARY)
+def _unary(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    if isinstance(x, fx.Node) and shape is not None:
+        _broadcast(b, node, [x])
+
+
+@_rule(*BINARY)
+def _binary(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    _broadcast(b, node, [a for a in node.args[:3] if isinstance(a, fx.Node)])
+
+
+@_rule(aten.linear.default)
+def _linear(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, w = node.args[0], node.args[1]
+    bias = _arg(node, 2, "bias")
+    rank = len(shape)
+    for d in range(rank - 1):
+        b.link(x, d, node, d)
+    b.link(x, -1, w, 1)
+    b.link(node, -1, w, 0)
+    b.use_param(w, 1, "consumer", node)
+    b.use_param(w, 0, "producer", node)
+    if isinstance(bias, fx.Node):
+        b.link(node, -1, bias, 0)
         b.use_param(bias, 0, "producer", node)
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        b.freeze_node(w, "linear weight computed at runtime")
+
+
+@_rule(aten.addmm.default)  # GPT-2 Conv1D: bias + x @ W[in, out]
+def _addmm(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    bias, x, w = node.args[:3]
+    b.link(x, 0, node, 0)
+    b.link(x, 1, w, 0)
+    b.link(node, 1, w, 1)
+    b.link(node, 1, bias, -1)
+    b.use_param(w, 0, "consumer", node)
+    b.use_param(w, 1, "producer", node)
+    b.use_param(bias, 0, "producer", node)
+
+
+@_rule(aten.matmul.default, aten.bmm.default, aten.mm.default)
+def _matmul(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, y = node.args[:2]
+    xs, ys = b.shape(x), b.shape(y)
+    if xs is None or ys is None or len(xs) < 2 or len(ys) < 2:
+        b.freeze_node(node, f"unsupported matmul {node.name}")
         return
-    if t in (aten.matmul.default, aten.bmm.default, aten.mm.default):
-        x, y = node.args[:2]
-        xs, ys = b.shape(x), b.shape(y)
-        if xs is None or ys is None or len(xs) < 2 or len(ys) < 2:
-            b.freeze_node(node, f"unsupported matmul {node.name}")
+    b.link(x, -1, y, -2)
+    b.link(x, -2, node, -2)
+    b.link(y, -1, node, -1)
+    for a, s in ((x, xs), (y, ys)):
+        off = len(shape) - len(s)
+        for d in range(len(s) - 2):
+            b.link(a, d, node, d + off)
+    for a in (x, y):
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            b.freeze_node(a, "weight used by a plain matmul")
+
+
+@_rule(*CONVS)
+def _convs(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, w = node.args[0], node.args[1]
+    bias = _arg(node, 2, "bias")
+    groups = _arg(node, 8 if t == aten.convolution.default else 6, "groups", 1)
+    ws = b.shape(w)
+    b.link(x, 0, node, 0)
+    b.link(node, 1, w, 0)
+    b.use_param(w, 0, "producer", node)
+    if isinstance(bias, fx.Node):
+        b.link(node, 1, bias, 0)
+        b.use_param(bias, 0, "producer", node)
+    if groups == 1:
+        b.link(x, 1, w, 1)
+        b.use_param(w, 1, "consumer", node)
+    elif ws is not None and ws[1] == 1:  # depthwise: output channel o reads input channel o // mult
+        mult = ws[0] // groups
+        o = np.arange(ws[0])
+        b.link(node, 1, x, 1, o, o // mult, how="depthwise")
+        if mult != 1:
+            b.freeze(node, 1, f"depthwise conv {node.name} with channel multiplier {mult}")
+    else:
+        b.freeze(x, 1, f"grouped conv {node.name} (groups={groups}) is not supported for pruning")
+        b.freeze(node, 1, f"grouped conv {node.name} (groups={groups}) is not supported for pruning")
+
+
+@_rule(*NORMS)
+def _norms(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    _broadcast(b, node, [x])
+    for p in node.args[1:5]:
+        if isinstance(p, fx.Node):
+            b.link(node, 1, p, 0)
+            b.use_param(p, 0, "producer", node)
+
+
+@_rule(aten.layer_norm.default)
+def _layer_norm(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, normalized = node.args[0], node.args[1]
+    _broadcast(b, node, [x])
+    wt, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    for p in (wt, bias):
+        if isinstance(p, fx.Node):
+            for d in range(len(normalized)):
+                b.link(node, len(shape) - len(normalized) + d, p, d)
+                b.use_param(p, d, "producer", node)
+
+
+@_rule(aten.group_norm.default)
+def _group_norm(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    _broadcast(b, node, [x])
+    b.freeze(node, 1, f"group norm {node.name}: channel pruning through group norm is not supported")
+    for p in node.args[2:4]:
+        if isinstance(p, fx.Node):
+            b.link(node, 1, p, 0)
+
+
+@_rule(aten.embedding.default)
+def _embedding(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    w = node.args[0]
+    b.link(node, -1, w, 1)
+    b.use_param(w, 1, "producer", node)
+    b.freeze(w, 1, "embedding table")
+    b.freeze(w, 0, "embedding vocabulary")
+
+
+@_rule(aten.scaled_dot_product_attention.default)
+def _scaled_dot_product_attention(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    q, k, v = node.args[:3]
+    qs, ks = b.shape(q), b.shape(k)
+    for a in (q, k, v):
+        if b.shape(a) is not None and len(b.shape(a)) != 4:
+            b.freeze_node(node, f"attention {node.name} is not 4-D")
             return
-        b.link(x, -1, y, -2)
-        b.link(x, -2, node, -2)
-        b.link(y, -1, node, -1)
-        for a, s in ((x, xs), (y, ys)):
-            off = len(shape) - len(s)
-            for d in range(len(s) - 2):
-                b.link(a, d, node, d + off)
-        for a in (x, y):
-            if isinstance(a, fx.Node) and a.op == "get_attr":
-                b.freeze_node(a, "weight used by a plain matmul")
-        return
-    if t in CONVS:
-        x, w = node.args[0], node.args[1]
-        bias = _arg(node, 2, "bias")
-        groups = _arg(node, 8 if t == aten.convolution.default else 6, "groups", 1)
-        ws = b.shape(w)
-        b.link(x, 0, node, 0)
-        b.link(node, 1, w, 0)
-        b.use_param(w, 0, "producer", node)
-        if isinstance(bias, fx.Node):
-            b.link(node, 1, bias, 0)
-            b.use_param(bias, 0, "producer", node)
-        if groups == 1:
-            b.link(x, 1, w, 1)
-            b.use_param(w, 1, "consumer", node)
-        elif ws is not None and ws[1] == 1:  # depthwise: output channel o reads input channel o // mult
-            mult = ws[0] // groups
-            o = np.arange(ws[0])
-            b.link(node, 1, x, 1, o, o // mult, how="depthwise")
-            if mult != 1:
-                b.freeze(node, 1, f"depthwise conv {node.name} with channel multiplier {mult}")
-        else:
-            b.freeze(x, 1, f"grouped conv {node.name} (groups={groups}) is not supported for pruning")
-            b.freeze(node, 1, f"grouped conv {node.name} (groups={groups}) is not supported for pruning")
-        return
-    if t in NORMS:
-        x = node.args[0]
-        _broadcast(b, node, [x])
-        for p in node.args[1:5]:
-            if isinstance(p, fx.Node):
-                b.link(node, 1, p, 0)
-                b.use_param(p, 0, "producer", node)
-        return
-    if t == aten.layer_norm.default:
-        x, normalized = node.args[0], node.args[1]
-        _broadcast(b, node, [x])
-        wt, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
-        for p in (wt, bias):
-            if isinstance(p, fx.Node):
-                for d in range(len(normalized)):
-                    b.link(node, len(shape) - len(normalized) + d, p, d)
-                    b.use_param(p, d, "producer", node)
-        return
-    if t == aten.group_norm.default:
-        x, groups = node.args[0], node.args[1]
-        _broadcast(b, node, [x])
-        b.freeze(node, 1, f"group norm {node.name}: channel pruning through group norm is not supported")
-        for p in node.args[2:4]:
-            if isinstance(p, fx.Node):
-                b.link(node, 1, p, 0)
-        return
-    if t == aten.embedding.default:
-        w = node.args[0]
-        b.link(node, -1, w, 1)
-        b.use_param(w, 1, "producer", node)
-        b.freeze(w, 1, "embedding table")
-        b.freeze(w, 0, "embedding vocabulary")
-        return
-    if t == aten.scaled_dot_product_attention.default:
-        q, k, v = node.args[:3]
-        qs, ks = b.shape(q), b.shape(k)
-        for a in (q, k, v):
-            if b.shape(a) is not None and len(b.shape(a)) != 4:
-                b.freeze_node(node, f"attention {node.name} is not 4-D")
-                return
-        hq = qs[1] if qs else None
-        hk = ks[1] if ks else None
-        if isinstance(hq, int) and isinstance(hk, int) and hq != hk and hk > 0 and hq % hk == 0:
-            h = np.arange(hq)
-            b.link(q, 1, k, 1, h, h // (hq // hk), how="gqa")
-            b.link(q, 1, v, 1, h, h // (hq // hk), how="gqa")
-        else:
-            b.link(q, 1, k, 1)
-            b.link(k, 1, v, 1)
-        b.link(q, 1, node, 1)
-        b.link(q, 3, k, 3)
-        b.link(v, 3, node, 3)
-        for d in (0, 2):
-            b.link(q, d, node, d)
-        b.link(k, 2, v, 2)
-        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        ms = b.shape(mask)
-        if ms is not None:  # a per-head bias (T5/Swin relative positions) is sliced with the heads
-            off = 4 - len(ms)
-            for d, a, ad in ((1, q, 1), (2, q, 2), (3, k, 2)):
-                if d - off >= 0:
-                    b.link(mask, d - off, a, ad)
-        qv = b.vertex(q, 1)
-        if qv is not None:
-            b.heads.add(qv)
-        for d in (3,):
-            b.freeze(q, d, "head_dim of attention")
-            b.freeze(v, d, "head_dim of attention")
-        return
-    if t in VIEWS or t == aten.flatten.using_ints:
-        _reshape(b, node.args[0], node)
-        return
-    if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default):
-        _reshape(b, node.args[0], node)
-        return
-    if t == aten.expand.default:
-        x = node.args[0]
-        _broadcast(b, node, [x])
-        return
-    if t == aten.transpose.int:
-        x, d0, d1 = node.args[:3]
-        rank = len(shape)
-        perm = list(range(rank))
-        d0, d1 = d0 % rank, d1 % rank
-        perm[d0], perm[d1] = perm[d1], perm[d0]
-        for od, idim in enumerate(perm):
-            b.link(x, idim, node, od)
-        return
-    if t == aten.permute.default:
-        x, perm = node.args[:2]
-        for od, idim in enumerate(perm):
-            b.link(x, idim % len(shape), node, od)
-        return
-    if t == aten.t.default:
-        x = node.args[0]
-        for od, idim in enumerate(reversed(range(len(shape)))):
-            b.link(x, idim, node, od)
-        return
-    if t == aten.cat.default:
-        xs = node.args[0]
-        dim = _arg(node, 1, "dim", 0) % len(shape)
-        off = 0
-        for x in xs:
-            s = b.shape(x)
-            if s is None or len(s) != len(shape):
-                continue
-            for d in range(len(shape)):
-                if d != dim:
-                    b.link(x, d, node, d)
-            if isinstance(s[dim], int) and isinstance(shape[dim], int):
-                n = s[dim]
-                b.link(x, dim, node, dim, np.arange(n), off + np.arange(n), how=f"cat+{off}")
-                off += n
-            else:
-                off = None  # type: ignore[assignment]
-                break
-        return
-    if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int):
-        return  # handled by the getitem users
-    if t == operator.getitem:
-        src, i = node.args
-        if not isinstance(src, fx.Node):
-            return
-        if src.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
-            x = src.args[0]
-            xs = b.shape(x)
-            dim = _arg(src, 2, "dim", 0) % len(xs)
-            outs = src.meta.get("val")
-            sizes = [tuple(o.shape)[dim] for o in outs]
-            if any(not isinstance(s, int) for s in sizes):
-                for d in range(len(shape)):
-                    if d != dim:
-                        b.link(x, d, node, d)
-                return
-            off = sum(sizes[:i])
-            for d in range(len(shape)):
-                if d != dim:
-                    b.link(x, d, node, d)
-            b.link(x, dim, node, dim, off + np.arange(sizes[i]), np.arange(sizes[i]), how=f"split+{off}")
-            return  # the prune pass rewrites the split sizes from the kept counts
-        if src.target == aten._native_batch_norm_legit_no_training.default and i == 0:
-            return
-        if shape is not None:
-            b.freeze_node(node, f"output {i} of {src.target}")
-        return
-    if t == aten.slice.Tensor:
-        x = node.args[0]
-        dim = _arg(node, 1, "dim", 0) % len(shape)
-        xs = b.shape(x)
+    hq = qs[1] if qs else None
+    hk = ks[1] if ks else None
+    if isinstance(hq, int) and isinstance(hk, int) and hq != hk and hk > 0 and hq % hk == 0:
+        h = np.arange(hq)
+        b.link(q, 1, k, 1, h, h // (hq // hk), how="gqa")
+        b.link(q, 1, v, 1, h, h // (hq // hk), how="gqa")
+    else:
+        b.link(q, 1, k, 1)
+        b.link(k, 1, v, 1)
+    b.link(q, 1, node, 1)
+    b.link(q, 3, k, 3)
+    b.link(v, 3, node, 3)
+    for d in (0, 2):
+        b.link(q, d, node, d)
+    b.link(k, 2, v, 2)
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    ms = b.shape(mask)
+    if ms is not None:  # a per-head bias (T5/Swin relative positions) is sliced with the heads
+        off = 4 - len(ms)
+        for d, a, ad in ((1, q, 1), (2, q, 2), (3, k, 2)):
+            if d - off >= 0:
+                b.link(mask, d - off, a, ad)
+    qv = b.vertex(q, 1)
+    if qv is not None:
+        b.heads.add(qv)
+    for d in (3,):
+        b.freeze(q, d, "head_dim of attention")
+        b.freeze(v, d, "head_dim of attention")
+
+
+@_rule(*VIEWS, aten.flatten.using_ints)
+def _views(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    _reshape(b, node.args[0], node)
+
+
+@_rule(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default)
+def _squeeze_dim(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    _reshape(b, node.args[0], node)
+
+
+@_rule(aten.expand.default)
+def _expand(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    _broadcast(b, node, [x])
+
+
+@_rule(aten.transpose.int)
+def _transpose_int(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, d0, d1 = node.args[:3]
+    rank = len(shape)
+    perm = list(range(rank))
+    d0, d1 = d0 % rank, d1 % rank
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    for od, idim in enumerate(perm):
+        b.link(x, idim, node, od)
+
+
+@_rule(aten.permute.default)
+def _permute(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, perm = node.args[:2]
+    for od, idim in enumerate(perm):
+        b.link(x, idim % len(shape), node, od)
+
+
+@_rule(aten.t.default)
+def _t(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    for od, idim in enumerate(reversed(range(len(shape)))):
+        b.link(x, idim, node, od)
+
+
+@_rule(aten.cat.default)
+def _cat(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    xs = node.args[0]
+    dim = _arg(node, 1, "dim", 0) % len(shape)
+    off = 0
+    for x in xs:
+        s = b.shape(x)
+        if s is None or len(s) != len(shape):
+            continue
         for d in range(len(shape)):
             if d != dim:
                 b.link(x, d, node, d)
-        if isinstance(xs[dim], int) and isinstance(shape[dim], int):
-            if xs[dim] == shape[dim]:
-                b.link(x, dim, node, dim)
-            else:
-                start = _arg(node, 2, "start", 0) or 0
-                if isinstance(start, int):
-                    start = start % xs[dim] if start < 0 else start
-                    step = _arg(node, 4, "step", 1) or 1
-                    n = shape[dim]
-                    b.link(x, dim, node, dim, start + step * np.arange(n), np.arange(n), how="slice")
-                b.freeze(x, dim, f"sliced at constant bounds by {node.name}")
+        if isinstance(s[dim], int) and isinstance(shape[dim], int):
+            n = s[dim]
+            b.link(x, dim, node, dim, np.arange(n), off + np.arange(n), how=f"cat+{off}")
+            off += n
+        else:
+            off = None  # type: ignore[assignment]
+            break
+
+
+@_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
+def _split_tensor(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    return  # handled by the getitem users
+
+
+@_rule(operator.getitem)
+def _getitem(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    src, i = node.args
+    if not isinstance(src, fx.Node):
         return
-    if t == aten.select.int:
-        x, dim = node.args[:2]
+    if src.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+        x = src.args[0]
         xs = b.shape(x)
-        dim = dim % len(xs)
-        for d in range(len(xs)):
+        dim = _arg(src, 2, "dim", 0) % len(xs)
+        outs = src.meta.get("val")
+        sizes = [tuple(o.shape)[dim] for o in outs]
+        if any(not isinstance(s, int) for s in sizes):
+            for d in range(len(shape)):
+                if d != dim:
+                    b.link(x, d, node, d)
+            return
+        off = sum(sizes[:i])
+        for d in range(len(shape)):
             if d != dim:
-                b.link(x, d, node, d - (d > dim))
-        b.freeze(x, dim, f"indexed by {node.name}")
+                b.link(x, d, node, d)
+        b.link(x, dim, node, dim, off + np.arange(sizes[i]), np.arange(sizes[i]), how=f"split+{off}")
+        return  # the prune pass rewrites the split sizes from the kept counts
+    if src.target == aten._native_batch_norm_legit_no_training.default and i == 0:
         return
-    if t in REDUCTIONS:
-        x = node.args[0]
-        xs = b.shape(x)
-        dims = _arg(node, 1, "dim", None)
-        dims = list(range(len(xs))) if dims is None else [d % len(xs) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
-        keep = bool(_arg(node, 2, "keepdim", False))
-        j = 0
-        for d in range(len(xs)):
-            if d in dims:
-                b.freeze(x, d, f"reduced over by {node.name}")
-                if keep:
-                    j += 1
-                continue
-            b.link(x, d, node, j)
-            j += 1
-        return
-    if t in POOLS:
-        x = node.args[0]
-        xs = b.shape(x)
-        for d in range(len(xs) - (len(xs) - 2)):
+    if shape is not None:
+        b.freeze_node(node, f"output {i} of {src.target}")
+
+
+@_rule(aten.slice.Tensor)
+def _slice_tensor(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    dim = _arg(node, 1, "dim", 0) % len(shape)
+    xs = b.shape(x)
+    for d in range(len(shape)):
+        if d != dim:
             b.link(x, d, node, d)
-        return
-    if t in (aten.pad.default, aten.constant_pad_nd.default):
-        x, pad = node.args[:2]
-        padded = len(pad) // 2
-        for d in range(len(shape) - padded):
-            b.link(x, d, node, d)
+    if isinstance(xs[dim], int) and isinstance(shape[dim], int):
+        if xs[dim] == shape[dim]:
+            b.link(x, dim, node, dim)
+        else:
+            start = _arg(node, 2, "start", 0) or 0
+            if isinstance(start, int):
+                start = start % xs[dim] if start < 0 else start
+                step = _arg(node, 4, "step", 1) or 1
+                n = shape[dim]
+                b.link(x, dim, node, dim, start + step * np.arange(n), np.arange(n), how="slice")
+            b.freeze(x, dim, f"sliced at constant bounds by {node.name}")
+
+
+@_rule(aten.select.int)
+def _select_int(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, dim = node.args[:2]
+    xs = b.shape(x)
+    dim = dim % len(xs)
+    for d in range(len(xs)):
+        if d != dim:
+            b.link(x, d, node, d - (d > dim))
+    b.freeze(x, dim, f"indexed by {node.name}")
+
+
+@_rule(*REDUCTIONS)
+def _reductions(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    xs = b.shape(x)
+    dims = _arg(node, 1, "dim", None)
+    dims = list(range(len(xs))) if dims is None else [d % len(xs) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    keep = bool(_arg(node, 2, "keepdim", False))
+    j = 0
+    for d in range(len(xs)):
+        if d in dims:
+            b.freeze(x, d, f"reduced over by {node.name}")
+            if keep:
+                j += 1
+            continue
+        b.link(x, d, node, j)
+        j += 1
+
+
+@_rule(*POOLS)
+def _pools(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x = node.args[0]
+    xs = b.shape(x)
+    for d in range(len(xs) - (len(xs) - 2)):
+        b.link(x, d, node, d)
+
+
+@_rule(aten.pad.default, aten.constant_pad_nd.default)
+def _pad(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    x, pad = node.args[:2]
+    padded = len(pad) // 2
+    for d in range(len(shape) - padded):
+        b.link(x, d, node, d)
+
+def _visit(b: _Builder, node: fx.Node) -> None:
+    """Apply the dimension rule of the node's op (`_RULES`); a source, a size, or a node without a
+    tensor value adds nothing; any other op freezes every dimension it touches."""
+    t = node.target
+    rule = _RULES.get(t)
+    if rule is not None:
+        rule(b, node, t, b.shape(node))
         return
     if t in SOURCES or t == aten.sym_size.int or not isinstance(node.meta.get("val"), (torch.Tensor, list, tuple)):
-        if t in SOURCES and shape is not None:
+        if t in SOURCES and b.shape(node) is not None:
             b.freeze_node(node, f"constant shape of {node.name}")
         return
     # an op we do not understand: nothing it touches may change width
@@ -589,6 +659,8 @@ def _visit(b: _Builder, node: fx.Node) -> None:
 
 # ----------------------------------------------------------------------------- public API
 @dataclass
+
+
 class DimGraph:
     """The (value, dim) graph and its element-level refinement."""
 
