@@ -86,6 +86,7 @@ def test_tied_embeddings_are_untied_and_logits_match():
     assert res.details["output matmuls"] == 0  # the lm_head absorbs the rotation
 
 
+@pytest.mark.slow
 def test_gemma3_post_norms_refuse_then_run_online():
     zm = zoo.load("gemma3")
     program = Program.capture(zm.model, zm.example)

@@ -159,6 +159,7 @@ def test_sequential_rtn_equals_the_quantize_pass(untied, tmp_path, monkeypatch):
         assert all(p["peak_rss_mb"] > 0 for p in report["phases"])
 
 
+@pytest.mark.slow
 def test_sequential_gptq_equals_the_sequential_quantize_pass(untied, tmp_path, monkeypatch):
     _, _, bf16, program = untied
     monkeypatch.setattr(sequential, "GPTQ_ROW_CHUNK_ELEMENTS", 2000)   # rows fitted in chunks (rows are independent)

@@ -166,7 +166,8 @@ def test_clear_errors():
         check("bert", layers=2, protect=["encoder.layer.0", "encoder.layer.2"])
 
 
-@pytest.mark.parametrize("spec_file,model", [("skip-blocks.yaml", "bert"), ("skip-branches.yaml", "llama")])
+@pytest.mark.parametrize("spec_file,model", sweep([("skip-blocks.yaml", "bert"), ("skip-branches.yaml", "llama")],
+                                                 fast=[("skip-blocks.yaml", "bert")]))
 def test_example_specs_compile_export_and_match(spec_file, model, tmp_path):
     z = zoo.load(model, calibration_batches=4)
     out = rewrite.compile(z.model, SPECS / spec_file, example_inputs=z.example, calibration=z.calibration)
