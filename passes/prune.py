@@ -26,7 +26,7 @@ from rewrite.measure import count_flops
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program
 from passes.importance import WeightImportance
-from rewrite.spec import Fraction, StrictModel
+from rewrite.spec import StrictModel
 
 from .prune_plan import (DEFAULT_ALLOCATION, DEFAULT_COMPENSATE, DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
                          op_positions, rounding_notes, uniform_counts, unit_flops, unit_scores)
