@@ -83,12 +83,16 @@ def prune(amount: float, importance: str | None = None, compensate=None, allocat
     return [heads, dict(common, granularity="neuron")]
 
 
-def deploy(fitted: bool = True, **change) -> list[dict]:
+def deploy(fitted: bool = True, without: tuple[str, ...] = (), skip_layers: int | None = None, **change) -> list[dict]:
     """The passes of specs/minilm-deploy.yaml; `fitted=False`: the same without any fit (no refit,
-    RTN); `change`: prune_importance / compensate / allocation / quantize_method / token_importance
-    / skip_search overrides (the deploy-spec candidates of the selection run)."""
+    RTN); `without`: pass kinds left out; `skip_layers`: blocks the skip pass removes; `change`:
+    prune_importance / compensate / allocation / quantize_method / token_importance / skip_search
+    overrides (the deploy-spec candidates of the selection run)."""
     spec = rewrite.Spec.from_yaml(ROOT / "specs" / "minilm-deploy.yaml").model_dump(mode="json")
-    passes = spec["passes"]
+    passes = [p for p in spec["passes"] if p["kind"] not in without]
+    for p in passes:
+        if p["kind"] == "skip" and skip_layers is not None:
+            p["layers"] = skip_layers
     for p in passes:
         if p["kind"] == "prune":
             if "prune_importance" in change:
@@ -157,12 +161,18 @@ CANDIDATES = {
              for imp, search in (("fidelity_drop", "beam"), ("fidelity_drop", "greedy"), ("fidelity_drop", "oneshot"),
                                  ("block_influence", "oneshot"))},
     "deploy": {
-        "deploy: as specified (wanda + lstsq + gptq)": lambda: deploy(True),
+        "deploy: as specified": lambda: deploy(True),
         "deploy: no fitting (wanda + rtn)": lambda: deploy(False),
         "deploy: obs heads-global": lambda: deploy(True, prune_importance="obs", allocation="global"),
-        "deploy: wanda + lstsq + rtn": lambda: deploy(True, quantize_method="rtn"),
+        "deploy: wanda + lstsq + rtn": lambda: deploy(True, prune_importance="wanda", compensate="lstsq",
+                                                      allocation="uniform", quantize_method="rtn"),
         "deploy: obs heads-global + rtn": lambda: deploy(True, prune_importance="obs", allocation="global",
                                                          quantize_method="rtn"),
+        # without token pruning (whose `keep` counts padded positions, so it cuts real tokens of
+        # length-sorted or single-sentence batches), with one or two blocks skipped for the speed it gave
+        "deploy: rtn no tokens": lambda: deploy(True, without=("token",), quantize_method="rtn"),
+        "deploy: rtn skip 2 no tokens": lambda: deploy(True, without=("token",), skip_layers=2,
+                                                          quantize_method="rtn"),
     },
 }
 TP = {"Torch-Pruning magnitude 25%": 0.25, "Torch-Pruning magnitude 50%": 0.5}
