@@ -7,8 +7,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
-# two threads (the CI machine has 2 cores), or what OMP_NUM_THREADS asks for (1 on a shared machine)
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+# two threads (the CI machine has 2 cores) shared by the pytest-xdist workers (`-n 2`: one each),
+# or what OMP_NUM_THREADS asks for (1 on a shared machine)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
