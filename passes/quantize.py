@@ -85,18 +85,21 @@ def _matches(path: str, kind: str, patterns: list[str]) -> bool:
 def find_targets(program: Program, scope: list[str] | None, exclude: list[str], embeddings: bool) -> list[Target]:
     """Linear/conv (and embedding) ops reading a weight parameter, filtered by scope/exclude globs.
 
-    A weight read by several ops (a token embedding tied to the LM head) is a target of each of them
-    only when every reader is selected (`embeddings` set and the head in scope): each reader then gets
+    A token table read by several ops (tied to the LM head) is a target of each of them only when every
+    reader is selected (`embeddings` set and the head in scope): each reader then gets
     its own packed copy (the table at the embeddings' width, the head at the weights'), which costs two
     4-bit copies instead of one float table. With any reader left float the weight stays float for all
-    of them, so a file never holds a float and a packed copy of the same tensor.
+    of them, so a file never holds a float and a packed copy of the same tensor. Linear weights shared
+    by many layers (ALBERT) stay float: one copy per reader would outgrow the float tensor.
     """
     out = _candidate_targets(program, scope, exclude, embeddings)
     chosen = {id(t.node) for t in out}
+    tables = {id(t.node) for t in out if t.kind == "embedding"}
     keep = []
     for t in out:
         w = t.node.args[2] if t.kind == "addmm" else t.node.args[0] if t.kind == "embedding" else t.node.args[1]
-        if len(w.users) == 1 or all(id(u) in chosen for u in w.users):
+        tied_table = all(id(u) in chosen for u in w.users) and any(id(u) in tables for u in w.users)
+        if len(w.users) == 1 or tied_table:
             keep.append(t)
     return keep
 
