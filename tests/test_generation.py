@@ -262,6 +262,24 @@ def test_w4a8_group_lowered_to_matmulnbits_int8_compute(name, tmp_path):
     assert not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in nodes)
 
 
+def test_w4a8_group_prefill_logits_match_onnxruntime_closely(tmp_path):
+    """The torch op quantizes activations as onnxruntime does, so the exported prefill logits match the
+    module to float rounding (measured 2.6e-7), far tighter than the int8 tolerance the export check
+    allows (per-tensor activations against the per-group kernel differed by 15% on SmolLM2). Padded
+    positions are left out: their logits are not defined."""
+    from backends.onnx_generation import OrtStepper
+
+    _, out = compile_decoder("llama", W4A8_GROUP)
+    out.export(tmp_path / "model.onnx")
+    layout = G.GenerationProgramInfo.of(out.program)
+    ids, mask = tokens(7).values()
+    want, _ = TorchStepper(out.module, layout)(ids, mask, layout.empty_past(3))
+    got, _ = OrtStepper(tmp_path / "model.onnx", None)(ids, mask, layout.empty_past(3))
+    real = mask.bool()
+    rel = (got[real] - want[real]).abs().max() / want[real].abs().max()
+    assert rel < 1e-4, rel
+
+
 @pytest.mark.parametrize("quantize,match", [
     ({"weights": None, "activations": {"granularity": "group"}}, "give weights"),
     ({"weights": {"bits": 3, "group_size": 32}, "activations": {"granularity": "group"}}, "4 or 8"),
