@@ -1,7 +1,7 @@
 """Decoder LLMs with the KV cache in onnxruntime (CPU): rewrite's fp32 / W4 / W4A8 / deploy exports and peers.
 
 Rows (each an ONNX generation graph with the same interface, driven by the same stepper):
-- `fp32`, `W4 g128`, `W4A8 g128`, `deploy` (specs/llm-deploy.yaml): the real model
+- `fp32`, `W4 g128`, `W4A8 g128 per-tensor`, `W4A8 g128 group + E4`, `deploy` (specs/llm-deploy.yaml): the real model
   (`rewrite.models`, offline GGUF weights) compiled as a text-generation graph and exported
   by rewrite, each verified on export (32 greedy tokens with the cache in onnxruntime equal
   the torch module's);
@@ -46,14 +46,16 @@ REPO = Path(__file__).resolve().parents[1]
 OURS: dict[str, Any] = {
     "fp32": {"passes": []},
     "W4 g128": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128}}]},
-    "W4A8 g128": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128, "symmetric": True},
-                              "activations": {"mode": "dynamic"}}]},
+    "W4A8 g128 per-tensor": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128, "symmetric": True},
+                                         "activations": {"mode": "dynamic"}}]},
+    "W4A8 g128 group + E4": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128},
+                                         "activations": {"mode": "dynamic", "granularity": "group"}, "embeddings": 4}]},
     "deploy": str(REPO / "specs" / "llm-deploy.yaml"),
-    "W4A8 g128 via MatMulNBits": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128, "symmetric": True},
-                                              "activations": {"mode": "dynamic"}}]},
 }
-INT8_COMPUTE_NBITS = {"W4A8 g128 via MatMulNBits"}
-"""Rows exported with `kernels.quant_onnx.QA8_VIA_MATMULNBITS` (W4A8 lowered to MatMulNBits, int8 compute)."""
+"""`W4A8 ... per-tensor`: one uint8 range per call (DynamicQuantizeLinear + MatMulInteger on a folded int8
+weight); `W4A8 ... group`: int8 activations per token and K-group, MatMulNBits int8 compute on the packed
+codes (`activations.granularity: group`); `+ E4`: the token-embedding table stored at 4 bits as well (the
+tied LM head is quantized as a linear; a float table alone is a fifth of SmolLM2's fp32 file)."""
 PEER_FP32 = "peer: torch.onnx.export fp32"
 PEER_INT4 = "peer: ORT MatMulNBitsQuantizer int4 g128"
 ROWS = list(OURS) + [PEER_FP32, PEER_INT4]
@@ -129,13 +131,7 @@ def stage_export(model_name: str, out: Path, rows: list[str], reexport: bool) ->
             continue
         start = time.perf_counter()
         if row in OURS:
-            from kernels import quant_onnx
-
-            quant_onnx.QA8_VIA_MATMULNBITS = row in INT8_COMPUTE_NBITS
-            try:
-                r = export_ours(model, tok, OURS[row], path)
-            finally:
-                quant_onnx.QA8_VIA_MATMULNBITS = False
+            r = export_ours(model, tok, OURS[row], path)
         elif row == PEER_FP32:
             r = export_peer_fp32(model, tok, path)
         else:  # on the peer fp32 file, or on rewrite's fp32 export when the peer row is not there

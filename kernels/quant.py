@@ -24,6 +24,14 @@ straddle two bytes. Symmetric quantization stores zeros = 2**(bits-1). g divides
   to int8, `clamp(round(W / w_scale[n]), -127, 127)`, and multiplied like `linear_a8_dynamic`.
   A file holds the 2..8-bit codes; a runtime folds the requantization once at load and runs its
   int8 GEMM (weight-only 4-bit kernels on CPU compute in float and are no faster than fp32).
+- `linear_qa8_group(x, qweight, scales, zeros, bias, bits, group_size)`: low-bit storage, int8
+  compute with activations quantized per token and per K-group of the weight's `group_size`
+  (`group_activation_codes`: symmetric, scale = absmax / 127), multiplied with the weight's own
+  codes: y[m, n] = sum_b a_scale[m, b] * scales[n, b] * sum_{k in b} a[m, k] * (q[n, k] - zeros[n, b]).
+  This is exactly onnxruntime's MatMulNBits with accuracy_level=4 (MLAS SQNBitGemm CompInt8:
+  A quantized row by row in blocks of BlkLen, `QuantizeARow_CompInt8`), the integer part exact;
+  only the float order of the block sums differs. No requantized int8 weight: the packed codes
+  are the compute weight, so the runtime keeps 4 bits in memory as well as on disk.
 
 The ONNX lowering lives in `kernels/quant_onnx.py`.
 """
@@ -226,6 +234,47 @@ def _a8_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     return y + bias if bias is not None else y
 
 
+def group_int8_supported(bits: int, group_size: int) -> bool:
+    """Whether `linear_qa8_group` runs on the runtime's int8 kernel for packed weights
+    (onnxruntime MatMulNBits: 4 or 8 bits, power-of-two blocks of at least 16)."""
+    return bits in (4, 8) and group_size >= 16 and group_size & (group_size - 1) == 0
+
+
+def group_activation_codes(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes f32[..., K//g, g] in [-127, 127], scale f32[..., K//g]) of the activations `x` [..., K].
+
+    onnxruntime's CompInt8 row quantization, operation for operation (float32): per block of g
+    values, amax = max|x|, scale = amax / 127, codes = round_half_even(x * (127 / amax)) (0 when
+    amax is 0). Multiplying by the reciprocal, not dividing by the scale, is what the runtime does,
+    and it rounds differently for a few values, so the reference does the same.
+    """
+    k = x.shape[-1]
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K={k}")
+    xg = x.to(torch.float32).reshape(*x.shape[:-1], k // group_size, group_size)
+    amax = xg.abs().amax(-1)
+    inv = torch.where(amax != 0, torch.tensor(127.0, dtype=torch.float32) / amax.clamp_min(1e-38), torch.zeros_like(amax))
+    codes = torch.round(xg * inv.unsqueeze(-1)).clamp(-127, 127)
+    return codes, amax / torch.tensor(127.0, dtype=torch.float32)
+
+
+def _qa8_group(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    k = x.shape[-1]
+    n, ngroups = scales.shape
+    codes, a_scale = group_activation_codes(x.reshape(-1, k), group_size)          # [M, G, g], [M, G]
+    w = unpack(qweight, bits, k).to(torch.float32).reshape(n, ngroups, group_size)
+    w = w - zeros.to(torch.float32).unsqueeze(-1)                                 # centred integer codes
+    # every partial sum is an integer below 127 * 255 * g: exact in float32 while that is < 2**24
+    exact = torch.float32 if 127 * 255 * group_size < 2 ** 24 else torch.float64
+    y = x.new_zeros(codes.shape[0], n, dtype=torch.float32)
+    for b in range(ngroups):
+        acc = (codes[:, b].to(exact) @ w[:, b].to(exact).T).to(torch.float32)
+        y += acc * (a_scale[:, b, None] * scales[None, :, b].to(torch.float32))
+    y = y.reshape(*x.shape[:-1], n)
+    return y + bias if bias is not None else y
+
+
 def requantize_int8(w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """i8[N, K] codes of a float weight on a given per-channel scale (the int8 compute weight)."""
     return torch.clamp(torch.round(w / w_scale.unsqueeze(-1)), -127, 127).to(torch.int8)
@@ -250,6 +299,17 @@ def linear_qa8_dynamic(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 @linear_qa8_dynamic.register_fake
 def _linear_qa8_dynamic_fake(x, qweight, scales, zeros, w_scale, bias, bits, group_size):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@torch.library.custom_op("rewrite::linear_qa8_group", mutates_args=())
+def linear_qa8_group(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     bias: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:
+    return _qa8_group(x, qweight, scales, zeros, bias, bits, group_size)
+
+
+@linear_qa8_group.register_fake
+def _linear_qa8_group_fake(x, qweight, scales, zeros, bias, bits, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
@@ -278,7 +338,8 @@ whole row of the output. A lowering bug moves most values; rounding flips move a
 def rounds_activations(graph: torch.fx.Graph) -> bool:
     """Whether the graph quantizes activations (int8-compute linears)."""
     ops = torch.ops.rewrite
-    targets = {ops.linear_a8_dynamic.default, ops.linear_qa8_dynamic.default, ops.linear_a8_static.default}
+    targets = {ops.linear_a8_dynamic.default, ops.linear_qa8_dynamic.default, ops.linear_qa8_group.default,
+               ops.linear_a8_static.default}
     return any(n.op == "call_function" and n.target in targets for n in graph.nodes)
 
 
@@ -289,7 +350,7 @@ def _register_flops() -> None:
     except ImportError:  # pragma: no cover
         return
     ops = torch.ops.rewrite
-    for op in (ops.linear_q, ops.linear_a8_dynamic, ops.linear_qa8_dynamic, ops.linear_a8_static):
+    for op in (ops.linear_q, ops.linear_a8_dynamic, ops.linear_qa8_dynamic, ops.linear_qa8_group, ops.linear_a8_static):
         try:
             register_flop_formula(op)(lambda x_shape, w_shape, *a, out_shape=None, **k: 2 * math.prod(x_shape) * w_shape[0])
         except Exception:  # noqa: BLE001 - already registered on re-import

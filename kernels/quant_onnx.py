@@ -25,6 +25,11 @@ needs its weights re-laid out:
      ops on initializers only (Gather/BitShift/.../Div/Round/Clip/Cast), which onnxruntime
      folds at session start into the int8 weight of the same fused int8 pattern: the file
      keeps 2..8-bit codes, the runtime runs its int8 GEMM.
+   - linear_qa8_group (4 or 8 bits, block size a power of two >= 16; the quantize pass refuses
+     other widths): `com.microsoft::MatMulNBits` with accuracy_level=4, whose int8 compute
+     quantizes the activations per row and per block exactly as the torch op does; the packed
+     codes stay packed in memory too. Which lowering a W4A8 linear gets follows from its op
+     (per-tensor `linear_qa8_dynamic` or per-group `linear_qa8_group`), not from a switch.
 """
 from __future__ import annotations
 
@@ -40,15 +45,6 @@ DOMAIN = "rewrite.quant"
 MS_DOMAIN = "com.microsoft"
 USE_MATMULNBITS = {4, 8}
 """Bit widths lowered to MatMulNBits (module-level switch: tests and benchmarks compare paths)."""
-QA8_VIA_MATMULNBITS = False
-"""Lower 4/8-bit `linear_qa8_dynamic` (W4A8) to MatMulNBits with accuracy_level=4: the weight stays
-packed in memory and onnxruntime quantizes the activations to int8 per block of the group size
-(symmetric) for an int8 dot product. Not the torch op's arithmetic (per-tensor uint8 activations,
-per-channel int8 weights), so the file matches the module only within the int8 tolerance; off by
-default (module-level switch: benchmarks compare the two lowerings). Measured: the zoo llama
-verifies; SmolLM2-135M W4A8 g128 does NOT (99%-quantile relative logit error 0.149 > 0.05 at
-export), so the export check refuses that file: the torch op would have to quantize activations
-per block the way onnxruntime does before this lowering can be the default."""
 DECODE_TABLE_AT_LOAD_BYTES = 256 * 2**20
 """Embedding tables up to this many float32 bytes are decoded once at session start: the file
 keeps the packed codes, memory holds the float table, and a call is a plain Gather (decoding the
@@ -84,6 +80,8 @@ def _register_schemas() -> None:
     schema("LinearA8Dynamic", [("x", f, False), ("qweight", i8, False), ("w_scale", f, False), ("bias", f, True)], [])
     schema("LinearQA8Dynamic", [("x", f, False), ("qweight", u8, False), ("scales", f, False), ("zeros", u8, False),
                                 ("w_scale", f, False), ("bias", f, True)], ["bits", "group_size"])
+    schema("LinearQA8Group", [("x", f, False), ("qweight", u8, False), ("scales", f, False), ("zeros", u8, False),
+                              ("bias", f, True)], ["bits", "group_size"])
     schema("LinearA8Static", [("x", f, False), ("qweight", i8, False), ("w_scale", f, False), ("x_scale", f, False),
                               ("x_zero", u8, False), ("bias", f, True)], [])
 
@@ -111,7 +109,11 @@ def _register_translations() -> None:
     def linear_qa8_dynamic(x, qweight, scales, zeros, w_scale, bias=None, bits: int = 4, group_size: int = 128):
         return rq.LinearQA8Dynamic(x, qweight, scales, zeros, w_scale, bias, bits=bits, group_size=group_size)
 
+    def linear_qa8_group(x, qweight, scales, zeros, bias=None, bits: int = 4, group_size: int = 128):
+        return rq.LinearQA8Group(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size)
+
     ops = torch.ops.rewrite
+    ONNX_TRANSLATIONS[ops.linear_qa8_group.default] = linear_qa8_group
     ONNX_TRANSLATIONS[ops.linear_q.default] = linear_q
     ONNX_TRANSLATIONS[ops.embedding_q.default] = embedding_q
     ONNX_TRANSLATIONS[ops.dequantize_q.default] = dequantize_q
@@ -370,16 +372,10 @@ def _expand_dequantize_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) 
 
 
 def _expand_qa8(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
-    """Packed codes -> int8 weight by folded ops, then the int8 pattern of `_expand_a8`
-    (or, with `QA8_VIA_MATMULNBITS`, MatMulNBits with int8 compute on the packed codes)."""
+    """Packed codes -> int8 weight by folded ops, then the int8 pattern of `_expand_a8`."""
     from onnx import TensorProto
 
     bits, g = _attr(node, "bits"), _attr(node, "group_size")
-    if QA8_VIA_MATMULNBITS and _matmulnbits_ok(bits, g):
-        y = _matmulnbits(b, node, consts, accuracy_level=4)
-        bias = node.input[5] if len(node.input) > 5 and node.input[5] else ""
-        b.op("Add" if bias else "Identity", [y, bias] if bias else [y], outputs=[node.output[0]])
-        return
     qweight, scales, zeros = (_need(consts, node, i) for i in (1, 2, 3))
     w_scale = _need(consts, node, 4).astype(np.float32)
     w = _dequantized_weight(b, qweight, scales, zeros, bits, g, foldable=True)
@@ -387,6 +383,17 @@ def _expand_qa8(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
     q = b.op("Clip", [b.op("Round", [q]), b.const("lo", np.array(-127, np.float32)), b.const("hi", np.array(127, np.float32))])
     w_t = b.op("Transpose", [b.op("Cast", [q], to=TensorProto.INT8)], perm=[1, 0])
     _int8_linear(b, node, w_t, w_scale, bias_at=5)
+
+
+def _expand_qa8_group(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
+    """MatMulNBits with int8 compute (accuracy_level=4) on the packed codes, plus the bias."""
+    bits, g = _attr(node, "bits"), _attr(node, "group_size")
+    if not quant.group_int8_supported(bits, g):
+        raise ValueError(f"{node.name!r}: int8 activations per group run on MatMulNBits, which takes 4- or 8-bit "
+                         f"weights in power-of-two blocks >= 16, not {bits} bits in groups of {g}")
+    y = _matmulnbits(b, node, consts, accuracy_level=4)
+    bias = node.input[4] if len(node.input) > 4 and node.input[4] else ""
+    b.op("Add" if bias else "Identity", [y, bias] if bias else [y], outputs=[node.output[0]])
 
 
 def _expand_a8(b: _Builder, node: Any, consts: dict[str, np.ndarray], dynamic: bool) -> None:
@@ -428,6 +435,7 @@ _EXPANDERS = {
     "LinearA8Dynamic": lambda b, n, c: _expand_a8(b, n, c, True),
     "LinearA8Static": lambda b, n, c: _expand_a8(b, n, c, False),
     "LinearQA8Dynamic": _expand_qa8,
+    "LinearQA8Group": _expand_qa8_group,
 }
 
 

@@ -220,3 +220,52 @@ def test_embedding_tables_decode_at_load_or_per_call(bits, tmp_path, monkeypatch
     proto = _lower(m, ids)
     assert gathers_packed_rows(proto)
     _assert_onnxruntime_matches(proto, m, ids, tmp_path / "per_call.onnx")
+
+
+def test_group_activation_codes_by_hand():
+    # one token, two groups of 4: scale = absmax / 127, codes = round-half-even(x * 127 / absmax)
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0, 0.0, 0.0, 0.0, 0.0]])
+    codes, scale = kq.group_activation_codes(x, 4)
+    assert torch.equal(codes[0, 0], torch.tensor([32.0, -64.0, 16.0, 127.0]))  # 31.75 -> 32, 15.875 -> 16
+    assert torch.equal(codes[0, 1], torch.zeros(4)) and scale[0, 1] == 0  # an all-zero group
+    assert torch.isclose(scale[0, 0], torch.tensor(4.0 / 127))
+
+
+@pytest.mark.parametrize("bits,g,symmetric", [(4, 32, True), (4, 64, False), (8, 16, False)])
+def test_linear_qa8_group_matches_matmulnbits_int8_compute(bits, g, symmetric, tmp_path):
+    """The torch op against onnxruntime's MatMulNBits with accuracy_level=4, one op: equal to float
+    rounding (a per-tensor or float reference is ~1% off), with outlier channels in the input."""
+    import onnxruntime as ort
+
+    registry.load_all()
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(bits + g)
+            q, s, z = kq.quantize_groups(torch.randn(40, 128, generator=gen), bits, g, symmetric)
+            self.register_buffer("qw", kq.pack(q, bits))
+            self.register_buffer("sc", s)
+            self.register_buffer("z", z)
+            self.bias = torch.nn.Parameter(torch.randn(40, generator=gen))
+
+        def forward(self, x):
+            return torch.ops.rewrite.linear_qa8_group(x, self.qw, self.sc, self.z, self.bias, bits, g)
+
+    m = One().eval()
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.05, 1, 128)
+    x[..., 7] *= 40  # an outlier channel: per-group ranges keep the other groups' resolution
+    proto = _lower(m, x)
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1 and {a.name: a.i for a in nbits[0].attribute}["accuracy_level"] == 4
+    import onnx
+
+    onnx.save(proto, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = m(x).numpy()
+        flt = (x @ kq.dequantize(m.qw, m.sc, m.z, bits, g, 128).T + m.bias).numpy()
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 1e-5 * scale
+    assert np.abs(flt - ref).max() > 100 * np.abs(got - ref).max()  # the activation rounding is really modelled
