@@ -390,8 +390,12 @@ def name_interface(proto: Any, input_names: Sequence[str] | None = None, output_
     for vi in graph.input:
         for axis, name in (dim_names.get(vi.name) or {}).items():
             dims = vi.type.tensor_type.shape.dim
-            if axis < len(dims) and dims[axis].dim_param:
-                symbols.setdefault(dims[axis].dim_param, name)
+            if axis < len(dims) and dims[axis].dim_param and dims[axis].dim_param not in symbols:
+                # two different sizes never share a name (an encoder-decoder's source and target
+                # lengths: onnxruntime treats equal dim names as equal sizes); every input of one
+                # call has the same batch, so batch symbols the exporter left apart still merge
+                taken = name != "batch_size" and name in symbols.values()
+                symbols[dims[axis].dim_param] = f"{vi.name}_{name}" if taken else name
     if symbols:
         pattern = re.compile(r"(?<![\w.])(" + "|".join(re.escape(s) for s in sorted(symbols, key=len, reverse=True)) + r")(?![\w.])")
         for vi in _all_value_infos(graph):

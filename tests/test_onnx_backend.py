@@ -194,3 +194,23 @@ def test_interrupted_export_leaves_no_files(compiled_mlp, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         compiled.export(tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_different_sizes_never_share_a_dim_name():
+    """An encoder-decoder's source and target lengths are different symbols: they must not both be
+    named `sequence_length` (onnxruntime then takes them as one size and fails on unequal ones)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from backends.onnx import name_interface
+
+    a = helper.make_tensor_value_info("a", TensorProto.INT64, ["s0", "s1"])
+    b = helper.make_tensor_value_info("b", TensorProto.INT64, ["s0", "s2"])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, ["s0", "s2"])
+    proto = helper.make_model(helper.make_graph([helper.make_node("Identity", ["b"], ["y"])], "g", [a, b], [y]))
+    seq = {0: "batch_size", 1: "sequence_length"}
+    name_interface(proto, dim_names={"a": seq, "b": seq})
+    dims = {vi.name: [d.dim_param for d in vi.type.tensor_type.shape.dim] for vi in [*proto.graph.input, *proto.graph.output]}
+    assert dims["a"] == ["batch_size", "sequence_length"]
+    assert dims["b"] == ["batch_size", "b_sequence_length"] == dims["y"]
+    onnx.checker.check_model(proto)
