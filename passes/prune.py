@@ -215,9 +215,7 @@ class PrunePass(Pass):
             notes += rounding_notes(cands, s.amount, uniform_counts(cands, s.amount, s.round_to))
         removed = {gid: us for gid, us in removed.items() if us}
         if not removed:
-            raise PassError(f"prune: amount {s.amount if s.budget is None else s.budget} removes no {s.granularity} unit: "
-                            f"the {len(cands)} prunable groups have {min(g.size for g in cands)}-{max(g.size for g in cands)} "
-                            "units each and the count per group rounds to 0; raise amount or use allocation: global")
+            raise _removes_nothing(s, cands, self.allocation)
         removal = _removal(cands, removed)
         comp_rows: list[dict[str, Any]] = []
         comp = self.compensate
@@ -264,6 +262,8 @@ class PrunePass(Pass):
         else:
             counts = uniform_counts(cands, s.amount, s.round_to)
             notes += rounding_notes(cands, s.amount, counts)
+        if not any(counts.values()):
+            raise _removes_nothing(s, cands, self.allocation)
         for sel in select.values():
             sel.remove = counts[sel.group]
         entry = program.clone()
@@ -397,6 +397,14 @@ class PrunePass(Pass):
         what = f"{s.n}:{s.m}" if s.granularity == "n:m" else f"{amount:.0%} unstructured"
         return PassResult(program, summary=f"{what} masks on {len(rows)} weights ({total} zeros); size and latency unchanged",
                           details={"importance": self.importance, "weights": rows}, notes=notes)
+
+
+def _removes_nothing(s: Any, cands: list, allocation: str) -> PassError:
+    """The error for an amount that removes no unit: a pass that changes nothing must say so."""
+    fix = "raise amount" + ("" if allocation == "global" else " or use allocation: global")
+    return PassError(f"prune: amount {s.amount if s.budget is None else s.budget} removes no {s.granularity} unit: "
+                     f"the {len(cands)} prunable groups have {min(g.size for g in cands)}-{max(g.size for g in cands)} "
+                     f"units each and the count per group rounds to 0 ({allocation} allocation); {fix}")
 
 
 def _obs_readers(program: Program, cands) -> tuple[dict, dict] | str:

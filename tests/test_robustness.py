@@ -235,3 +235,12 @@ def test_default_prune_on_shared_weights_falls_back_from_obs():
 
     cell = run_cell("albert", "prune_neuron", export=False)
     assert cell.outcome == "ok", cell.message
+
+
+def test_obs_prune_that_removes_nothing_says_so():
+    """SegFormer's attention has 2 heads per layer in one prunable group: 25% with the default obs
+    rounds to 0 heads. The pass must refuse with the reason, not report success having changed nothing."""
+    from rewrite.zoo_grid import run_cell
+
+    cell = run_cell("segformer", "prune_head", export=False)
+    assert cell.outcome == "refused" and "removes no head unit" in cell.message, cell.message
