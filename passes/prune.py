@@ -489,7 +489,7 @@ def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) ->
             if new != norm:
                 n.args = (n.args[0], new) + tuple(n.args[2:])
                 out.append({"node": n.name, "arg": "normalized_shape", "old": norm, "new": new})
-        elif n.target == aten.split.Tensor:
+        elif n.target in (aten.split.Tensor, aten.split_with_sizes.default):  # equal or given sizes (MQA's q, k, v)
             x = n.args[0]
             dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
             dim = dim % len(program.shape(x))
