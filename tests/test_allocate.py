@@ -30,4 +30,4 @@ def test_quantize_knobs_follow_the_budget_kind():
     assert names(size_mb=10) == ["W8A8 + emb8", "W4A8 (GPTQ) + emb4", "W4 (GPTQ) + emb4"]
     assert names(flops=0.5) == []
     for knob in quantize_knobs(BudgetSpec(latency=0.5)):
-        assert knob.passes[0]["activations"] == {"mode": "dynamic", "bits": 8, "smoothquant": None}
+        assert knob.passes[0]["activations"] == {"mode": "dynamic", "bits": 8, "smoothquant": None, "granularity": "tensor"}
