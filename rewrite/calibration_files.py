@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import CalibrationError
+from .errors import CalibrationError, first_line
 from .inputs import Inputs
 
 TEXT_SUFFIXES = {".txt", ".text", ".jsonl"}
@@ -47,7 +47,7 @@ def _tensor_batches(path: Path) -> list[Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CalibrationError(f"--calibration {path} cannot be read by torch.load (tensors, lists, tuples and dicts only): {first}") from None
     if isinstance(data, (torch.Tensor, dict)) or (isinstance(data, tuple) and data and isinstance(data[0], torch.Tensor)):
         return [data]  # one batch

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import RewriteError
+from .errors import RewriteError, first_line
 
 INDEX = "model.safetensors.index.json"
 
@@ -326,7 +326,7 @@ def load_hf(directory: str | Path, *, trust_remote_code: bool = False,
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
     except (ValueError, OSError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"cannot read {directory / 'config.json'}: {first}") from None
     files = _safetensors_files(directory)
     store = WeightStore(directory, files)

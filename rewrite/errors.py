@@ -34,3 +34,13 @@ class ExportError(RewriteError):
 
 class VerificationError(RewriteError):
     """A backend's output does not match the rewritten torch module within tolerance."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors.
+
+    >>> first_line(ValueError("bad config")), first_line(KeyError())
+    ('bad config', 'KeyError')
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

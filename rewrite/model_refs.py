@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import RewriteError
+from .errors import RewriteError, first_line
 
 
 def load_factory(ref: str) -> tuple[Any, Any, Any, Any]:
@@ -57,10 +57,6 @@ def default_model(samples: int, batch_size: int, seed: int) -> tuple[Any, Any, A
     return model, demo.example_inputs(tok), calib, tok
 
 
-EXAMPLE_TEXT = "The capital of France is Paris, and the capital of Italy is"
-"""The example sentence for a checkpoint folder with a tokenizer (the same as `rewrite.models`)."""
-
-
 def load_checkpoint_folder(directory: str) -> tuple[Any, Any, Any, Any]:
     """(model, example_inputs, None, tokenizer) for `--model hf:DIR`.
 
@@ -77,9 +73,10 @@ def load_checkpoint_folder(directory: str) -> tuple[Any, Any, Any, Any]:
     model = ckpt.module().eval()
     config = model.config
     tokenizer = tokenizer_of(Path(directory))
-    if tokenizer is not None:
-        enc = tokenizer(EXAMPLE_TEXT, return_tensors="pt")
-        return model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, None, tokenizer
+    if tokenizer is not None:  # the same example sentence as the packaged LLMs (`rewrite.models`)
+        from .models import example_inputs
+
+        return model, example_inputs(tokenizer), None, tokenizer
     text = getattr(config, "get_text_config", lambda: config)()
     if getattr(text, "vocab_size", None):
         ids = (torch.arange(8) * 7 + 1).remainder(text.vocab_size).unsqueeze(0)
@@ -102,5 +99,5 @@ def tokenizer_of(directory: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise RewriteError(f"hf:{directory}: cannot load its tokenizer: {first}") from None
