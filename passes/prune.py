@@ -489,6 +489,14 @@ def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) ->
             if new != norm:
                 n.args = (n.args[0], new) + tuple(n.args[2:])
                 out.append({"node": n.name, "arg": "normalized_shape", "old": norm, "new": new})
+        elif n.target == aten.expand.default:  # a broadcast from 1 to a pruned width (MQA's one KV head to every query head)
+            sizes = list(n.args[1])
+            new = [new_sizes.get((n, d), s) if isinstance(s, int) and s not in (-1, 1) else s for d, s in enumerate(sizes)]
+            if new != sizes:
+                n.args = (n.args[0], new) + tuple(n.args[2:])
+                out.append({"node": n.name, "arg": "expand sizes",
+                            "old": [s if isinstance(s, int) else str(s) for s in sizes],
+                            "new": [s if isinstance(s, int) else str(s) for s in new]})
         elif n.target in (aten.split.Tensor, aten.split_with_sizes.default):  # equal or given sizes (MQA's q, k, v)
             x = n.args[0]
             dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)

@@ -160,3 +160,11 @@ def test_mixture_of_experts_captures_with_an_exportable_experts_kernel():
     assert z.model.get_experts_implementation() == before != {"": EXPORTABLE_EXPERTS}  # the model's own setting is back
     torch.testing.assert_close(program.module(*z.example.args, **z.example.kwargs).last_hidden_state,
                                z.model(*z.example.args, **z.example.kwargs).last_hidden_state)
+
+
+def test_multi_query_head_pruning_shrinks_the_broadcast_of_the_one_kv_head(tmp_path):
+    """GPTBigCode (MQA) broadcasts its single KV head to every query head with an expand whose size is a
+    literal head count; pruning query heads must rewrite that literal (it crashed with 3 vs 4 heads)."""
+    cell = run_cell("gpt_bigcode", "prune_head", workdir=tmp_path, dynamic=False)
+    _assert_clean(cell)
+    assert cell.outcome == "ok", cell.message
