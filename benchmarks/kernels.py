@@ -3,6 +3,7 @@
     python benchmarks/kernels.py                 # W4 at 4096x4096 and 4096x11008, rows 1 and 16, + MiniLM
     python benchmarks/kernels.py --bits 4 3 2    # more bit widths (MatMulNBits: 4 bits only here)
     python benchmarks/kernels.py --skip-e2e      # kernels only
+    python benchmarks/kernels.py --overhead      # cost of a thread-pool launch -> kernels.tvm_parallel.SERIAL_BELOW
 
 Kernels: the generated fused dequantize+matmul (GEMV for 1 row, GEMM otherwise), against
 torch fp32 dense matmul on the dequantized weights and against onnxruntime's
@@ -62,8 +63,8 @@ GROUP = 128
 
 
 def interleaved(fns: list[Callable[[], Any]], repeat: int, sync: Callable[[], None] = lambda: None,
-                gap: float = 0.0) -> list[float]:
-    """Median seconds of each fn, calls interleaved round by round, `gap` seconds before each call."""
+                gap: float = 0.0, stat: Callable[[list[float]], float] = statistics.median) -> list[float]:
+    """Median (or `stat`) seconds of each fn, calls interleaved round by round, `gap` seconds before each call."""
     times: list[list[float]] = [[] for _ in fns]
     for f in fns:  # warm up
         f()
@@ -77,7 +78,7 @@ def interleaved(fns: list[Callable[[], Any]], repeat: int, sync: Callable[[], No
             f()
             sync()
             times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
+    return [stat(t) for t in times]
 
 
 def kernel_bytes(rows: int, k: int, n: int, bits: int, group: int) -> int:
@@ -111,6 +112,62 @@ def matmulnbits_session(packed: torch.Tensor, scales: torch.Tensor, zeros: torch
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", SPIN)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def bench_overhead(args: argparse.Namespace) -> float:
+    """What a parallel loop costs on llvm beyond its work: y = 2x + 1 (vectorised) over n floats,
+    serially and as a parallel loop, interleaved; the break-even work of `kernels.tvm_parallel`.
+    Means, not medians: the rare slow launch (a worker not yet running when the caller is done
+    and yields its core to another process) is part of what a parallel loop costs on average.
+
+    The break-even is where the parallel loop first beats the serial one (the geometric middle
+    of the last size it lost at and the first it won at, in units of `nest_work`): what
+    `SERIAL_BELOW` is set from. For comparison it also prints the linear model's O T / ((T - 1) c)
+    (O: parallel minus serial time at the smallest n, a launch of the thread pool; c: serial
+    seconds per work unit), which assumes the threads scale perfectly; memory-bound loops do
+    not, so the measured break-even lies above it."""
+    import tvm
+    from tvm import s_tir, te
+
+    from tvm.sym.analyzer import Analyzer
+
+    from kernels.tvm_parallel import nest_work
+    from kernels.tvm_target import make_target
+
+    target = make_target("llvm")
+
+    def build(n: int, parallel: bool) -> tuple[Any, int]:
+        a = te.placeholder((n,), "float32", name="a")
+        b = te.compute((n,), lambda i: a[i] * 2.0 + 1.0, name="b")
+        sch = s_tir.Schedule(te.create_prim_func([a, b]))
+        io, ii = sch.split(sch.get_loops(sch.get_sblock("b"))[0], [None, 16])
+        sch.vectorize(ii)
+        if parallel:
+            sch.parallel(io)
+        return tvm.compile(sch.mod, target=target)["main"], int(Analyzer().simplify(nest_work(sch.mod["main"].body)).value)
+
+    print("| n floats | work units | serial us (mean) | parallel us (mean) | parallel / serial |")
+    print("|---:|---:|---:|---:|---:|")
+    rows = []
+    for n in [4096] + [1 << e for e in range(15, 23)]:
+        (fs, work), (fp, _) = build(n, False), build(n, True)
+        a = tvm.runtime.tensor(np.random.rand(n).astype("float32"))
+        b = tvm.runtime.tensor(np.zeros(n, "float32"))
+        with timing_lock(args.lock):
+            ts, tp = interleaved([lambda: fs(a, b), lambda: fp(a, b)], max(50, args.repeat * 10), stat=statistics.fmean)
+        rows.append((n, work, ts, tp))
+        print(f"| {n} | {work} | {ts * 1e6:.1f} | {tp * 1e6:.1f} | {tp / ts:.2f} |", flush=True)
+    launch = rows[0][3] - rows[0][2]
+    per_unit = rows[-1][2] / rows[-1][1]
+    threads = max(2, args.threads)
+    model = launch * threads / ((threads - 1) * per_unit)
+    wins = [i for i, r in enumerate(rows) if r[3] < r[2]]
+    first = wins[0] if wins else None
+    measured = (rows[first][1] * rows[first - 1][1]) ** 0.5 if first else float("nan")
+    print(f"\nlaunch overhead {launch * 1e6:.1f} us, serial cost {per_unit * 1e9:.3f} ns per work unit, {threads} "
+          f"threads; linear model: parallel pays off above {model:,.0f} work units; measured: above "
+          f"{measured:,.0f} (kernels.tvm_parallel.SERIAL_BELOW)")
+    return measured
 
 
 def bench_kernels(args: argparse.Namespace) -> list[dict]:
@@ -283,6 +340,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--overhead", action="store_true", help="only the thread-pool launch micro-benchmark "
+                   "(the serial/parallel threshold of kernels.tvm_parallel)")
     p.add_argument("--spin", action="store_true", help="runtimes spin idle threads as by default; pause --gap before each call")
     p.add_argument("--gap", type=float, default=0.05, help="with --spin: seconds of pause before each timed call")
     p.add_argument("--top-ops", type=int, default=12, help="rows of the per-function time table")
@@ -298,6 +357,9 @@ def main() -> None:
 
     print(f"threads: torch {torch.get_num_threads()}, onnxruntime {args.threads}, TVM {configure_cpu_threads()} "
           f"(load average at start: {os.getloadavg()[0]:.1f})\n")
+    if args.overhead:
+        bench_overhead(args)
+        return
     if not args.skip_kernels:
         bench_kernels(args)
     if not args.skip_e2e:

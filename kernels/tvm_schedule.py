@@ -591,7 +591,12 @@ def build_kernel(func: Any, target: Any = "llvm") -> Any:
     mod = tvm.IRModule({"main": func})
     if tgt.kind.name == "llvm":
         configure_cpu_threads()  # the kernel runs on this CPU: all of its cores
-    mod = schedule_kernels(mod, tgt) if tgt.kind.name == "llvm" else schedule_gpu(mod, tgt)
+    if tgt.kind.name == "llvm":
+        from .tvm_parallel import apply_serial_below
+
+        mod = apply_serial_below(schedule_kernels(mod, tgt))  # as in the backend's build
+    else:
+        mod = schedule_gpu(mod, tgt)
     return tvm.compile(mod, target=tgt)
 
 

@@ -66,9 +66,10 @@ def test_cpu_rules_fast_gelu_row_wise_softmax_and_inlined_elementwise() -> None:
             rules[gv.name_hint] = str(func.attrs[SCHEDULE_ATTR]) if SCHEDULE_ATTR in func.attrs else None
     gelu = [n for n in rules if "gelu" in n]
     assert gelu and all("T.erf(" not in built.ir[n].script() for n in gelu), rules
-    def blocks(name: str) -> int:
-        text = built.ir[name].script()
-        return text.count("T.sblock(") - text.count('T.sblock("root")')
+    def blocks(name: str) -> int:  # distinct blocks (a nest with a serial twin, kernels.tvm_parallel, repeats them)
+        import re
+
+        return len(set(re.findall(r'T\.sblock\("([^"]+)"\)', built.ir[name].script())) - {"root"})
 
     assert [n for n in gelu if blocks(n) == 1], "gelu's blocks not inlined into one"
     assert any("softmax" in n and r == "rewrite.RowWise" for n, r in rules.items()), rules

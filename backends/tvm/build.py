@@ -30,12 +30,16 @@ from .target import is_gpu, make_target
 
 
 def schedule_module(mod: Any, target: Any, *, tune: bool = False, trials: int = 64,
-                    work_dir: str | None = None, fuse: bool = False, cpu_rules: bool = True) -> Any:
+                    work_dir: str | None = None, fuse: bool = False, cpu_rules: bool = True,
+                    serial_below: int | None = None) -> Any:
     """Legalize (and optionally fuse), then schedule every PrimFunc for the target.
 
     Our kernels are scheduled first (kernels.tvm_schedule), then MetaSchedule (`tune`), then
     dlight's GPU rules for everything left. `fuse` runs Relax FuseOps + FuseTIR; it is off by
     default because TVM 0.27's FuseTIR segfaulted on BERT-style graphs earlier (see above).
+    On llvm, every parallel loop nest with less work than `serial_below` element updates runs
+    on the calling thread (`kernels.tvm_parallel`; default `SERIAL_BELOW`, from a
+    micro-benchmark of a thread-pool launch; 0 keeps every parallel loop).
     """
     import tvm
     from tvm import relax
@@ -60,6 +64,10 @@ def schedule_module(mod: Any, target: Any, *, tune: bool = False, trials: int = 
         mod = tvm_schedule.schedule_gpu(mod, target)
     elif cpu_rules:
         mod = tvm_schedule.schedule_cpu_rest(mod, target)
+    if not is_gpu(target):
+        from kernels import tvm_parallel
+
+        mod = tvm_parallel.apply_serial_below(mod, tvm_parallel.SERIAL_BELOW if serial_below is None else serial_below)
     return mod
 
 
@@ -108,18 +116,20 @@ def _apply_db(mod: Any, db: Any, target: Any) -> Any:
 
 def build_tvm(program: Program, target: Any = "llvm", *, dynamic: bool | None = None, tune: bool = False,
               trials: int = 64, fuse: bool = False, verify: bool = False, verify_inputs: Sequence[Any] | None = None,
-              rtol: float = 1e-4, **options: Any) -> "TVMModule | CudaTorchModule":
+              rtol: float = 1e-4, serial_below: int | None = None, **options: Any) -> "TVMModule | CudaTorchModule":
     """Import, schedule and build the program; returns a callable like `program.module`.
 
     `dynamic` (default: the program's) keeps batch/sequence dims symbolic; `tune` runs
     MetaSchedule with `trials` total trials (needs static shapes: dynamic=False).
+    `serial_below` (llvm): parallel loop nests with fewer element updates run serially
+    (default `kernels.tvm_parallel.SERIAL_BELOW`; 0: always parallel).
     `verify` runs `verify_inputs` (default: the example) through both and raises on mismatch.
     """
     import tvm
 
     if options:
         raise ExportError(f"build_tvm: unknown option(s) {sorted(options)}; known: dynamic, tune, trials, fuse, verify, "
-                          "verify_inputs, rtol")
+                          "verify_inputs, rtol, serial_below")
     start = time.perf_counter()
     tgt = make_target(target)
     if tgt.kind.name == "cuda" and not tvm_runs(tgt) and _torch_cuda():
@@ -133,7 +143,7 @@ def build_tvm(program: Program, target: Any = "llvm", *, dynamic: bool | None = 
     if tune and dynamic is None:
         dynamic = False
     mod = import_program(program, dynamic=dynamic)
-    mod = schedule_module(mod, tgt, tune=tune, trials=trials, fuse=fuse)
+    mod = schedule_module(mod, tgt, tune=tune, trials=trials, fuse=fuse, serial_below=serial_below)
     try:
         ex = tvm.compile(mod, target=tgt)
     except Exception as exc:  # noqa: BLE001
