@@ -2,31 +2,34 @@
 
 Why: on llvm every `parallel` loop becomes a launch of TVM's thread pool, split statically over
 the workers, and the caller waits for the slowest one. With idle workers asleep (no spinning)
-a launch costs a wake-up: 15-20 us median on this 2-core VM, milliseconds when the other core
-is busy and the worker is descheduled. A transformer graph at a small batch is mostly small ops
-(MiniLM at 16x34: 221 generated functions per call, most under 0.3 M elements), so the wake-ups,
-not the arithmetic, set their cost.
+a launch costs a wake-up: 9-18 us on this 2-core VM, and under load more: the caller waits for
+the workers with sched_yield, which can hand its core to another process for a scheduler slice.
+A transformer graph at a small batch is mostly small ops (MiniLM at 16x34: 221 generated
+functions per call, most under 0.3 M elements), so the launches, not the arithmetic, set their cost.
 
 What: every outermost parallel loop of a scheduled PrimFunc gets a serial twin, and the two are
 chosen at run time by the loop nest's work: `if work < threshold: serial else parallel`, where
-work = the number of innermost iterations (element updates) of the nest, an expression of the
-function's shape variables (symbolic batch / sequence dims). A nest whose work is a constant
-keeps one version. Vectorised loops count their lanes, so work is in scalar elements.
+work (`nest_work`) estimates the instructions the nest executes: the operations of each
+innermost statement (loads, arithmetic, casts, calls, the store) times the iterations of the
+loops around it, a vectorised loop counting once (its lanes are one instruction); an expression
+of the function's shape variables (symbolic batch / sequence dims). A nest whose work is a
+constant keeps one version.
 
 The default threshold (`SERIAL_BELOW`) comes from a micro-benchmark of the launch itself, not
 from any model: `python benchmarks/kernels.py --overhead` times a vectorised elementwise loop
-(y = 2x + 1) serially and as a parallel loop over n elements and prints the break-even n, where
-`O + c n / T = c n` (O: the launch overhead, c: serial cost per element, T: threads), i.e.
-n* = O T / ((T - 1) c). Measured on this VM (2 threads, no spinning; 2026-12-03): O = 15-18 us,
-c = 0.11 ns per element -> n* ~ 3e5; the parallel loop won first at 1 M elements. Ops costlier per
-element than a copy (exp, a reduction step) would profit from threads a little earlier: the
-threshold errs towards serial for them.
+(y = 2x + 1) over n floats serially and as a parallel loop, interleaved, and prints where the
+parallel loop starts to win, in units of `nest_work`. On this 2-core VM (2 threads, no spinning;
+2026-12-03): in the quietest run (load ~1) it lost at 65,536 units and won at 262,144, so the
+threshold is their geometric middle, 131,072. Under load 7-12 a launch cost 8-9 us on average
+and the parallel loop won nowhere below 1,048,576 units (memory-bound, the second core adds
+little), so there the threshold errs towards parallel; the linear model O T / ((T - 1) c) from
+the launch overhead alone (~1 ns per unit) would say ~20,000.
 """
 from __future__ import annotations
 
 from typing import Any
 
-# break-even work (scalar element updates) of a parallel loop on llvm, from
+# break-even work (`nest_work` units) of a parallel loop on llvm, from
 # `benchmarks/kernels.py --overhead` (see the module docstring); 0 disables
 SERIAL_BELOW = 131_072
 

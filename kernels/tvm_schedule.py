@@ -199,9 +199,11 @@ def _gemv_channels(n: int | None, lanes: int = 16) -> int:
     each activation vector loaded once for that many weight rows), fewer when N is not a multiple.
 
     8 with AVX-512 (16 of the 32 zmm registers: a group partial sum and a scaled sum per
-    channel), 4 with narrower vectors (16 registers). Measured 8 vs 4 with AVX-512, CPU time
-    of one thread, W4 g128 (2026-12-03): 4096x4096 1.34 vs 1.55 ms, 4096x11008 3.50 vs 4.13 ms
-    (16 channels: 1.43 / 3.82 ms, spills)."""
+    channel), 4 with narrower vectors (16 registers). Measured 8 vs 4 with AVX-512, CPU time of
+    one thread, W4 g128, three interleaved runs on a loaded VM (2026-12-03): 4096x4096 1.34 /
+    1.62 / 1.29 ms vs 1.55 / 1.72 / 1.32 ms, 4096x11008 3.50 / 4.67 / 3.96 vs 4.13 / 4.71 / 3.96
+    ms: never slower, 0-15% faster (16 channels spill: 1.43 / 3.82 ms in the first run).
+    """
     for c in ((8, 4, 2) if lanes >= 16 else (4, 2)):
         if n is not None and n % c == 0:
             return c
