@@ -16,7 +16,8 @@ of the dataflow, so it is computed once here from the captured graph:
    bias; depthwise conv ties each output channel to its input channel; embedding ties its
    table's columns to the output's last dim; scaled_dot_product_attention ties the head
    dims of q, k, v and the output (a GQA expand + reshape maps query head h to KV head
-   h // rep).
+   h // rep); eager attention (a 4-D q @ k^T that reaches a softmax through scale and mask
+   ops) marks the same heads dim, its matmuls tying q, k and v like any batched matmul.
 3. The element-level connected components are the *units*; units with the same set of
    (parameter, dim, width) members form a `Group`. The (value, dim) graph itself is a
    networkx graph (`dim_graph`) whose components the groups refine.
@@ -371,6 +372,26 @@ def _matmul(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
     for a in (x, y):
         if isinstance(a, fx.Node) and a.op == "get_attr":
             b.freeze_node(a, "weight used by a plain matmul")
+    if len(shape) == 4 and len(xs) == 4 and isinstance(xs[1], int) and _feeds_softmax(node):
+        # eager attention (q @ k^T, scaled and masked, then softmax): dim 1 is the heads dim, as in sdpa
+        qv = b.vertex(x, 1)
+        if qv is not None:
+            b.heads.add(qv)
+
+
+_PASS_THROUGH = UNARY | BINARY - {aten.softmax.int, aten._softmax.default}
+
+
+def _feeds_softmax(node: fx.Node, depth: int = 4) -> bool:
+    """Whether `node` reaches a softmax over its last dim through elementwise ops only (scale, mask, bias)."""
+    for u in node.users:
+        if u.op != "call_function":
+            continue
+        if u.target in (aten.softmax.int, aten._softmax.default) and u.args[0] is node and u.args[1] in (-1, 3):
+            return True
+        if depth > 0 and u.target in _PASS_THROUGH and _feeds_softmax(u, depth - 1):
+            return True
+    return False
 
 
 @_rule(*CONVS)

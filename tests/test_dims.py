@@ -164,3 +164,30 @@ def test_describe_is_readable():
     assert text.splitlines()[0] == f"{len(groups)} groups ({sum(g.prunable for g in groups)} prunable)"
     assert "kv_head" in text and "query_heads_per_kv=2" in text and "frozen: embedding table" in text
     assert "consumer layers.0.self_attn.o_proj.weight dim=1 k=32" in text
+
+
+class _EagerAttention(torch.nn.Module):
+    """Attention written out as matmul, scale, mask, softmax, matmul (MobileViT, DeBERTa, many hand-written
+    models), instead of scaled_dot_product_attention."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.dim = heads, hidden // heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(hidden, hidden) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        split = lambda t: t.view(B, S, self.heads, self.dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.dim ** 0.5
+        ctx = torch.matmul(scores.softmax(dim=-1), v)
+        return x + self.o(ctx.transpose(1, 2).reshape(B, S, -1))
+
+
+def test_eager_matmul_softmax_attention_has_heads_like_sdpa():
+    p = Program.capture(_EagerAttention().eval(), (torch.randn(2, 5, 32),))
+    canonicalize(p)
+    heads = [g for g in find_groups(p) if g.kind == "head"]
+    assert len(heads) == 1 and heads[0].prunable and (heads[0].size, heads[0].unit) == (4, 8), groups
+    out = _member(heads[0], "o.weight", 1)
+    assert out.role == "consumer" and torch.equal(out.indices, torch.arange(32).view(4, 8))
