@@ -59,7 +59,7 @@ def test_bert_ffn_neurons_and_frozen_residual():
         ("encoder.layer.0.output.dense.weight", 1, "consumer"),
     }
     res = _with(groups, "embeddings.word_embeddings.weight", 1)[0]
-    assert res.kind == "residual" and not res.prunable and "embedding" in res.reason
+    assert res.kind == "residual" and not res.prunable and res.reason in ("model output", "residual stream shared by all blocks")
     # the residual width runs through every block's output projection and layer norm
     assert _member(res, "encoder.layer.2.output.LayerNorm.weight", 0).role == "producer"
     assert _member(res, "encoder.layer.0.attention.self.query.weight", 1).role == "consumer"
@@ -162,7 +162,7 @@ def test_describe_is_readable():
     _, groups = _groups("llama")
     text = describe(groups)
     assert text.splitlines()[0] == f"{len(groups)} groups ({sum(g.prunable for g in groups)} prunable)"
-    assert "kv_head" in text and "query_heads_per_kv=2" in text and "frozen: embedding table" in text
+    assert "kv_head" in text and "query_heads_per_kv=2" in text and "residual size=64    unit=1    layer=-  frozen: model output" in text
     assert "consumer layers.0.self_attn.o_proj.weight dim=1 k=32" in text
 
 
