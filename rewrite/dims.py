@@ -659,10 +659,19 @@ def _pools(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
 
 @_rule(aten.pad.default, aten.constant_pad_nd.default)
 def _pad(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    """Pad amounts run from the last dim backwards, two per dim: a dim padded by (0, 0) passes through
+    (MobileBERT pads its shifted trigram copies along the sequence only); a padded dim keeps its width."""
     x, pad = node.args[:2]
-    padded = len(pad) // 2
-    for d in range(len(shape) - padded):
-        b.link(x, d, node, d)
+    rank = len(shape)
+    for d in range(rank):
+        back = rank - 1 - d
+        amounts = pad[2 * back: 2 * back + 2] if 2 * back < len(pad) else (0, 0)
+        if all(isinstance(a, int) and a == 0 for a in amounts):
+            b.link(x, d, node, d)
+        else:
+            b.freeze(node, d, f"padded by {node.name}")
+            b.freeze(x, d, f"padded by {node.name}")
+
 
 @_rule(aten.index.Tensor)
 def _index(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
