@@ -191,3 +191,34 @@ def test_eager_matmul_softmax_attention_has_heads_like_sdpa():
     assert len(heads) == 1 and heads[0].prunable and (heads[0].size, heads[0].unit) == (4, 8), groups
     out = _member(heads[0], "o.weight", 1)
     assert out.role == "consumer" and torch.equal(out.indices, torch.arange(32).view(4, 8))
+
+
+class _RelativeBiasAttention(_EagerAttention):
+    """Eager attention plus a learned per-head relative-position bias: an embedding table [buckets, heads]
+    looked up by a bucket index (T5, MPNet) or indexed directly (Swin's table[index])."""
+
+    def __init__(self, indexed: bool, seq: int = 5, buckets: int = 9):
+        super().__init__()
+        self.indexed = indexed
+        self.rel = torch.nn.Embedding(buckets, self.heads)
+        pos = torch.arange(seq)
+        self.register_buffer("bucket", (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        split = lambda t: t.view(B, S, self.heads, self.dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        table = self.rel.weight[self.bucket] if self.indexed else self.rel(self.bucket)  # [S, S, heads]
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.dim ** 0.5 + table.permute(2, 0, 1)
+        ctx = torch.matmul(scores.softmax(dim=-1), v)
+        return x + self.o(ctx.transpose(1, 2).reshape(B, S, -1))
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["embedding", "index"])
+def test_relative_position_bias_table_is_sliced_with_its_heads(indexed):
+    p = Program.capture(_RelativeBiasAttention(indexed).eval(), (torch.randn(2, 5, 32),))
+    canonicalize(p)
+    heads = [g for g in find_groups(p) if g.kind == "head"]
+    assert len(heads) == 1 and heads[0].prunable, find_groups(p)
+    table = _member(heads[0], "rel.weight", 1)
+    assert table.role == "producer" and torch.equal(table.indices, torch.arange(4).view(4, 1))
