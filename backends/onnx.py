@@ -28,12 +28,14 @@ from rewrite.inputs import Inputs
 from rewrite.program import Program
 from rewrite.progress import bar, stage
 from rewrite.report import ExportRecord
+from rewrite.spec import OnnxExportSpec
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go in a side file
 
 
-def to_onnx_proto(program: Program, *, opset: int = 21, dynamic: bool = True) -> Any:
-    """Export the program to an onnx.ModelProto (custom ops lowered, post-processed)."""
+def to_onnx_proto(program: Program, *, opset: int = 21, dynamic: bool = True, options: OnnxExportSpec | None = None) -> Any:
+    """Export the program to an onnx.ModelProto (custom ops lowered, post-processed with the
+    lowering `options`: the spec's `export.onnx`)."""
     import onnx
 
     from kernels import registry
@@ -51,7 +53,7 @@ def to_onnx_proto(program: Program, *, opset: int = 21, dynamic: bool = True) ->
         raise ExportError(explain_export_failure(exc, ep)) from exc
     proto = onnx_program.model_proto
     for post in registry.ONNX_POSTPROCESS:
-        post(proto)
+        post(proto, options or OnnxExportSpec())
     inputs, outputs, dims = interface_names(program)
     if len(proto.graph.input) != len(inputs):
         inputs = None  # keep the exporter's names when they do not line up with the placeholders
@@ -89,13 +91,13 @@ def strip_debug_metadata(proto: Any) -> None:
 
 def export_onnx(program: Program, path: Path, *, opset: int = 21, dynamic: bool = True, external_data: Any = "auto",
                 debug_metadata: bool = False, verify: bool = True, verify_inputs: Sequence[Inputs] = (), rtol: float = 1e-4,
-                quantile: float = 1.0) -> ExportRecord:
+                quantile: float = 1.0, options: OnnxExportSpec | None = None) -> ExportRecord:
     """Write `path` (atomic: nothing is left on a failed export or check), verified in onnxruntime."""
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with stage(f"export ONNX (opset {opset})"):
-        proto = to_onnx_proto(program, opset=opset, dynamic=dynamic)
+        proto = to_onnx_proto(program, opset=opset, dynamic=dynamic, options=options)
     if not debug_metadata:
         strip_debug_metadata(proto)
     with staged_onnx_file(proto, path, program, external_data) as tmp_model:

@@ -190,7 +190,7 @@ def _torch_gap(step: TorchStepper, ids: torch.Tensor, mask: torch.Tensor, prefix
 def export_generation(program: Program, path: Path, *, opset: int = 21, external_data: Any = "auto",
                       debug_metadata: bool = False, verify: bool = True, prompts: Sequence[Inputs] = (),
                       new_tokens: int = 32, rtol: float = 1e-4, quantile: float = 1.0,
-                      tokenizer: Any = None) -> ExportRecord:
+                      tokenizer: Any = None, options: Any = None) -> ExportRecord:
     """Write `path` (atomic: nothing is left on a failed export or check)."""
     layout = GenerationProgramInfo.of(program)
     if layout is None:
@@ -198,7 +198,7 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = to_onnx_proto(program, opset=opset, dynamic=program.dynamic)
+    proto = to_onnx_proto(program, opset=opset, dynamic=program.dynamic, options=options)
     if not debug_metadata:
         strip_debug_metadata(proto)
     rename_interface(proto, layout)

@@ -15,7 +15,7 @@ needs its weights re-laid out:
      the packed bytes by Gather + BitShift + BitwiseAnd (+ BitwiseOr for values that straddle
      two bytes), then (q - zero) * scale. All of it depends only on initializers, so
      onnxruntime folds it once at session start and the file keeps the packed bytes.
-   - embedding_q: tables up to `DECODE_TABLE_AT_LOAD_BYTES` are decoded by foldable ops (once,
+   - embedding_q: tables up to the export option `decode_tables_at_load_mb` are decoded by foldable ops (once,
      at session start) and gathered as floats; larger ones Gather the packed rows, scales and
      zeros of the ids, then decode those rows only.
    - linear_a8_dynamic: DynamicQuantizeLinear + MatMulInteger + Cast + Mul (+ Add), the
@@ -39,19 +39,14 @@ import numpy as np
 import torch
 
 from . import quant  # noqa: F401  (registers the torch ops)
+from rewrite.spec import OnnxExportSpec
+
 from .registry import ONNX_POSTPROCESS, ONNX_TRANSLATIONS
 
 DOMAIN = "rewrite.quant"
 MS_DOMAIN = "com.microsoft"
 USE_MATMULNBITS = {4, 8}
 """Bit widths lowered to MatMulNBits (module-level switch: tests and benchmarks compare paths)."""
-DECODE_TABLE_AT_LOAD_BYTES = 256 * 2**20
-"""Embedding tables up to this many float32 bytes are decoded once at session start: the file
-keeps the packed codes, memory holds the float table, and a call is a plain Gather (decoding the
-gathered rows on every call cost MiniLM ~7% of its throughput at 32 x 128 tokens). Larger tables
-(LLM vocabularies) gather packed rows and decode those per call. 0 turns decoding at load off."""
-
-
 # -------------------------------------------------------------------- 1. placeholders
 def _register_schemas() -> None:
     from onnx import defs
@@ -126,9 +121,10 @@ def _register_translations() -> None:
 class _Builder:
     """Collects the nodes and initializers that replace one placeholder."""
 
-    def __init__(self, model: Any, prefix: str):
+    def __init__(self, model: Any, prefix: str, options: Any = None):
         self.model = model
         self.prefix = prefix
+        self.options = options
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.n = 0
@@ -330,7 +326,7 @@ def _expand_linear_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> N
 
 
 def _expand_embedding_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> None:
-    """A table that decodes to at most `DECODE_TABLE_AT_LOAD_BYTES` is decoded by foldable ops
+    """A table that decodes to at most the export option `decode_tables_at_load_mb` is decoded by foldable ops
     (onnxruntime decodes it once at session start, then each call is a float Gather); a larger
     one gathers the packed rows (and their scales / zeros) first and decodes only those rows.
 
@@ -343,7 +339,7 @@ def _expand_embedding_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -
     qweight, scales, zeros = (_need(consts, node, i) for i in (1, 2, 3))
     ngroups = scales.shape[1]
     k = ngroups * g
-    if qweight.shape[0] * k * 4 <= DECODE_TABLE_AT_LOAD_BYTES:
+    if qweight.shape[0] * k * 4 <= b.options.decode_tables_at_load_mb * 2**20:
         table = _dequantized_weight(b, qweight, scales, zeros, bits, g, foldable=True)
         b.op("Gather", [table, node.input[0]], outputs=[node.output[0]], axis=0)
         return
@@ -439,10 +435,11 @@ _EXPANDERS = {
 }
 
 
-def expand_placeholders(model: Any) -> None:
+def expand_placeholders(model: Any, options: OnnxExportSpec | None = None) -> None:
     """ONNX_POSTPROCESS step: replace `rewrite.quant` placeholders by runnable ops, in place."""
     from onnx import helper
 
+    options = options or OnnxExportSpec()
     graph = model.graph
     if not any(n.domain == DOMAIN for n in graph.node):
         return
@@ -455,7 +452,7 @@ def expand_placeholders(model: Any) -> None:
             continue
         if node.op_type not in _EXPANDERS:
             raise ValueError(f"no ONNX expansion for {DOMAIN}::{node.op_type}")
-        b = _Builder(model, f"{node.name or node.op_type}_{i}")
+        b = _Builder(model, f"{node.name or node.op_type}_{i}", options)
         _EXPANDERS[node.op_type](b, node, consts)
         new_nodes.extend(b.nodes)
         graph.initializer.extend(b.inits)

@@ -2,8 +2,9 @@
 
 - `ONNX_TRANSLATIONS`: {torch op overload: onnxscript function} for the exporter's
   custom translation table.
-- `ONNX_POSTPROCESS`: functions `(onnx.ModelProto) -> None` run after export, for nodes
-  that must be built by hand (onnxruntime contrib ops have no onnx schema).
+- `ONNX_POSTPROCESS`: functions `(onnx.ModelProto, OnnxExportSpec) -> None` run after export,
+  for nodes that must be built by hand (onnxruntime contrib ops have no onnx schema); the
+  spec carries the user's lowering options.
 - `TVM_CONVERTERS`: {op name: converter} for TVM Relax import (filled by the TVM backend's ops).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 ONNX_TRANSLATIONS: dict[Any, Callable] = {}
-ONNX_POSTPROCESS: list[Callable[[Any], None]] = []
+ONNX_POSTPROCESS: list[Callable[[Any, Any], None]] = []
 TVM_CONVERTERS: dict[str, Callable] = {}
 
 

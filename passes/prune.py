@@ -12,13 +12,11 @@ the pass manager then recaptures, and canonical views follow the new widths. Wit
 """
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 import torch
-import torch.fx as fx
 
 from rewrite.dims import analyse, kept_sizes
 from rewrite.errors import PassError
@@ -28,6 +26,7 @@ from rewrite.program import Program
 from passes.importance import WeightImportance
 from rewrite.spec import StrictModel
 
+from .prune_shapes import patch_shape_constants
 from .prune_plan import (DEFAULT_ALLOCATION, DEFAULT_COMPENSATE, DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
                          op_positions, rounding_notes, uniform_counts, unit_flops, unit_scores)
 
@@ -324,7 +323,10 @@ class PrunePass(Pass):
                 keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.long)
                 t = t.index_select(dim, keep)
             program.set_param(target, t.contiguous())
-        patched = _patch_constants(program, new_sizes)
+        patched, unpatchable = patch_shape_constants(program, new_sizes)
+        if unpatchable:
+            raise PassError(f"prune: a shape constant cannot follow the pruned widths: {unpatchable[0]}; "
+                            "prune another granularity or exclude that layer (scope/exclude)")
         rows = self._rows(program, cands, scores, removed, positions)
         after_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         after_flops = count_flops(program)
@@ -464,59 +466,3 @@ def _removal(cands, removed: dict[int, list[int]]) -> dict[tuple[str, int], set[
     return removal
 
 
-def _patch_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) -> list[dict[str, Any]]:
-    """Rewrite shape constants of ops whose widths changed (canonical views need nothing)."""
-    out = []
-    for n in list(program.graph.nodes):
-        if n.op != "call_function":
-            continue
-        if n.target in (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-                        aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding):
-            groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
-            new = new_sizes.get((n.args[0], 1))
-            if groups != 1 and new is not None:
-                w = program.param(n.args[1])
-                old_in = program.shape(n.args[0])[1]
-                new_groups = groups * new // old_in
-                args = list(n.args)
-                args[6] = new_groups
-                n.args = tuple(args)
-                out.append({"node": n.name, "arg": "groups", "old": groups, "new": new_groups})
-        elif n.target == aten.layer_norm.default:
-            shape = program.shape(n)
-            norm = list(n.args[1])
-            new = [new_sizes.get((n, len(shape) - len(norm) + d), norm[d]) for d in range(len(norm))]
-            if new != norm:
-                n.args = (n.args[0], new) + tuple(n.args[2:])
-                out.append({"node": n.name, "arg": "normalized_shape", "old": norm, "new": new})
-        elif n.target == aten.expand.default:  # a broadcast from 1 to a pruned width (MQA's one KV head to every query head)
-            sizes = list(n.args[1])
-            new = [new_sizes.get((n, d), s) if isinstance(s, int) and s not in (-1, 1) else s for d, s in enumerate(sizes)]
-            if new != sizes:
-                n.args = (n.args[0], new) + tuple(n.args[2:])
-                out.append({"node": n.name, "arg": "expand sizes",
-                            "old": [s if isinstance(s, int) else str(s) for s in sizes],
-                            "new": [s if isinstance(s, int) else str(s) for s in new]})
-        elif n.target in (aten.split.Tensor, aten.split_with_sizes.default):  # equal or given sizes (MQA's q, k, v)
-            x = n.args[0]
-            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
-            dim = dim % len(program.shape(x))
-            if (x, dim) not in new_sizes:
-                continue
-            outs = sorted((u for u in n.users if u.target is _getitem()), key=lambda u: u.args[1])
-            vals = n.meta["val"]
-            sizes = [int(v.shape[dim]) for v in vals]
-            for u in outs:
-                sizes[u.args[1]] = new_sizes.get((u, dim), sizes[u.args[1]])
-            n.target = aten.split_with_sizes.default
-            n.args = (x, sizes, dim)
-            n.kwargs = {}
-            out.append({"node": n.name, "arg": "split sizes", "old": [int(v.shape[dim]) for v in vals], "new": sizes})
-    program.module.recompile()
-    return out
-
-
-def _getitem():
-    import operator
-
-    return operator.getitem

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -101,28 +101,25 @@ def _aliases(node: fx.Node, inside: set[fx.Node]) -> set[fx.Node]:
     return out
 
 
-def _descendants(starts: Iterable[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
+def _reachable(starts: Iterable[fx.Node], inside: set[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]]) -> set[fx.Node]:
+    """Nodes inside the block reached from `starts` by repeated `step` (users: downstream; inputs: upstream)."""
     seen: set[fx.Node] = set()
     todo = list(starts)
     while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u in inside and u not in seen:
-                seen.add(u)
-                todo.append(u)
+        for m in step(todo.pop()):
+            if m in inside and m not in seen:
+                seen.add(m)
+                todo.append(m)
     return seen
+
+
+def _descendants(starts: Iterable[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
+    return _reachable(starts, inside, lambda n: n.users)
 
 
 def _ancestors(node: fx.Node, inside: set[fx.Node]) -> set[fx.Node]:
-    seen = {node}
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a in inside and a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
+    """`node` and everything inside the block it depends on."""
+    return {node} | _reachable([node], inside, lambda n: n.all_input_nodes)
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:

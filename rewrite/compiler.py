@@ -80,7 +80,7 @@ class Compiled:
             opset=opset or onnx_spec.opset,
             dynamic=onnx_spec.dynamic if dynamic is None else dynamic,
             external_data=onnx_spec.external_data, debug_metadata=onnx_spec.debug_metadata,
-            verify=verify, verify_inputs=batches, rtol=rtol, quantile=quantile,
+            verify=verify, verify_inputs=batches, rtol=rtol, quantile=quantile, options=onnx_spec,
         )
         if why and verify:
             record.notes.append(why)
@@ -95,7 +95,7 @@ class Compiled:
         prompts = self.verification_batches() if self.calibration is not None and not self.calibration.from_example else []
         record = export_generation(self.program, path, opset=opset or onnx_spec.opset, external_data=onnx_spec.external_data,
                                    debug_metadata=onnx_spec.debug_metadata, verify=verify, prompts=prompts,
-                                   rtol=rtol, quantile=quantile, tokenizer=tokenizer)
+                                   rtol=rtol, quantile=quantile, tokenizer=tokenizer, options=onnx_spec)
         if why and verify:
             record.notes.append(why)
         self.report.exports.append(record)

@@ -16,14 +16,18 @@ of the dataflow, so it is computed once here from the captured graph:
    bias; depthwise conv ties each output channel to its input channel; embedding ties its
    table's columns to the output's last dim; scaled_dot_product_attention ties the head
    dims of q, k, v and the output (a GQA expand + reshape maps query head h to KV head
-   h // rep).
+   h // rep); eager attention (a 4-D q @ k^T that reaches a softmax through scale and mask
+   ops) marks the same heads dim, its matmuls tying q, k and v like any batched matmul.
 3. The element-level connected components are the *units*; units with the same set of
    (parameter, dim, width) members form a `Group`. The (value, dim) graph itself is a
    networkx graph (`dim_graph`) whose components the groups refine.
 
 Dims that cannot change safely are *frozen* with a reason (a model input or output, an
-embedding table, the residual stream all blocks share, an op we do not understand, the
-inner dim of a reshape): a group touching a frozen element is not prunable.
+embedding vocabulary, an indexed dim, the residual stream all blocks share, an op we do not
+understand, the inner dim of a reshape): a group touching a frozen element is not prunable.
+An embedding table's columns are not frozen by themselves: a word embedding's belong to the
+residual width (frozen there), a relative-position bias table's to the heads it biases
+(T5, MPNet; Swin indexes its table, `aten.index` with one index tensor), sliced with them.
 """
 from __future__ import annotations
 
@@ -371,6 +375,26 @@ def _matmul(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
     for a in (x, y):
         if isinstance(a, fx.Node) and a.op == "get_attr":
             b.freeze_node(a, "weight used by a plain matmul")
+    if len(shape) == 4 and len(xs) == 4 and isinstance(xs[1], int) and _feeds_softmax(node):
+        # eager attention (q @ k^T, scaled and masked, then softmax): dim 1 is the heads dim, as in sdpa
+        qv = b.vertex(x, 1)
+        if qv is not None:
+            b.heads.add(qv)
+
+
+_PASS_THROUGH = UNARY | BINARY - {aten.softmax.int, aten._softmax.default}
+
+
+def _feeds_softmax(node: fx.Node, depth: int = 4) -> bool:
+    """Whether `node` reaches a softmax over its last dim through elementwise ops only (scale, mask, bias)."""
+    for u in node.users:
+        if u.op != "call_function":
+            continue
+        if u.target in (aten.softmax.int, aten._softmax.default) and u.args[0] is node and u.args[1] in (-1, 3):
+            return True
+        if depth > 0 and u.target in _PASS_THROUGH and _feeds_softmax(u, depth - 1):
+            return True
+    return False
 
 
 @_rule(*CONVS)
@@ -436,7 +460,9 @@ def _embedding(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
     w = node.args[0]
     b.link(node, -1, w, 1)
     b.use_param(w, 1, "producer", node)
-    b.freeze(w, 1, "embedding table")
+    # the table's columns are a width like any other: a word embedding's are frozen by the residual
+    # stream (or the model output) they feed; a relative-position bias table's columns are the
+    # attention heads it biases (MPNet, ...), sliced with them
     b.freeze(w, 0, "embedding vocabulary")
 
 
@@ -633,10 +659,43 @@ def _pools(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
 
 @_rule(aten.pad.default, aten.constant_pad_nd.default)
 def _pad(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    """Pad amounts run from the last dim backwards, two per dim: a dim padded by (0, 0) passes through
+    (MobileBERT pads its shifted trigram copies along the sequence only); a padded dim keeps its width."""
     x, pad = node.args[:2]
-    padded = len(pad) // 2
-    for d in range(len(shape) - padded):
-        b.link(x, d, node, d)
+    rank = len(shape)
+    for d in range(rank):
+        back = rank - 1 - d
+        amounts = pad[2 * back: 2 * back + 2] if 2 * back < len(pad) else (0, 0)
+        if all(isinstance(a, int) and a == 0 for a in amounts):
+            b.link(x, d, node, d)
+        else:
+            b.freeze(node, d, f"padded by {node.name}")
+            b.freeze(x, d, f"padded by {node.name}")
+
+
+@_rule(aten.index.Tensor)
+def _index(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    """x[..., idx, ...] with one index tensor (Swin's relative-position bias table[index]): the other
+    dims of x pass through; the indexed dim keeps its width (the index values point into it)."""
+    x, indices = node.args[0], list(node.args[1])
+    tensors = [i for i, a in enumerate(indices) if a is not None]
+    xs, idx_shape = b.shape(x), b.shape(indices[tensors[0]]) if len(tensors) == 1 else None
+    if xs is None or shape is None or idx_shape is None:
+        why = f"used by {t} ({node.name}) with several index tensors, which dimension tracking does not model"
+        for a in _tensor_inputs(node):
+            b.freeze_node(a, why)
+        b.freeze_node(node, why)
+        return
+    k, r = tensors[0], len(idx_shape)
+    for d in range(len(xs)):
+        if d == k:
+            continue
+        b.link(x, d, node, d if d < k else d - 1 + r)
+        b.use_param(x, d, "producer", node)  # a parameter table is sliced with what its columns feed
+    b.freeze(x, k, f"indexed by {node.name}")
+    for i in range(r):
+        b.freeze(node, k + i, f"index positions of {node.name}")
+
 
 def _visit(b: _Builder, node: fx.Node) -> None:
     """Apply the dimension rule of the node's op (`_RULES`); a source, a size, or a node without a
@@ -715,6 +774,10 @@ def _residual_stream(program: Program) -> list[fx.Node]:
     return program.residual_stream()
 
 
+RESIDUAL_LIKE = ("model input", "model output", "embedding", "residual stream")
+"""Freeze reasons that make a group the model's residual width (kind "residual"), not a layer's units."""
+
+
 def find_groups(program: Program) -> list[Group]:
     """Every set of units that must be pruned together, with the parameter slices they cover."""
     return analyse(program)[1]
@@ -728,7 +791,8 @@ def analyse(program: Program) -> tuple[DimGraph, list[Group]]:
     frozen: dict[int, str] = {}
     for v, reason in b.frozen.items():
         for lab in np.unique(labels[b.elems(v)]):
-            frozen.setdefault(int(lab), reason)
+            if int(lab) not in frozen or (reason.startswith(RESIDUAL_LIKE) and not frozen[int(lab)].startswith(RESIDUAL_LIKE)):
+                frozen[int(lab)] = reason  # a unit of the residual stream says so, whatever else froze it
     # param elements by unit: (param, dim) -> per-unit index lists
     per_unit: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
     for (key, dim), off in b.offset.items():
@@ -753,7 +817,6 @@ def analyse(program: Program) -> tuple[DimGraph, list[Group]]:
         sig = tuple(sorted((k, len(v)) for k, v in members.items()))
         by_sig[sig + (("heads", heads_in_unit.get(lab, 0)),)].append(lab)
     block_paths = sorted({blk.path for bl in program.block_lists().values() for blk in bl}, key=len, reverse=True)
-    residual_like = ("model input", "model output", "embedding", "residual stream")
     groups: list[Group] = []
     for sig, labs in by_sig.items():
         labs = sorted(labs, key=lambda lab: min(per_unit[lab][sig[0][0]]))
@@ -773,9 +836,9 @@ def analyse(program: Program) -> tuple[DimGraph, list[Group]]:
             reasons = [f"no layer reading the outputs of {prod[0].module if prod else '?'} was found "
                        "(the coupling to its consumers is not tracked)"]
         reason = reasons[0] if reasons else ""
-        if reasons and any(r.startswith(residual_like) for r in reasons):
+        if reasons and any(r.startswith(RESIDUAL_LIKE) for r in reasons):
             kind = "residual"
-            reason = next(r for r in reasons if r.startswith(residual_like))
+            reason = next(r for r in reasons if r.startswith(RESIDUAL_LIKE))
         elif heads:
             kind = "kv_head" if heads > 1 else "head"
         elif any(program.param(m.param).dim() >= 3 for m in members):

@@ -31,16 +31,9 @@ class ZooModel:
         return _REGISTRY[self.name][1](seed)
 
 
-def _text(vocab: int, batch: int = 2, seq: int = 12, seed: int = 0, pad: bool = True, with_mask: bool = True) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, seq), generator=g)
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if with_mask:
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        if pad and batch > 1:
-            mask[-1, seq - seq // 3 :] = 0
-        kwargs["attention_mask"] = mask
-    return Inputs((), kwargs)
+def _text(vocab: int, seed: int = 0) -> Inputs:
+    """The core zoo's token batches (ids from 1, the last row right-padded): `zoo_hf.text`."""
+    return zoo_hf.text(seed, vocab=vocab, low=1)
 
 
 def _image(size: int = 32, batch: int = 2, seed: int = 0, channels: int = 3) -> Inputs:

@@ -177,10 +177,11 @@ SSM: dict[str, Callable[[], nn.Module]] = {
 
 
 # -- inputs --------------------------------------------------------------------------
-def text(seed: int, batch: int = 2, seq: int = 12, vocab: int = V, pad: bool = True, mask: bool = True) -> Inputs:
-    """Token ids (from 3: below are pad/bos/eos in most configs) with the last row right-padded."""
+def text(seed: int, batch: int = 2, seq: int = 12, vocab: int = V, pad: bool = True, mask: bool = True,
+         low: int = 3) -> Inputs:
+    """Token ids from `low` (3: below are pad/bos/eos in most configs) with the last row right-padded."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    ids = torch.randint(low, vocab, (batch, seq), generator=g)
     kwargs: dict[str, Any] = {"input_ids": ids}
     if mask:
         m = torch.ones(batch, seq, dtype=torch.long)

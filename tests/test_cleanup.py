@@ -47,3 +47,27 @@ def test_cleanup_after_quantize_keeps_weights_packed():
     out = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration)
     assert _count(out.module, "rewrite.") > 0
     assert any(t.dtype == torch.uint8 for t in out.program.params().values())
+
+
+class _ConvReadTwice(nn.Module):
+    """A conv whose output feeds a batch norm and a second branch: folding would change the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_batch_norm_that_cannot_be_folded_is_kept_and_the_report_says_why():
+    model = _ConvReadTwice().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    out = rewrite.compile(model, {"passes": [{"kind": "cleanup"}]}, example_inputs=(x,))
+    rec = out.report.passes[0]
+    assert rec.details["batch norms folded"] == 0 and _count(out.module, "batch_norm") == 1
+    assert any("skipped batch norm folding: conv2d's output is also read elsewhere" in n for n in rec.notes), rec.notes
+    with torch.no_grad():
+        assert torch.allclose(out.module(x), model(x), atol=1e-6)

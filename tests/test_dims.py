@@ -59,7 +59,7 @@ def test_bert_ffn_neurons_and_frozen_residual():
         ("encoder.layer.0.output.dense.weight", 1, "consumer"),
     }
     res = _with(groups, "embeddings.word_embeddings.weight", 1)[0]
-    assert res.kind == "residual" and not res.prunable and "embedding" in res.reason
+    assert res.kind == "residual" and not res.prunable and res.reason in ("model output", "residual stream shared by all blocks")
     # the residual width runs through every block's output projection and layer norm
     assert _member(res, "encoder.layer.2.output.LayerNorm.weight", 0).role == "producer"
     assert _member(res, "encoder.layer.0.attention.self.query.weight", 1).role == "consumer"
@@ -162,5 +162,63 @@ def test_describe_is_readable():
     _, groups = _groups("llama")
     text = describe(groups)
     assert text.splitlines()[0] == f"{len(groups)} groups ({sum(g.prunable for g in groups)} prunable)"
-    assert "kv_head" in text and "query_heads_per_kv=2" in text and "frozen: embedding table" in text
+    assert "kv_head" in text and "query_heads_per_kv=2" in text and "residual size=64    unit=1    layer=-  frozen: model output" in text
     assert "consumer layers.0.self_attn.o_proj.weight dim=1 k=32" in text
+
+
+class _EagerAttention(torch.nn.Module):
+    """Attention written out as matmul, scale, mask, softmax, matmul (MobileViT, DeBERTa, many hand-written
+    models), instead of scaled_dot_product_attention."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.dim = heads, hidden // heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(hidden, hidden) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        split = lambda t: t.view(B, S, self.heads, self.dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.dim ** 0.5
+        ctx = torch.matmul(scores.softmax(dim=-1), v)
+        return x + self.o(ctx.transpose(1, 2).reshape(B, S, -1))
+
+
+def test_eager_matmul_softmax_attention_has_heads_like_sdpa():
+    p = Program.capture(_EagerAttention().eval(), (torch.randn(2, 5, 32),))
+    canonicalize(p)
+    heads = [g for g in find_groups(p) if g.kind == "head"]
+    assert len(heads) == 1 and heads[0].prunable and (heads[0].size, heads[0].unit) == (4, 8), groups
+    out = _member(heads[0], "o.weight", 1)
+    assert out.role == "consumer" and torch.equal(out.indices, torch.arange(32).view(4, 8))
+
+
+class _RelativeBiasAttention(_EagerAttention):
+    """Eager attention plus a learned per-head relative-position bias: an embedding table [buckets, heads]
+    looked up by a bucket index (T5, MPNet) or indexed directly (Swin's table[index])."""
+
+    def __init__(self, indexed: bool, seq: int = 5, buckets: int = 9):
+        super().__init__()
+        self.indexed = indexed
+        self.rel = torch.nn.Embedding(buckets, self.heads)
+        pos = torch.arange(seq)
+        self.register_buffer("bucket", (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        split = lambda t: t.view(B, S, self.heads, self.dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        table = self.rel.weight[self.bucket] if self.indexed else self.rel(self.bucket)  # [S, S, heads]
+        scores = torch.matmul(q, k.transpose(-1, -2)) / self.dim ** 0.5 + table.permute(2, 0, 1)
+        ctx = torch.matmul(scores.softmax(dim=-1), v)
+        return x + self.o(ctx.transpose(1, 2).reshape(B, S, -1))
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["embedding", "index"])
+def test_relative_position_bias_table_is_sliced_with_its_heads(indexed):
+    p = Program.capture(_RelativeBiasAttention(indexed).eval(), (torch.randn(2, 5, 32),))
+    canonicalize(p)
+    heads = [g for g in find_groups(p) if g.kind == "head"]
+    assert len(heads) == 1 and heads[0].prunable, find_groups(p)
+    table = _member(heads[0], "rel.weight", 1)
+    assert table.role == "producer" and torch.equal(table.indices, torch.arange(4).view(4, 1))

@@ -9,7 +9,7 @@ import pytest
 
 DOCUMENTED = ["rewrite.compiler", "rewrite.program", "rewrite.spec", "rewrite.pass_base", "rewrite.model_refs", "rewrite.compare",
               "rewrite.executor", "rewrite.search", "rewrite.output_files", "rewrite.shapes",
-              "rewrite.cache"]
+              "rewrite.cache", "rewrite.rules"]
 
 
 @pytest.mark.parametrize("module_name", DOCUMENTED)

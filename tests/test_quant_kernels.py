@@ -8,6 +8,7 @@ import torch
 
 import kernels.quant as kq
 from kernels import registry
+from rewrite.spec import OnnxExportSpec
 
 
 def test_pack_hand_computed_3bit_stream():
@@ -134,14 +135,14 @@ class _AllOps(torch.nn.Module):
         return h, a, c, d
 
 
-def _lower(m: torch.nn.Module, ids: torch.Tensor):
+def _lower(m: torch.nn.Module, ids: torch.Tensor, options=None):
     ep = torch.export.export(m, (ids,))
     with contextlib.redirect_stdout(io.StringIO()):
         prog = torch.onnx.export(ep, dynamo=True, opset_version=21, optimize=True,
                                  custom_translation_table=dict(registry.ONNX_TRANSLATIONS))
     proto = prog.model_proto
     for post in registry.ONNX_POSTPROCESS:
-        post(proto)
+        post(proto, options or OnnxExportSpec())
     return proto
 
 
@@ -199,9 +200,8 @@ def test_onnx_lowering_matches_reference(bits, g, expect, tmp_path):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-def test_embedding_tables_decode_at_load_or_per_call(bits, tmp_path, monkeypatch):
+def test_embedding_tables_decode_at_load_or_per_call(bits, tmp_path):
     """Small tables decode once (folded: a float Gather per call); above the limit, packed rows are gathered first."""
-    import kernels.quant_onnx as qo
 
     registry.load_all()
     m = _AllOps(bits, 16, symmetric=True).eval()
@@ -216,8 +216,7 @@ def test_embedding_tables_decode_at_load_or_per_call(bits, tmp_path, monkeypatch
     proto = _lower(m, ids)
     assert not gathers_packed_rows(proto)
     _assert_onnxruntime_matches(proto, m, ids, tmp_path / "load.onnx")
-    monkeypatch.setattr(qo, "DECODE_TABLE_AT_LOAD_BYTES", 0)
-    proto = _lower(m, ids)
+    proto = _lower(m, ids, OnnxExportSpec(decode_tables_at_load_mb=0))
     assert gathers_packed_rows(proto)
     _assert_onnxruntime_matches(proto, m, ids, tmp_path / "per_call.onnx")
 
