@@ -385,8 +385,9 @@ def _matmul(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
 _PASS_THROUGH = UNARY | BINARY - {aten.softmax.int, aten._softmax.default}
 
 
-def _feeds_softmax(node: fx.Node, depth: int = 4) -> bool:
-    """Whether `node` reaches a softmax over its last dim through elementwise ops only (scale, mask, bias)."""
+def _feeds_softmax(node: fx.Node, depth: int = 8) -> bool:
+    """Whether `node` reaches a softmax over its last dim through elementwise ops only (scale, mask, bias,
+    Gemma-2's tanh soft-capping)."""
     for u in node.users:
         if u.op != "call_function":
             continue
