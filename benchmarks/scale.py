@@ -13,8 +13,12 @@ Calibration for `--method gptq`: sequences of `--seq-len` tokens from
 random, so any ids in the vocabulary exercise the same work; the Llama tokenizers are not
 available offline).
 
-Not yet here (issue 19): the ONNX export in bounded memory and its onnxruntime check, and the
-compile-time-vs-depth table (the Ray allocator run is `benchmarks/ray_allocator.py`).
+After quantizing, the worker exports the written folder to ONNX in bounded memory
+(`backends.onnx_stream.export_checkpoint`: fake-weight capture, weights streamed into the
+external-data file, packed weights as MatMulNBits) and checks the written file in onnxruntime
+on `--tokens` tokens against the torch model run module by module on the same folder.
+
+Not yet here (issue 19): the compile-time-vs-depth table (the Ray allocator run is `benchmarks/ray_allocator.py`).
 
     python benchmarks/scale.py --sizes 1b                  # W4 g128 RTN on the 1B-size checkpoint
     python benchmarks/scale.py --sizes 1b --layers 4,8,16  # peak RSS vs depth at one block size
@@ -106,9 +110,11 @@ def calibration(n: int, seq_len: int) -> list[dict]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One pipeline run in this (fresh) process; prints its result as one JSON line."""
+    """One pipeline run in this (fresh) process: quantize block by block, then the streamed ONNX
+    export of the written folder and its onnxruntime check; prints its result as one JSON line."""
     import torch
 
+    from backends.onnx_stream import export_checkpoint
     from rewrite.sequential import quantize_sequential
 
     torch.set_num_threads(args.threads)
@@ -118,8 +124,15 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     res = quantize_sequential(args.worker[0], spec, args.worker[1], calibration=cal, progress=True)
     out_bytes = sum(f.stat().st_size for f in Path(args.worker[1]).glob("*.safetensors"))
-    print(json.dumps({"wall_s": time.perf_counter() - start, "peak_rss_mb": res.peak_rss_mb, "out_bytes": out_bytes,
-                      "phases": [p.__dict__ for p in res.phases]}))
+    quantize_s = time.perf_counter() - start
+    onnx = {}
+    if not args.no_onnx:
+        exp = export_checkpoint(args.worker[1], Path(args.worker[1]) / "onnx" / "model.onnx", progress=True,
+                                tokens=args.tokens)
+        onnx = {"bytes": exp.bytes, "verified": exp.verified, "rel_error": exp.rel_error, "cosine": exp.cosine,
+                "phases": [p.__dict__ for p in exp.phases]}
+    print(json.dumps({"wall_s": time.perf_counter() - start, "quantize_s": quantize_s, "peak_rss_mb": res.peak_rss_mb,
+                      "out_bytes": out_bytes, "phases": [p.__dict__ for p in res.phases], "onnx": onnx}))
 
 
 def main() -> None:
@@ -134,6 +147,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dir", default=os.environ.get("TMPDIR", "/tmp") + "/rewrite-scale")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints (reused when present)")
+    ap.add_argument("--tokens", type=int, default=8, help="tokens of the onnxruntime check")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the streamed ONNX export and its check")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -153,7 +168,8 @@ def main() -> None:
                       f"in {time.perf_counter() - start:.0f}s", file=sys.stderr)
             cmd = [sys.executable, __file__, "--worker", str(ckpt), str(out), "--method", args.method,
                    "--bits", str(args.bits), "--group-size", str(args.group_size), "--threads", str(args.threads),
-                   "--calibration", str(args.calibration), "--seq-len", str(args.seq_len)]
+                   "--calibration", str(args.calibration), "--seq-len", str(args.seq_len),
+                   "--tokens", str(args.tokens)] + (["--no-onnx"] if args.no_onnx else [])
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
             if proc.returncode:
                 raise SystemExit(f"{tag}: the pipeline failed (exit {proc.returncode})")
@@ -163,21 +179,31 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             if not args.keep:
                 shutil.rmtree(ckpt, ignore_errors=True)
-    print(f"\nW{args.bits} g{args.group_size} {args.method}, bf16 random-weight checkpoints, {args.threads} threads\n")
-    print("| model | checkpoint GB | output GB | wall s | peak RSS MB | load | catch | blocks (max peak) | outside blocks |")
-    print("|---|---:|---:|---:|---:|---|---|---|---|")
+    print(f"\nW{args.bits} g{args.group_size} {args.method}, bf16 random-weight checkpoints, {args.threads} threads; "
+          "each cell: wall s / peak RSS MB of the phase (the kernel's VmHWM, reset per phase)\n")
+    print("| model | checkpoint GB | output GB | ONNX GB | load | catch | blocks (max peak) | outside blocks | "
+          "capture | write ONNX | torch ref | ORT verify (rel err) | peak compress+export MB |")
+    print("|---|---:|---:|---:|---|---|---|---|---|---|---|---|---:|")
     for tag, ckpt_bytes, res in rows:
         ph = {p["name"]: p for p in res["phases"]}
+        ox = res.get("onnx") or {}
+        oph = {p["name"]: p for p in ox.get("phases", [])}
         blocks = [p for p in res["phases"] if p["name"].startswith("block ")]
 
         def cell(p: dict | None) -> str:
-            return f"{p['seconds']:.1f}s / {p['peak_rss_mb']:.0f} MB" if p else "-"
+            return f"{p['seconds']:.0f}s / {p['peak_rss_mb']:.0f}" if p else "-"
 
-        bl = f"{sum(p['seconds'] for p in blocks):.1f}s / {max(p['peak_rss_mb'] for p in blocks):.0f} MB" if blocks else "-"
-        print(f"| {tag} | {ckpt_bytes / 1e9:.2f} | {res['out_bytes'] / 1e9:.2f} | {res['wall_s']:.1f} | "
-              f"{res['peak_rss_mb']:.0f} | {cell(ph.get('load'))} | {cell(ph.get('catch block inputs'))} | {bl} | "
-              f"{cell(ph.get('outside the blocks'))} |")
-
+        bl = f"{sum(p['seconds'] for p in blocks):.0f}s / {max(p['peak_rss_mb'] for p in blocks):.0f}" if blocks else "-"
+        verify = cell(oph.get("onnxruntime verify"))
+        if ox.get("verified"):
+            verify += f" ({ox['rel_error']:.1e})"
+        compress_export = max([p["peak_rss_mb"] for p in res["phases"]] +
+                              [p["peak_rss_mb"] for n, p in oph.items() if n in ("capture (fake weights)", "write ONNX (streamed)")])
+        print(f"| {tag} | {ckpt_bytes / 1e9:.2f} | {res['out_bytes'] / 1e9:.2f} | "
+              f"{(ox.get('bytes') or 0) / 1e9:.2f} | {cell(ph.get('load'))} | {cell(ph.get('catch block inputs'))} | {bl} | "
+              f"{cell(ph.get('outside the blocks'))} | {cell(oph.get('capture (fake weights)'))} | "
+              f"{cell(oph.get('write ONNX (streamed)'))} | {cell(oph.get('torch reference (streamed)'))} | {verify} | "
+              f"{compress_export:.0f} |")
 
 if __name__ == "__main__":
     main()

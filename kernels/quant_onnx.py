@@ -33,7 +33,7 @@ needs its weights re-laid out:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -435,15 +435,23 @@ _EXPANDERS = {
 }
 
 
-def expand_placeholders(model: Any, options: OnnxExportSpec | None = None) -> None:
-    """ONNX_POSTPROCESS step: replace `rewrite.quant` placeholders by runnable ops, in place."""
+def expand_placeholders(model: Any, options: OnnxExportSpec | None = None, consts: Mapping[str, np.ndarray] | None = None,
+                        emit: Callable[[list[Any]], None] | None = None) -> None:
+    """ONNX_POSTPROCESS step: replace `rewrite.quant` placeholders by runnable ops, in place.
+
+    `consts`: where the placeholders' constant inputs are read (default: every initializer and
+    Constant of the model, decoded at once). A streamed export of a model larger than memory
+    passes a lazy mapping that reads one tensor from disk when a placeholder asks for it, and
+    `emit`, called with each placeholder's new initializers before they join the graph, so it
+    can move their bytes to the external-data file (one linear's tensors in memory at a time).
+    """
     from onnx import helper
 
     options = options or OnnxExportSpec()
     graph = model.graph
     if not any(n.domain == DOMAIN for n in graph.node):
         return
-    consts = _constants(model)
+    consts = _constants(model) if consts is None else consts
     new_nodes: list[Any] = []
     uses_ms = False
     for i, node in enumerate(graph.node):
@@ -454,6 +462,8 @@ def expand_placeholders(model: Any, options: OnnxExportSpec | None = None) -> No
             raise ValueError(f"no ONNX expansion for {DOMAIN}::{node.op_type}")
         b = _Builder(model, f"{node.name or node.op_type}_{i}", options)
         _EXPANDERS[node.op_type](b, node, consts)
+        if emit is not None:
+            emit(b.inits)
         new_nodes.extend(b.nodes)
         graph.initializer.extend(b.inits)
         uses_ms |= b.uses_ms

@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import json
 import logging
+import shutil
 import sys
 import time
 import traceback
@@ -63,6 +64,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     check_writable(out_dir)
     if not args.spec and spec_path is not None:
         _status(args, f"no spec given: using {spec_path.name}")
+    if args.model and args.model.startswith("hf:") and not args.in_memory:
+        qspec = _block_local_quantize(spec, args.backend)
+        if qspec is not None:
+            return _compile_sequential(args, spec, qspec, out_dir)
     with showing(not args.quiet), OutputFolder(out_dir).transaction() as out:
         tokenizer = None
         start = time.perf_counter()
@@ -99,6 +104,69 @@ def cmd_compile(args: argparse.Namespace) -> int:
         out.write_text("report.md", compiled.report.to_markdown())
         out.write_text("report.json", compiled.report.to_json())
     print(compiled.report.to_table())
+    _status(args, f"done in {time.perf_counter() - start:.1f}s; report: {out_dir / 'report.md'}")
+    return 0
+
+
+def _block_local_quantize(spec: Any, backend: str) -> Any:
+    """The spec's quantize pass when the whole spec can run block by block (`rewrite.sequential`): one
+    quantize pass the pipeline supports (cleanup passes aside), no budget, ONNX output; else None."""
+    from passes.quantize import QuantizeSpec
+
+    from .sequential import unsupported_features
+
+    if backend != "onnx" or getattr(spec, "budget", None) is not None:
+        return None
+    quantize = [p for p in spec.passes if p.kind == "quantize"]
+    if len(quantize) != 1 or any(p.kind not in ("quantize", "cleanup") for p in spec.passes):
+        return None
+    q = quantize[0]
+    return q if isinstance(q, QuantizeSpec) and not unsupported_features(q) else None
+
+
+def _compile_sequential(args: argparse.Namespace, spec: Any, qspec: Any, out_dir: Path) -> int:
+    """`compile SPEC --model hf:DIR` for a block-local quantize spec: the checkpoint is quantized one
+    block at a time into OUT/checkpoint, then exported to OUT/model.onnx (+ .data) in bounded memory
+    and checked in onnxruntime; the whole model is never in memory."""
+    from backends.onnx_stream import export_checkpoint
+
+    from .checkpoint import load_hf
+    from .model_refs import folder_example, tokenizer_of
+    from .progress import showing
+    from .sequential import quantize_sequential
+
+    directory = args.model[3:]
+    with showing(not args.quiet), OutputFolder(out_dir).transaction() as out:
+        start = time.perf_counter()
+        ckpt = load_hf(directory)
+        _status(args, f"{type(ckpt.model).__name__} from {directory}: quantizing block by block "
+                      f"({qspec.method}, {qspec.weights.bits} bits; the whole model is never loaded; "
+                      "--in-memory compiles it whole instead)")
+        calib = None
+        if args.calibration and qspec.method != "rtn":
+            tokenizer = tokenizer_of(Path(directory))
+            example = folder_example(directory, ckpt.config, tokenizer, type(ckpt.model).__name__)
+            calib = _calibration_from_file(args, spec, example, tokenizer)
+        folder = out.file("checkpoint")
+        try:
+            result = quantize_sequential(ckpt, qspec, folder, calibration=calib)
+            rec = export_checkpoint(folder, out.file("model.onnx"), opset=spec.export.onnx.opset, tokens=8)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)   # the transaction removes files, not this folder
+            raise
+        _status(args, f"wrote {rec.path} + {rec.data_path.name} ({rec.bytes / 1e6:.1f} MB); onnxruntime matches the "
+                      f"torch model on {rec.tokens} tokens (relative error {rec.rel_error:.1e})")
+        report = ("# rewrite compile (block by block)\n\n"
+                  f"{qspec.method} W{qspec.weights.bits} g{qspec.weights.group_size} of {directory}\n\n"
+                  f"## quantize (peak RSS {result.peak_rss_mb:.0f} MB)\n\n{result.table()}\n\n"
+                  f"## ONNX export (peak RSS {rec.peak_rss_mb:.0f} MB; relative error in onnxruntime "
+                  f"{rec.rel_error:.1e})\n\n{rec.table()}\n")
+        out.write_text("report.md", report)
+        out.write_text("report.json", json.dumps({
+            "quantize": {"phases": [p.__dict__ for p in result.phases], "notes": result.notes},
+            "onnx": {"path": str(rec.path), "bytes": rec.bytes, "rel_error": rec.rel_error, "cosine": rec.cosine,
+                     "phases": [p.__dict__ for p in rec.phases]}}, indent=1))
+    print(report)
     _status(args, f"done in {time.perf_counter() - start:.1f}s; report: {out_dir / 'report.md'}")
     return 0
 
@@ -258,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eval", action="store_true", help="skip the STS-B accuracy check of the built-in model")
     c.add_argument("--eval-pairs", type=int, default=None, help="limit STS-B pairs for the accuracy check")
     c.add_argument("--no-latency", action="store_true", help="skip measuring onnxruntime latency before and after")
+    c.add_argument("--in-memory", action="store_true", help="with hf:DIR: compile the whole model in memory even when "
+                   "the spec could run block by block (a quantize pass with method rtn/gptq and uniform bits)")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", parents=[common], help="importance tables and plots, without rewriting")

@@ -71,22 +71,32 @@ def load_checkpoint_folder(directory: str) -> tuple[Any, Any, Any, Any]:
 
     ckpt = load_hf(directory)
     model = ckpt.module().eval()
-    config = model.config
     tokenizer = tokenizer_of(Path(directory))
+    return model, folder_example(directory, model.config, tokenizer, type(model).__name__), None, tokenizer
+
+
+def folder_example(directory: str, config: Any, tokenizer: Any, model_name: str) -> dict[str, Any]:
+    """The example inputs of a checkpoint folder's model, from its config and tokenizer (no weights read).
+
+    One tokenized sentence when the folder has a tokenizer, else 8 token ids (text models) or
+    one image of the config's size (vision models).
+    """
+    import torch
+
     if tokenizer is not None:  # the same example sentence as the packaged LLMs (`rewrite.models`)
         from .models import example_inputs
 
-        return model, example_inputs(tokenizer), None, tokenizer
+        return example_inputs(tokenizer)
     text = getattr(config, "get_text_config", lambda: config)()
     if getattr(text, "vocab_size", None):
         ids = (torch.arange(8) * 7 + 1).remainder(text.vocab_size).unsqueeze(0)
-        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, None
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
     if size and channels:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         pixels = torch.randn(1, channels, h, w, generator=torch.Generator().manual_seed(0))
-        return model, {"pixel_values": pixels}, None, None
-    raise RewriteError(f"hf:{directory}: cannot make example inputs for {type(model).__name__} (no tokenizer, "
+        return {"pixel_values": pixels}
+    raise RewriteError(f"hf:{directory}: cannot make example inputs for {model_name} (no tokenizer, "
                        "vocab_size or image_size in its config): write a MODULE:FACTORY that returns them")
 
 

@@ -545,6 +545,15 @@ class SequentialResult:
 
 def _spec(spec: QuantizeSpec | dict) -> QuantizeSpec:
     s = spec if isinstance(spec, QuantizeSpec) else QuantizeSpec.model_validate({"kind": "quantize", **spec})
+    unsupported = unsupported_features(s)
+    if unsupported:
+        raise PassError(f"the sequential pipeline does not support {', '.join(unsupported)} yet: use method rtn or "
+                        "gptq with uniform weights.bits, or rewrite.compile on a model that fits in memory")
+    return s
+
+
+def unsupported_features(s: QuantizeSpec) -> list[str]:
+    """What in a quantize spec the pipeline cannot do (empty: it runs the spec block by block)."""
     unsupported = []
     if s.weights is None:
         unsupported.append("a spec without weights")
@@ -556,10 +565,9 @@ def _spec(spec: QuantizeSpec | dict) -> QuantizeSpec:
         unsupported.append("int8 activations")
     if s.embeddings is not None:
         unsupported.append("embeddings")
-    if unsupported:
-        raise PassError(f"the sequential pipeline does not support {', '.join(unsupported)} yet: use method rtn or "
-                        "gptq with uniform weights.bits, or rewrite.compile on a model that fits in memory")
-    return s
+    if s.method == "gptq" and s.gptq.token_weight != "uniform":
+        unsupported.append(f"gptq.token_weight: {s.gptq.token_weight}")
+    return unsupported
 
 
 def quantize_sequential(checkpoint: Checkpoint | str | Path, spec: QuantizeSpec | dict, out_dir: str | Path, *,

@@ -1,0 +1,462 @@
+"""ONNX export of a checkpoint folder in bounded memory (the sequential pipeline's output, or any HF folder).
+
+`backends.onnx.export_onnx` builds the whole ONNX model in memory (graph plus every weight)
+and serialises it: for a 7B model that is the float graph several times over. Here the
+weights never meet in memory:
+
+1. capture: the model is built on the meta device (`rewrite.load_rewritten` for a folder
+   written by `quantize_sequential`: every quantized linear is a `PackedLinear`, so the graph
+   carries `rewrite::linear_q`; `rewrite.load_hf` otherwise) and every weight becomes a fake
+   tensor (shape and dtype, no storage). torch.export and the torch.onnx exporter run on that:
+   the graph is exact, its initializers have no bytes. Floating weights are declared float32
+   (the precision the graph computes in), integer ones (packed codes, zero points) keep
+   their dtype, so packed weights stay packed.
+2. placeholders: the quantized-op placeholders are expanded by `kernels.quant_onnx.expand_placeholders`
+   with a lazy constant source (each packed tensor read from the checkpoint when its node
+   asks), and the initializers each expansion makes (MatMulNBits' B, scales, zero points)
+   are appended to the external-data file at once: one linear's tensors in memory at a time.
+3. the remaining weights (norms, embeddings, float linears) are streamed from the
+   checkpoint into the same file in row chunks, converted to float32 on the way; a tied
+   weight (an lm_head sharing the embedding) is written once and referenced by both names.
+4. the model file itself holds only the graph (`location`/`offset`/`length` per weight), so
+   neither it nor the data file meets protobuf's 2 GB limit; the data file may be any size.
+
+`verify` runs the written file in onnxruntime on a few tokens and compares it with the torch
+model run on the same checkpoint one module at a time (each module's weights read before it
+runs and freed after it), so the reference needs no more memory than the export.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from rewrite.checkpoint import Checkpoint, CheckpointError, _set_tensor, load_hf
+from rewrite.errors import ExportError
+from rewrite.inputs import Inputs
+from rewrite.progress import note, showing
+from rewrite.sequential import MemoryMeter, Phase, load_rewritten, return_freed_memory
+
+INLINE_BYTES = 1024
+"""Initializers up to this size stay in the model file (shape constants); larger ones go to the data file."""
+ALIGN = 4096
+"""Offsets of large tensors in the data file are page-aligned, so onnxruntime can map them."""
+CHUNK_ELEMENTS = 1 << 22
+"""Weights are converted and written in row chunks of about this many elements (16 MB as float32)."""
+
+
+# ----------------------------------------------------------------------------- the result
+@dataclass
+class StreamedExport:
+    """What `export_checkpoint` wrote and what it cost."""
+
+    path: Path
+    data_path: Path
+    bytes: int                      # model file + data file
+    phases: list[Phase]
+    verified: bool = False
+    max_abs_error: float | None = None
+    rel_error: float | None = None
+    cosine: float | None = None
+    tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max((p.peak_rss_mb for p in self.phases), default=0.0)
+
+    def table(self) -> str:
+        rows = ["| phase | wall s | peak RSS MB |", "|---|---:|---:|"]
+        rows += [f"| {p.name} | {p.seconds:.2f} | {p.peak_rss_mb:.0f} |" for p in self.phases]
+        return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- 1. fake weights
+def open_folder(directory: str | Path) -> Checkpoint:
+    """A folder written by `quantize_sequential` (packed linears) or a plain HF checkpoint folder, on meta."""
+    directory = Path(directory)
+    return load_rewritten(directory) if (directory / "quantization.json").is_file() else load_hf(directory)
+
+
+def fake_weights(model: nn.Module) -> dict[str, torch.dtype]:
+    """Replace every meta parameter and buffer by a fake CPU tensor (no storage); name -> declared dtype.
+
+    Floating tensors are declared float32, the precision the exported graph computes in; the
+    others (packed codes, zero points) keep their dtype.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    declared: dict[str, torch.dtype] = {}
+    done: dict[int, torch.Tensor] = {}
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        if t is None or t.device.type != "meta":
+            continue
+        dtype = torch.float32 if t.dtype.is_floating_point else t.dtype
+        if id(t) not in done:  # a tied parameter stays one tensor
+            with mode:
+                fake = torch.empty(t.shape, dtype=dtype)
+            done[id(t)] = nn.Parameter(fake, requires_grad=False) if isinstance(t, nn.Parameter) else fake
+        _set_tensor(model, name, done[id(t)])
+        declared[name] = dtype
+    return declared
+
+
+def _is_fake(value: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(getattr(value, "raw", None), FakeTensor)
+
+
+def example_for(ckpt: Checkpoint, tokens: int) -> Inputs:
+    """`tokens` token ids spread over the vocabulary (and an all-ones mask): the export example and the check."""
+    config = ckpt.config
+    text = getattr(config, "get_text_config", lambda: config)()
+    vocab = getattr(text, "vocab_size", None)
+    if not vocab:
+        raise ExportError(f"{type(ckpt.model).__name__}: the streamed ONNX export makes token-id inputs from the "
+                          "config's vocab_size, which it lacks; export a model that fits with rewrite.compile")
+    ids = (torch.arange(tokens) * 7919 + 1).remainder(vocab).unsqueeze(0)
+    return Inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def capture_graph(ckpt: Checkpoint, example: Inputs, opset: int) -> tuple[Any, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """(ModelProto without the fake weights, {initializer name: (dtype, shape)} of the weights left out)."""
+    import logging
+
+    from kernels import registry
+    from rewrite.capture import export_program
+
+    from .onnx import _quiet, explain_export_failure, name_interface, strip_debug_metadata
+
+    registry.load_all()
+    model = ckpt.model
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    fake_weights(model)
+    with torch.no_grad():
+        ep = export_program(model, example, True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with _quiet():
+            # optimize=False: the optimizer folds constants, which fake weights do not have
+            program = torch.onnx.export(ep, dynamo=True, opset_version=opset, verbose=False, optimize=False,
+                                        custom_translation_table=dict(registry.ONNX_TRANSLATIONS) or None)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(explain_export_failure(exc, ep)) from exc
+    graph = program.model.graph
+    pending: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for name in list(graph.initializers):
+        value = graph.initializers[name]
+        if _is_fake(value.const_value):
+            raw = value.const_value.raw
+            pending[name] = (raw.dtype, tuple(raw.shape))
+            graph.initializers.pop(name)
+    proto = program.model_proto
+    strip_debug_metadata(proto)
+    names = _output_names(ep)
+    if names is not None and len(names) == len(proto.graph.output):
+        name_interface(proto, None, names)
+    return proto, pending
+
+
+def _output_names(ep: Any) -> list[str] | None:
+    """`logits`, ...: the output structure's keys (as `backends.onnx.output_names` names them)."""
+    import torch.utils._pytree as pytree
+
+    from .onnx import _key_name
+
+    spec = getattr(ep.call_spec, "out_spec", None)
+    if spec is None:
+        return None
+    if spec.is_leaf():
+        return ["output"]
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        parts = [_key_name(k) for k in path]
+        if isinstance(path[0], pytree.SequenceKey):
+            parts[0] = f"output_{parts[0]}"
+        names.append(".".join(parts))
+    return names
+
+
+# ----------------------------------------------------------------------------- 2./3. the data file
+class DataFile:
+    """The external-data file, appended to tensor by tensor; each TensorProto becomes a reference into it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")
+        self.offset = 0
+        self.written: dict[str, tuple[int, int]] = {}    # source key -> (offset, length): tied weights once
+
+    def _align(self, nbytes: int) -> None:
+        if nbytes >= ALIGN and self.offset % ALIGN:
+            pad = ALIGN - self.offset % ALIGN
+            self.file.write(b"\0" * pad)
+            self.offset += pad
+
+    def refer(self, tensor: Any, offset: int, length: int) -> None:
+        from onnx import TensorProto
+
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+    def stream(self, key: str, chunks: Iterator[bytes], nbytes: int) -> tuple[int, int]:
+        """Append `nbytes` given in chunks (once per key); (offset, length)."""
+        if key in self.written:
+            return self.written[key]
+        self._align(nbytes)
+        start = self.offset
+        for chunk in chunks:
+            self.file.write(chunk)
+            self.offset += len(chunk)
+        if self.offset - start != nbytes:
+            raise ExportError(f"{key}: wrote {self.offset - start} bytes, expected {nbytes}")
+        self.written[key] = (start, nbytes)
+        return self.written[key]
+
+    def emit(self, tensors: list[Any]) -> None:
+        """Move the bytes of freshly built initializers (above `INLINE_BYTES`) into the file."""
+        from onnx import numpy_helper
+
+        for t in tensors:
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
+            if len(raw) <= INLINE_BYTES:
+                continue
+            offset, length = self.stream(f"built:{t.name}", iter([raw]), len(raw))
+            t.ClearField("raw_data")
+            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(f)
+            self.refer(t, offset, length)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class LazyConstants(Mapping[str, np.ndarray]):
+    """The model's constants for the placeholder expansion: inline ones from the proto, the
+    weights left out of it read from the checkpoint on access (a few kept for the node's repeated reads)."""
+
+    def __init__(self, proto: Any, ckpt: Checkpoint, pending: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]):
+        from onnx import numpy_helper
+
+        self.inline = {t.name: t for t in proto.graph.initializer}
+        for node in proto.graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for a in node.attribute:
+                    if a.name == "value":
+                        self.inline[node.output[0]] = a.t
+        self._to_array = numpy_helper.to_array
+        self.ckpt, self.pending = ckpt, pending
+        self.cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.inline or name in self.pending
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.inline:
+            return self._to_array(self.inline[name])
+        if name not in self.pending:
+            raise KeyError(name)
+        if name not in self.cache:
+            dtype, _ = self.pending[name]
+            self.cache[name] = self.ckpt.store.get(name, dtype).numpy()
+            while len(self.cache) > 8:
+                self.cache.popitem(last=False)
+        return self.cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.inline
+        yield from self.pending
+
+    def __len__(self) -> int:
+        return len(self.inline) + len(self.pending)
+
+
+def _chunks(ckpt: Checkpoint, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Iterator[bytes]:
+    """The weight's bytes as `dtype`, read and converted in row chunks."""
+    if not shape or shape[0] == 0:
+        yield ckpt.store.get(name, dtype).contiguous().numpy().tobytes()
+        return
+    row = max(1, int(np.prod(shape[1:])))
+    step = max(1, CHUNK_ELEMENTS // row)
+    for a in range(0, shape[0], step):
+        yield ckpt.store.rows(name, a, min(a + step, shape[0]), dtype).contiguous().numpy().tobytes()
+
+
+def _onnx_dtype(dtype: torch.dtype) -> int:
+    from onnx import TensorProto
+
+    table = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+             torch.float64: TensorProto.DOUBLE, torch.uint8: TensorProto.UINT8, torch.int8: TensorProto.INT8,
+             torch.int32: TensorProto.INT32, torch.int64: TensorProto.INT64, torch.bool: TensorProto.BOOL}
+    if dtype not in table:
+        raise ExportError(f"a weight of dtype {dtype} cannot be streamed to ONNX (float, int or bool tensors only)")
+    return table[dtype]
+
+
+def write_weights(proto: Any, ckpt: Checkpoint, pending: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+                  data: DataFile) -> None:
+    """Stream every left-out weight the graph still reads into `data`, adding its reference initializer."""
+    from onnx import TensorProto
+
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    for name, (dtype, shape) in pending.items():
+        if name not in used:
+            continue
+        if name not in ckpt.store:
+            raise CheckpointError(f"the exported graph reads {name!r}, which is not in {ckpt.directory}: the "
+                                  "folder does not match its config")
+        source = ckpt.store.aliases.get(name, name)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        offset, length = data.stream(f"{source}:{dtype}", _chunks(ckpt, name, dtype, shape), nbytes)
+        t = TensorProto(name=name, data_type=_onnx_dtype(dtype), dims=list(shape))
+        data.refer(t, offset, length)
+        proto.graph.initializer.append(t)
+
+
+# ----------------------------------------------------------------------------- 4. verification
+def streamed_forward(ckpt: Checkpoint, inputs: Inputs) -> list[torch.Tensor]:
+    """The torch model's float outputs on `inputs`, each module's own weights read just before it runs
+    and released after (float32; embedding tables in the checkpoint's dtype, their output cast)."""
+    import torch.utils._pytree as pytree
+
+    model, handles = ckpt.model, []
+    model_tensors = {n for n, _ in model.named_parameters(remove_duplicate=False)} | set(ckpt.lazy_buffers)
+    for path, mod in model.named_modules():
+        own = [f"{path}.{leaf}" if path else leaf for leaf in list(mod._parameters) + list(mod._buffers)]
+        if not any(n in model_tensors for n in own):
+            continue
+
+        def load(m: nn.Module, args: Any, path: str = path) -> None:
+            _load_own(ckpt, path, m)
+
+        def free(m: nn.Module, args: Any, out: Any, path: str = path) -> Any:
+            _release_own(ckpt, path, m)
+            return pytree.tree_map(lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                                   out)
+
+        handles += [mod.register_forward_pre_hook(load), mod.register_forward_hook(free)]
+    try:
+        with torch.no_grad():
+            out = inputs.call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _load_own(ckpt: Checkpoint, path: str, mod: nn.Module) -> None:
+    for leaf, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+        full = f"{path}.{leaf}" if path else leaf
+        if t is None or full not in ckpt.store:
+            continue
+        keep = isinstance(mod, nn.Embedding) or not t.dtype.is_floating_point
+        real = ckpt.store.get(full, None if keep else torch.float32)
+        value = nn.Parameter(real, requires_grad=False) if leaf in mod._parameters else real
+        for alias in ckpt.aliases.get(full, [full]):
+            _set_tensor(ckpt.model, alias, value)
+
+
+def _release_own(ckpt: Checkpoint, path: str, mod: nn.Module) -> None:
+    for leaf, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+        full = f"{path}.{leaf}" if path else leaf
+        if t is None or full not in ckpt.store or t.device.type == "meta":
+            continue
+        meta = torch.empty_like(t, device="meta")
+        value = nn.Parameter(meta, requires_grad=False) if leaf in mod._parameters else meta
+        for alias in ckpt.aliases.get(full, [full]):
+            _set_tensor(ckpt.model, alias, value)
+
+
+def verify_file(path: Path, reference: list[torch.Tensor], inputs: Inputs, *, rtol: float) -> tuple[float, float, float]:
+    """Run the written file in onnxruntime and compare its float outputs with `reference`."""
+    from rewrite.compare import compare
+
+    from .onnx import session
+
+    sess = session(path)
+    feeds = {}
+    for inp in sess.get_inputs():
+        if inp.name not in inputs.kwargs:
+            raise ExportError(f"the ONNX file has input {inp.name!r}, the example has {sorted(inputs.kwargs)}")
+        feeds[inp.name] = inputs.kwargs[inp.name].numpy()
+    got = sess.run(None, feeds)
+    del sess
+    floats = [g for g in got if np.issubdtype(g.dtype, np.floating)]
+    if len(floats) != len(reference):
+        raise ExportError(f"onnxruntime returned {len(floats)} float outputs, the torch model {len(reference)}")
+    agreement = compare(list(zip(reference, floats)), rtol=rtol).check(
+        "onnxruntime", consequence="; the ONNX file was not written")
+    return agreement.max_abs, agreement.max_rel, agreement.cosine
+
+
+# ----------------------------------------------------------------------------- the export
+def export_checkpoint(directory: str | Path, path: str | Path, *, opset: int = 21, verify: bool = True,
+                      tokens: int = 8, rtol: float = 1e-3, progress: bool | None = None) -> StreamedExport:
+    """Write `path` (+ `<name>.data`) from a checkpoint folder without holding its weights, verified in onnxruntime.
+
+    `directory`: a folder written by `rewrite.sequential.quantize_sequential` (packed weights
+    stay packed: MatMulNBits and friends) or a plain HF checkpoint folder. The files appear at
+    `path` only after the check passed. `tokens`: the length of the check's token sequence.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meter = MemoryMeter()
+    notes: list[str] = []
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with showing(progress):
+            with meter.phase("capture (fake weights)"):
+                ckpt = open_folder(directory)
+                example = example_for(ckpt, tokens)
+                proto, pending = capture_graph(ckpt, example, opset)
+            note(f"captured {len(proto.graph.node)} ONNX nodes; {len(pending)} weights to stream")
+            tmp_model = tmpdir / path.name
+            with meter.phase("write ONNX (streamed)"):
+                from kernels.quant_onnx import expand_placeholders
+
+                data = DataFile(tmpdir / (path.name + ".data"))
+                try:
+                    expand_placeholders(proto, consts=LazyConstants(proto, open_folder(directory), pending),
+                                        emit=data.emit)
+                    write_weights(proto, ckpt, pending, data)
+                finally:
+                    data.close()
+                import onnx
+
+                onnx.save_model(proto, tmp_model)
+                del proto
+                return_freed_memory()
+            size = sum(f.stat().st_size for f in tmpdir.iterdir())
+            record = StreamedExport(path, path.parent / (path.name + ".data"), size, meter.phases, notes=notes,
+                                    tokens=tokens)
+            if verify:
+                with meter.phase("torch reference (streamed)"):
+                    reference = streamed_forward(open_folder(directory), example)
+                    return_freed_memory()
+                with meter.phase("onnxruntime verify"):
+                    record.max_abs_error, record.rel_error, record.cosine = verify_file(
+                        tmp_model, reference, example, rtol=rtol)
+                record.verified = True
+        for f in tmpdir.iterdir():
+            os.replace(f, path.parent / f.name)
+        return record
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
