@@ -100,3 +100,22 @@ def test_streamed_export_of_a_plain_folder_writes_a_tied_weight_once(tmp_path):
     tables = [w for n, w in where.items() if n in ("model.embed_tokens.weight", "lm_head.weight")]
     assert len(tables) in (1, 2) and len({(w["offset"], w["length"]) for w in tables}) == 1
     assert rec.data_path.stat().st_size < 4 * (300 * 64 * 1.5 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128))
+
+
+@pytest.mark.slow
+def test_cli_compiles_a_checkpoint_folder_block_by_block(tmp_path, capsys):
+    """`rewrite compile SPEC --model hf:DIR` with a block-local quantize spec goes through the pipeline:
+    the packed checkpoint, the streamed ONNX file (checked in onnxruntime) and a report with peak RSS per phase."""
+    from rewrite.cli import main
+
+    folder = _folder(tmp_path, tie=True)
+    spec = tmp_path / "w4.yaml"
+    spec.write_text("passes:\n  - kind: cleanup\n  - kind: quantize\n    method: rtn\n"
+                    "    weights: {bits: 4, group_size: 32}\n")
+    out = tmp_path / "out"
+    assert main(["compile", str(spec), "--model", f"hf:{folder}", "--out", str(out), "-q"]) == 0
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
+    assert (out / "checkpoint" / "quantization.json").is_file()
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["rel_error"] < 1e-3 and report["quantize"]["phases"]
+    assert "peak RSS" in (out / "report.md").read_text()
