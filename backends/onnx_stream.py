@@ -317,6 +317,8 @@ def write_weights(proto: Any, ckpt: Checkpoint, pending: Mapping[str, tuple[torc
     from onnx import TensorProto
 
     used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    first: dict[str, str] = {}          # stored tensor + dtype -> the initializer that holds it
+    renamed: dict[str, str] = {}
     for name, (dtype, shape) in pending.items():
         if name not in used:
             continue
@@ -324,11 +326,20 @@ def write_weights(proto: Any, ckpt: Checkpoint, pending: Mapping[str, tuple[torc
             raise CheckpointError(f"the exported graph reads {name!r}, which is not in {ckpt.directory}: the "
                                   "folder does not match its config")
         source = ckpt.store.aliases.get(name, name)
+        if f"{source}:{dtype}" in first:  # a tied weight: one initializer read under both names (loaded once)
+            renamed[name] = first[f"{source}:{dtype}"]
+            continue
+        first[f"{source}:{dtype}"] = name
         nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
         offset, length = data.stream(f"{source}:{dtype}", _chunks(ckpt, name, dtype, shape), nbytes)
         t = TensorProto(name=name, data_type=_onnx_dtype(dtype), dims=list(shape))
         data.refer(t, offset, length)
         proto.graph.initializer.append(t)
+    if renamed:
+        for node in proto.graph.node:
+            for i, x in enumerate(node.input):
+                if x in renamed:
+                    node.input[i] = renamed[x]
 
 
 # ----------------------------------------------------------------------------- 4. verification
