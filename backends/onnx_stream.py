@@ -360,6 +360,7 @@ def streamed_forward(ckpt: Checkpoint, inputs: Inputs) -> list[torch.Tensor]:
 
         def free(m: nn.Module, args: Any, out: Any, path: str = path) -> Any:
             _release_own(ckpt, path, m)
+            return_freed_memory()   # freed weights below glibc's mmap threshold stay resident otherwise
             return pytree.tree_map(lambda x: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
                                    out)
 

@@ -81,6 +81,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return out, meta
 
 
+CONVERT_CHUNK_BYTES = 1 << 26
+"""Tensors above this size are read and converted to another dtype in row chunks of about this many stored bytes."""
+
+
 class WeightStore:
     """Tensors of a folder's safetensors files, read one at a time (never a whole file).
 
@@ -140,7 +144,16 @@ class WeightStore:
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._tensor(name, self.read_bytes(name), self.shape(name), dtype)
+        """The whole tensor; converted to `dtype` in row chunks when it is large, so a bf16 table read
+        as float32 costs the float32 tensor plus one chunk, not both whole copies."""
+        shape, nbytes = self.shape(name), self.nbytes(name)
+        if dtype is None or dtype == self.dtype(name) or nbytes <= CONVERT_CHUNK_BYTES or len(shape) < 2:
+            return self._tensor(name, self.read_bytes(name), shape, dtype)
+        out = torch.empty(shape, dtype=dtype)
+        step = max(1, CONVERT_CHUNK_BYTES // max(nbytes // shape[0], 1))
+        for a in range(0, shape[0], step):
+            out[a:a + step].copy_(self.rows(name, a, a + step))
+        return out
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [start, stop) of the first dimension, read without the rest of the tensor."""
