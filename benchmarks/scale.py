@@ -14,7 +14,7 @@ random, so any ids in the vocabulary exercise the same work; the Llama tokenizer
 available offline).
 
 After quantizing, the worker exports the written folder to ONNX in bounded memory
-(`backends.onnx_stream.export_checkpoint`: fake-weight capture, weights streamed into the
+(`rewrite.sequential_export.export_checkpoint`: fake-weight capture, weights streamed into the
 external-data file, packed weights as MatMulNBits) and checks the written file in onnxruntime
 on `--tokens` tokens against the torch model run module by module on the same folder.
 
@@ -114,7 +114,7 @@ def worker(args: argparse.Namespace) -> None:
     export of the written folder and its onnxruntime check; prints its result as one JSON line."""
     import torch
 
-    from backends.onnx_stream import export_checkpoint
+    from rewrite.sequential_export import export_checkpoint
     from rewrite.sequential import quantize_sequential
 
     torch.set_num_threads(args.threads)

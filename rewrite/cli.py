@@ -128,7 +128,7 @@ def _compile_sequential(args: argparse.Namespace, spec: Any, qspec: Any, out_dir
     """`compile SPEC --model hf:DIR` for a block-local quantize spec: the checkpoint is quantized one
     block at a time into OUT/checkpoint, then exported to OUT/model.onnx (+ .data) in bounded memory
     and checked in onnxruntime; the whole model is never in memory."""
-    from backends.onnx_stream import export_checkpoint
+    from rewrite.sequential_export import export_checkpoint
 
     from .checkpoint import load_hf
     from .model_refs import folder_example, tokenizer_of

@@ -18,7 +18,8 @@ import networkx as nx
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rewrite", "passes", "backends", "kernels")
-DRIVER = {"rewrite.compiler", "rewrite.passmanager", "rewrite.allocate", "rewrite.executor", "rewrite.sequential"}
+DRIVER = {"rewrite.compiler", "rewrite.passmanager", "rewrite.allocate", "rewrite.executor", "rewrite.sequential",
+          "rewrite.sequential_export"}
 TOOLS = {"rewrite", "rewrite.cli", "rewrite.cli_inspect", "rewrite.model_refs", "rewrite.decoding", "rewrite.demo",
          "rewrite.zoo", "rewrite.zoo_hf", "rewrite.zoo_factories", "rewrite.zoo_grid", "rewrite.models",
          "rewrite.llm_data", "rewrite.search"}

@@ -1,4 +1,4 @@
-"""The streamed ONNX export of a checkpoint folder (`backends.onnx_stream`): fake-weight capture,
+"""The streamed ONNX export of a checkpoint folder (`rewrite.sequential_export`): fake-weight capture,
 weights streamed into the external-data file, packed weights kept packed, checked in onnxruntime."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 
-from backends import onnx_stream  # noqa: E402
-from backends.onnx_stream import export_checkpoint  # noqa: E402
+from rewrite import sequential_export as onnx_stream  # noqa: E402
+from rewrite.sequential_export import export_checkpoint  # noqa: E402
 from rewrite.sequential import quantize_sequential  # noqa: E402
 
 torch.set_num_threads(1)

@@ -1,6 +1,7 @@
 """ONNX export of a checkpoint folder in bounded memory (the sequential pipeline's output, or any HF folder).
 
-`backends.onnx.export_onnx` builds the whole ONNX model in memory (graph plus every weight)
+It sits in the driver layer beside `rewrite.sequential` (it reads that pipeline's output
+format and uses the ONNX backend's helpers). `backends.onnx.export_onnx` builds the whole ONNX model in memory (graph plus every weight)
 and serialises it: for a 7B model that is the float graph several times over. Here the
 weights never meet in memory:
 
@@ -40,11 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewrite.checkpoint import Checkpoint, CheckpointError, _set_tensor, load_hf
-from rewrite.errors import ExportError
-from rewrite.inputs import Inputs
-from rewrite.progress import note, showing
-from rewrite.sequential import MemoryMeter, Phase, load_rewritten, return_freed_memory
+from .checkpoint import Checkpoint, CheckpointError, _set_tensor, load_hf
+from .errors import ExportError
+from .inputs import Inputs
+from .progress import note, showing
+from .sequential import MemoryMeter, Phase, load_rewritten, return_freed_memory
 
 INLINE_BYTES = 1024
 """Initializers up to this size stay in the model file (shape constants); larger ones go to the data file."""
@@ -135,9 +136,9 @@ def capture_graph(ckpt: Checkpoint, example: Inputs, opset: int) -> tuple[Any, d
     import logging
 
     from kernels import registry
-    from rewrite.capture import export_program
+    from .capture import export_program
 
-    from .onnx import _quiet, explain_export_failure, name_interface, strip_debug_metadata
+    from backends.onnx import _quiet, explain_export_failure, name_interface, strip_debug_metadata
 
     registry.load_all()
     model = ckpt.model
@@ -174,7 +175,7 @@ def _output_names(ep: Any) -> list[str] | None:
     """`logits`, ...: the output structure's keys (as `backends.onnx.output_names` names them)."""
     import torch.utils._pytree as pytree
 
-    from .onnx import _key_name
+    from backends.onnx import _key_name
 
     spec = getattr(ep.call_spec, "out_spec", None)
     if spec is None:
@@ -399,9 +400,9 @@ def _release_own(ckpt: Checkpoint, path: str, mod: nn.Module) -> None:
 
 def verify_file(path: Path, reference: list[torch.Tensor], inputs: Inputs, *, rtol: float) -> tuple[float, float, float]:
     """Run the written file in onnxruntime and compare its float outputs with `reference`."""
-    from rewrite.compare import compare
+    from .compare import compare
 
-    from .onnx import session
+    from backends.onnx import session
 
     sess = session(path)
     feeds = {}
