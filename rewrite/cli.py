@@ -150,7 +150,8 @@ def _compile_sequential(args: argparse.Namespace, spec: Any, qspec: Any, out_dir
         folder = out.file("checkpoint")
         try:
             result = quantize_sequential(ckpt, qspec, folder, calibration=calib)
-            rec = export_checkpoint(folder, out.file("model.onnx"), opset=spec.export.onnx.opset, tokens=8)
+            rec = export_checkpoint(folder, out.file("model.onnx"), opset=spec.export.onnx.opset, tokens=8,
+                                    options=spec.export.onnx)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)   # the transaction removes files, not this folder
             raise

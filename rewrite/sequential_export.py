@@ -422,12 +422,14 @@ def verify_file(path: Path, reference: list[torch.Tensor], inputs: Inputs, *, rt
 
 # ----------------------------------------------------------------------------- the export
 def export_checkpoint(directory: str | Path, path: str | Path, *, opset: int = 21, verify: bool = True,
-                      tokens: int = 8, rtol: float = 1e-3, progress: bool | None = None) -> StreamedExport:
+                      tokens: int = 8, rtol: float = 1e-3, options: Any = None,
+                      progress: bool | None = None) -> StreamedExport:
     """Write `path` (+ `<name>.data`) from a checkpoint folder without holding its weights, verified in onnxruntime.
 
     `directory`: a folder written by `rewrite.sequential.quantize_sequential` (packed weights
     stay packed: MatMulNBits and friends) or a plain HF checkpoint folder. The files appear at
     `path` only after the check passed. `tokens`: the length of the check's token sequence.
+    `options`: the spec's `export.onnx` settings (an `OnnxExportSpec`) for the lowering of quantized ops.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,7 +449,7 @@ def export_checkpoint(directory: str | Path, path: str | Path, *, opset: int = 2
 
                 data = DataFile(tmpdir / (path.name + ".data"))
                 try:
-                    expand_placeholders(proto, consts=LazyConstants(proto, open_folder(directory), pending),
+                    expand_placeholders(proto, options, consts=LazyConstants(proto, open_folder(directory), pending),
                                         emit=data.emit)
                     write_weights(proto, ckpt, pending, data)
                 finally:
