@@ -18,6 +18,10 @@ After quantizing, the worker exports the written folder to ONNX in bounded memor
 external-data file, packed weights as MatMulNBits) and checks the written file in onnxruntime
 on `--tokens` tokens against the torch model run module by module on the same folder.
 
+The table's last column, the peak of compress + export (quantize phases, capture and
+the ONNX write), is what the issue's targets bound; the torch reference and the onnxruntime
+check come after and hold more (onnxruntime loads the whole quantized model).
+
 Not yet here (issue 19): the compile-time-vs-depth table (the Ray allocator run is `benchmarks/ray_allocator.py`).
 
     python benchmarks/scale.py --sizes 1b                  # W4 g128 RTN on the 1B-size checkpoint
