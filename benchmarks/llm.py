@@ -272,7 +272,8 @@ def stage_time(model_name: str, out: Path, rows: list[str], args: argparse.Names
     ppl = {}
     for r in rows:
         f = row_dir(out, r) / "ppl.json"
-        if f.exists() and json.loads(f.read_text())["key"]["n_tokens"] == args.ppl_tokens:
+        key = {"bytes": file_bytes(row_dir(out, r) / "model.onnx"), "n_tokens": args.ppl_tokens}
+        if f.exists() and json.loads(f.read_text())["key"] == key:  # a re-exported file's old perplexity is stale
             ppl[r] = json.loads(f.read_text())["ppl"]
     steps = {r: stepper(row_dir(out, r) / "model.onnx") for r in rows}
     fns = {r: timers(s, prefill_ids, prompt, args.new_tokens) for r, s in steps.items()}
