@@ -110,6 +110,7 @@ def verify_steps(program: Program, model_path: Path, batches: Sequence[Inputs], 
     torch_step, ort_step = TorchStepper(program.module, layout), OrtStepper(model_path, layout)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch in batches:
+        batch = program.fit_inputs(batch)  # calibration prompts carry the captured cache entries
         ids, mask = batch.kwargs["input_ids"], batch.kwargs["attention_mask"]
         past = [tuple(kv) for kv in batch.kwargs["past_key_values"]]
         want, want_present = torch_step(ids, mask, past)
@@ -206,9 +207,13 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
         tmpdir = tmp_model.parent
         record = ExportRecord(backend="onnx", path=str(path), bytes=sum(f.stat().st_size for f in tmpdir.iterdir()),
                               seconds=0.0, verified=False)
-        record.notes.append(f"text-generation graph: inputs {', '.join(layout.input_names()[:3 + layout.position_ids])}, "
+        record.notes.append(f"text-generation graph: inputs {', '.join(layout.input_names()[:2 + layout.position_ids])}, "
                             f"past_key_values.{{0..{layout.num_layers - 1}}}.key/.value; outputs logits, "
                             f"present.{{0..{layout.num_layers - 1}}}.key/.value")
+        if layout.layer_map is not None:
+            record.notes.append("skipped layers have no cache entry: entry i is model layer "
+                                + ", ".join(f"{i}<-{src}" for i, src in enumerate(layout.layer_map))
+                                + " (the map is also in the file's metadata, key 'layer_map')")
         if verify:
             batches = list(prompts) or [program.example]
             checks = [b for b in batches] + [program.example]  # prefills (past 0) and a decode step (past > 0)

@@ -77,6 +77,22 @@ def beam_search(free: list[Region], k: int, score: Scorer, *, width: int,
     return best_path, best_history
 
 
+def _drop_cache_entries(program: Program, removed: list[Region]) -> str:
+    """On a generation graph: the removed regions' KV-cache entries leave the interface."""
+    from rewrite.cache_entries import dead_entries, drop_cache_entries
+    from rewrite.generation import NOTES_KEY
+
+    if not program.notes.get(NOTES_KEY):
+        return ""
+    layers = dead_entries(program, {n for r in removed for n in r.nodes})
+    if not layers:
+        return ""
+    layout = drop_cache_entries(program, layers)
+    mapping = ", ".join(f"{i}<-{src}" for i, src in enumerate(layout.source_layers()))
+    return (f"KV cache: the entries of model layers {layers} left the interface; {layout.num_layers} remain, numbered "
+            f"0..{layout.num_layers - 1} in the export (entry<-model layer: {mapping})")
+
+
 # --------------------------------------------------------------------------- spec
 class SkipSpec(StrictModel):
     """Remove whole blocks, or one residual branch of them, by importance."""
@@ -171,6 +187,9 @@ class SkipPass(Pass):
             row["removed at step"] = order.get(r.key, "")
             table.append(row)
         removed_nodes = skip_regions(program, [r for r, _ in steps])
+        cache_note = _drop_cache_entries(program, [r for r, _ in steps])
+        if cache_note:
+            notes.append(cache_note)
         program.notes.pop(ALIAS_NOTE, None)  # node names change at the next recapture
         program.notes.setdefault("skip", []).extend(
             {"removed": r.key, "granularity": spec.granularity, "importance": spec.importance, "score": s} for r, s in steps)

@@ -64,7 +64,7 @@ class TorchStepper:
         check_step(self.layout, input_ids, attention_mask, past)
         with torch.no_grad():
             out = step_inputs(self.layout, input_ids, attention_mask, past).call(self.module)
-        present = [(out[f"present.{i}.key"], out[f"present.{i}.value"]) for i in range(self.layout.num_layers)]
+        present = [(out[k], out[v]) for k, v in self.layout.present_keys()]
         return out["logits"], present
 
 

@@ -152,10 +152,23 @@ class CacheLayout:
     vocab_size: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     dtype: str = "float32"
+    layer_map: list[int] | None = None
+    """The model's layer index of each cache entry, when layers were skipped (None: entry i is
+    layer i). The interface numbers the entries 0..n-1 (what onnxruntime-genai expects); the
+    torch module keeps the model's numbers in its output keys (`present_keys`), so outputs of
+    the original and the rewritten graph pair up by name."""
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def source_layers(self) -> list[int]:
+        """The model's layer index of each cache entry."""
+        return list(self.layer_map) if self.layer_map is not None else list(range(self.num_layers))
+
+    def present_keys(self) -> list[tuple[str, str]]:
+        """The torch module's output keys of each cache entry: the model's layer numbers."""
+        return [(f"present.{i}.key", f"present.{i}.value") for i in self.source_layers()]
 
     def input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask"] + (["position_ids"] if self.position_ids else [])
@@ -177,14 +190,16 @@ class CacheLayout:
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [list(map(list, l)) for l in self.layers], "position_ids": self.position_ids,
                 "max_positions": self.max_positions, "vocab_size": self.vocab_size,
-                "eos_token_ids": self.eos_token_ids, "dtype": self.dtype}
+                "eos_token_ids": self.eos_token_ids, "dtype": self.dtype,
+                **({"layer_map": list(self.layer_map)} if self.layer_map is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CacheLayout":
         layers = [(tuple(k), tuple(v)) for k, v in d["layers"]]
         return cls(layers=layers, position_ids=d["position_ids"], max_positions=d.get("max_positions"),
                    vocab_size=d.get("vocab_size"), eos_token_ids=list(d.get("eos_token_ids") or []),
-                   dtype=d.get("dtype", "float32"))
+                   dtype=d.get("dtype", "float32"),
+                   layer_map=list(d["layer_map"]) if d.get("layer_map") is not None else None)
 
 
 def positions_from_mask(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -349,10 +364,6 @@ def check_passes(passes: list[Any]) -> None:
             raise PassError("head pruning is not supported on a text-generation graph yet: the past/present cache "
                             "tensors at the graph boundary would keep the old head count. Prune FFN neurons "
                             "(granularity: neuron), or compile with task=None for a full-sequence graph")
-        if kind == "skip":
-            raise PassError("layer skipping is not supported on a text-generation graph yet: a skipped layer's cache "
-                            "entry would stay in the interface. Compile with task=None for a full-sequence graph, "
-                            "or drop the skip pass")
 
 
 @dataclass

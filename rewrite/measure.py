@@ -70,18 +70,39 @@ def flat_float_outputs(out: Any) -> list[torch.Tensor]:
     return [t.detach().float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def paired_outputs(ref: Any, got: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The float leaves of two outputs, paired by their path in the output structure.
+
+    Outputs with the same structure pair by position as before; when a rewrite removed some
+    outputs (a skipped layer's KV-cache entry: `present.{i}.key` keyed by the model's layer
+    number), the remaining ones still meet their originals and the removed ones are left out.
+    """
+    def leaves(out: Any) -> dict[Any, torch.Tensor]:
+        flat, _ = pytree.tree_flatten_with_path(out)
+        return {tuple(str(k) for k in path): t for path, t in flat
+                if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+    a, b = leaves(ref), leaves(got)
+    if list(a) == list(b) or len(a) != len(b) and not set(a) & set(b):
+        return flat_float_outputs(ref), flat_float_outputs(got)
+    common = [k for k in a if k in b]
+    return [a[k].detach().float() for k in common], [b[k].detach().float() for k in common]
+
+
 def compare_outputs(ref: Any, got: Any) -> tuple[float, float, float, str] | None:
     """(cosine, relative L2 error, max abs error, what was compared) over float leaves.
 
     Leaves are paired by position (`rewrite.compare.compare`); pairs whose shapes differ (a
     token-pruned sequence output without restoration) are skipped and named in the description.
     """
-    a, b = flat_float_outputs(ref), flat_float_outputs(got)
+    n_ref, n_got = len(flat_float_outputs(ref)), len(flat_float_outputs(got))
+    a, b = paired_outputs(ref, got)
     same = sum(x.shape == y.shape for x, y in zip(a, b))
     if not same:
         return None
     agreement = compare(zip(a, b), skip_mismatched_shapes=True)
-    what = "all outputs" if same == len(a) == len(b) else f"{same} of {max(len(a), len(b))} outputs (others changed shape)"
+    what = ("all outputs" if same == len(a) == n_ref == n_got else
+            f"{same} of {max(n_ref, n_got)} outputs (others changed shape or were removed)")
     return agreement.cosine, agreement.rel_l2, agreement.max_abs, what
 
 

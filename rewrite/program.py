@@ -24,6 +24,10 @@ import torch.fx as fx
 from .inputs import Inputs
 
 ANNOTATION_KEY = "rewrite"
+NARROWED_KEY = "narrowed_inputs"
+"""Program.notes key: {list input name: (length it had at capture, indices the graph still takes)}.
+A rewrite that drops entries of a list input (a skipped layer's KV-cache entry) records them
+here, so batches shaped for the captured interface still run (`Program.fit_inputs`)."""
 _INDEX = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)$")
 
 
@@ -41,9 +45,15 @@ class Block:
 
     @property
     def residual_out(self) -> fx.Node | None:
-        """The block's main output: the floating-point output with the largest rank."""
+        """The block's main output: the floating-point output with the largest rank.
+
+        Outputs read by something besides the graph's output come first: a generation
+        graph's blocks also return their KV-cache tensors (rank 4, straight to the output),
+        which are state, not the residual stream."""
         cands = [n for n in self.outputs if _is_float_tensor(n)]
-        return max(cands, key=lambda n: n.meta["val"].dim(), default=None)
+        inside = set(self.nodes)
+        inner = [n for n in cands if any(u.op != "output" and u not in inside for u in n.users)]
+        return max(inner or cands, key=lambda n: n.meta["val"].dim(), default=None)
 
     @property
     def residual_in(self) -> fx.Node | None:
@@ -120,13 +130,27 @@ class Program:
     def run(self, inputs: Inputs | Any) -> Any:
         """Call the captured module on one batch without gradients."""
         with torch.no_grad():
-            return Inputs.of(inputs).call(self.module)
+            return self.fit_inputs(inputs).call(self.module)
+
+    def fit_inputs(self, inputs: Inputs | Any) -> Inputs:
+        """`inputs` for the current interface: list inputs given at their captured length lose the
+        entries a rewrite dropped (see NARROWED_KEY); anything else is returned as is."""
+        inputs = Inputs.of(inputs)
+        narrowed = self.notes.get(NARROWED_KEY) or {}
+        if not narrowed:
+            return inputs
+        kwargs = dict(inputs.kwargs)
+        for name, (length, keep) in narrowed.items():
+            value = kwargs.get(name)
+            if isinstance(value, (list, tuple)) and len(value) == length and len(keep) != length:
+                kwargs[name] = [value[i] for i in keep]
+        return Inputs(inputs.args, kwargs)
 
     def flat_inputs(self, inputs: Inputs | Any) -> list[Any]:
         """The placeholders' values: the flattened (args, kwargs) in the captured order."""
         import torch.utils._pytree as pytree
 
-        inputs = Inputs.of(inputs)
+        inputs = self.fit_inputs(inputs)
         info = getattr(self.graph._codegen, "pytree_info", None)
         if info is None or info.in_spec is None:
             return list(inputs.args) + list(inputs.kwargs.values())

@@ -53,7 +53,7 @@ def _grads(program: Program, batches: list[Inputs], params: list[str], loss_fn: 
             t.requires_grad_(True)
         with torch.enable_grad():
             for i, batch in enumerate(batches):
-                loss = loss_fn(batch.call(program.module), batch, i)
+                loss = loss_fn(program.fit_inputs(batch).call(program.module), batch, i)
                 grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
                 for (p, t), g in zip(tensors.items(), grads):
                     if g is None:

@@ -23,11 +23,11 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from rewrite.calibration import observe
 from rewrite.errors import PassError
 from rewrite.inputs import Inputs
+from rewrite.measure import paired_outputs
 from rewrite.program import Program
 from rewrite.statistics import output_token_weights, token_weights
 
@@ -151,8 +151,7 @@ def _outlier_fraction(program: Program, regions: list[Region], batches: list[Inp
 
 def output_cosine(ref: Any, got: Any, batch: Inputs) -> tuple[float, float]:
     """Per-token cosine over every float output leaf of matching shape: (sum, count)."""
-    a = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    b = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    a, b = paired_outputs(ref, got)  # by name: a generation graph may have lost skipped layers' cache outputs
     s = n = 0.0
     for x, y in zip(a, b):
         if x.shape == y.shape and x.dim() >= 1:
