@@ -113,3 +113,18 @@ def test_no_block_is_a_clear_error():
     p = Program.capture(z.model, z.example)
     with pytest.raises(PassError, match="no skippable block"):
         layer_scores(p, z.calibration, "block_influence")
+
+
+def test_layer_metrics_on_a_generation_graph_compare_logits_not_cache_state():
+    """A KV-cache graph's presents are the next step's input; averaged in, they made the skip search
+    remove the last blocks (whose removal leaves every earlier present untouched)."""
+    from passes.importance.layer import output_cosine
+    from rewrite.inputs import Inputs
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    ref = {"logits": logits, "present.0.key": torch.randn(2, 2, 5, 4), "present.0.value": torch.randn(2, 2, 5, 4)}
+    got = {"logits": logits.clone(), "present.0.key": torch.randn(2, 2, 5, 4), "present.0.value": torch.randn(2, 2, 5, 4)}
+    batch = Inputs((), {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long)})
+    s, n = output_cosine(ref, got, batch)
+    assert n > 0 and abs(s / n - 1.0) < 1e-6  # identical logits: the differing presents do not count

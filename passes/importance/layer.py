@@ -149,9 +149,23 @@ def _outlier_fraction(program: Program, regions: list[Region], batches: list[Inp
     return {r.key: outlier_fraction([program.param(w) for w in r.weights]) for r in regions}
 
 
+def prediction(out: Any) -> Any:
+    """What a layer metric compares: the model's outputs, minus a generation graph's cache state.
+
+    A KV-cache graph returns `logits` plus `present.{i}.key/value`; the presents are the next
+    step's input, not the prediction. Averaged in, they bias any output metric toward the last
+    blocks (removing block i leaves the presents of blocks before i untouched), so the skip
+    search on SmolLM2's cache graph removed blocks 28 and 29 where the logits alone pick 17 and 14.
+    """
+    if isinstance(out, dict) and "logits" in out and any(str(k).startswith("present.") for k in out):
+        return {"logits": out["logits"]}
+    return out
+
+
 def output_cosine(ref: Any, got: Any, batch: Inputs) -> tuple[float, float]:
-    """Per-token cosine over every float output leaf of matching shape: (sum, count)."""
-    a, b = paired_outputs(ref, got)  # by name: a generation graph may have lost skipped layers' cache outputs
+    """Per-token cosine over every float output leaf of matching shape (the prediction only, see
+    `prediction`): (sum, count)."""
+    a, b = paired_outputs(prediction(ref), prediction(got))  # by name: a generation graph may have lost skipped layers' cache outputs
     s = n = 0.0
     for x, y in zip(a, b):
         if x.shape == y.shape and x.dim() >= 1:
