@@ -15,14 +15,14 @@ Parts (`--parts`, each prints one table; every row of a table measured in the sa
   greedy removal by held-back NLL (`llm_blocks.greedy_removal`). Target: ours >= 15% lower ppl.
 - `prune`: `--prune` of the attention heads (GQA-aware: a KV head goes with its query heads,
   allocated globally) and of the FFN neurons, chosen by wanda, through the compiler's prune pass
-  on the captured full-sequence graph, once with `compensate: lstsq` (sequential least-squares
-  refit of o_proj/down_proj) and once without; the same units go in both rows. Target: the ppl
+  on the captured full-sequence graph, once with `compensate: lstsq` (least-squares refit of
+  o_proj/down_proj; `--lstsq sequential`, the default, or `oneshot`) and once without; the same units go in both rows. Target: the ppl
   increase with compensation at least 30% smaller.
 - `mixed`: every block's linears at `--high` or `--low` bits (RTN asymmetric, groups of
   `--group`), the fraction f of blocks at low bits chosen in the order of a layer importance
-  (least important first): `sensitivity` (held-back NLL increase with only that block at low
-  bits), `bi` (block influence: LWQ's input/output change), `random` (seed 0) and `reverse`
-  (most sensitive first). f = 0.5 with 4/2 bits is an average of 3.0 bits; `uniform W3` is the
+  (least important first, `--orders`): `bi` (block influence: LWQ's input/output change),
+  `outlier` (weight-outlier fraction), `sensitivity` (held-back NLL increase with only that
+  block at low bits), `random` (seed 0) and `reverse` (the first importance order reversed). f = 0.5 with 4/2 bits is an average of 3.0 bits; `uniform W3` is the
   reference at the same size.
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/llm_structure.py --model smollm2 --parts remove,prune,mixed
@@ -120,8 +120,9 @@ def part_prune(model, tok, args, calib, held, fp32: float) -> None:
     for comp in (False, "lstsq"):
         spec = Spec.parse({"passes": [
             {"kind": "prune", "granularity": "head", "amount": amount, "importance": "wanda", "allocation": "global",
-             "compensate": comp},
-            {"kind": "prune", "granularity": "neuron", "amount": amount, "importance": "wanda", "compensate": comp}]})
+             "compensate": comp, "lstsq": args.lstsq},
+            {"kind": "prune", "granularity": "neuron", "amount": amount, "importance": "wanda", "compensate": comp,
+             "lstsq": args.lstsq}]})
         m = copy.deepcopy(model)
         m.config.use_cache = False
         t0 = time.time()
@@ -136,30 +137,20 @@ def part_prune(model, tok, args, calib, held, fp32: float) -> None:
         def fwd(ids, program=program):
             return llm_data.logits_of(program(input_ids=ids, attention_mask=torch.ones_like(ids)))
 
-        held_ppl = _ppl_windows(fwd, held)
         ppl = llm_data.perplexity(None, tok, n_tokens=args.tokens, batch_size=4, forward=fwd)
-        rows.append(("with compensation (lstsq)" if comp else "without compensation", params, held_ppl, ppl, secs))
+        rows.append((f"with compensation (lstsq, {args.lstsq})" if comp else "without compensation", params, ppl, secs))
         log(f"prune compensate={comp}: dev ppl {ppl:.3f}, params {params}")
         del compiled, program, m
     base_params = sum(p.numel() for p in model.parameters())
     print(f"\n## Prune {100 * amount:.0f}% of heads (GQA-aware, global) and FFN neurons, wanda ({args.model}); "
           f"fp32 dev ppl {fp32:.3f}, {base_params / 1e6:.1f}M params\n")
-    print("| row | params M | held-back ppl | dev ppl | vs fp32 | compile s |\n|---|---|---|---|---|---|")
-    for name, params, hp, ppl, secs in rows:
-        print(f"| {name} | {params / 1e6:.1f} | {hp:.3f} | {ppl:.3f} | {fmt_rel(ppl, fp32)} | {secs:.0f} |")
-    inc_without, inc_with = rows[0][3] - fp32, rows[1][3] - fp32
+    print("| row | params M | dev ppl | vs fp32 | compile s |\n|---|---|---|---|---|")
+    for name, params, ppl, secs in rows:
+        print(f"| {name} | {params / 1e6:.1f} | {ppl:.3f} | {fmt_rel(ppl, fp32)} | {secs:.0f} |")
+    inc_without, inc_with = rows[0][2] - fp32, rows[1][2] - fp32
     cut = 1 - inc_with / inc_without
     print(f"\nppl increase {inc_without:.3f} without -> {inc_with:.3f} with compensation: {100 * cut:.1f}% smaller "
           f"(target >= 30%: {'met' if cut >= 0.30 else 'NOT met'})", flush=True)
-
-
-def _ppl_windows(fwd, windows: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for b in windows.split(4):
-            s, c = llm_data.window_nll(fwd(b), b)
-            total, count = total + s, count + c
-    return math.exp(total / count)
 
 
 # --------------------------------------------------------------------------- mixed
@@ -181,17 +172,42 @@ def quantize_block(layer: torch.nn.Module, bits: int, g: int) -> callable:
 
 
 def mixed_orders(model, args, calib, held) -> dict[str, list[int]]:
-    """Block orders, least important first (those go to low bits first)."""
+    """Block orders, least important first (those go to low bits first); `--orders` picks which.
+
+    bi: block influence on the calibration chunks (LWQ's input/output change); outlier: the
+    fraction of the block's weights with |z| > 1 (`passes.importance.layer.outlier_fraction`,
+    data-free); sensitivity: held-back NLL increase with only that block at low bits (30 runs
+    of the held-back text); random: seed 0; reverse: the first of bi/sensitivity reversed.
+    """
+    from passes.importance.layer import outlier_fraction
+
     layers = llm_sim.decoder_layers(model)
     n = len(layers)
-    runner = llm_blocks.BlockRunner(model, list(held.split(4)))
-    sens = llm_blocks.single_block_sensitivity(runner, lambda i: quantize_block(layers[i], args.low, args.group))
-    log("sensitivity (held-back dNLL at low bits): " + ", ".join(f"{i}:{s:.4f}" for i, s in enumerate(sens)))
-    bi = llm_blocks.block_influence(llm_blocks.BlockRunner(model, list(calib.split(4))))
-    order = sorted(range(n), key=lambda i: sens[i])
-    rnd = list(range(n))
-    random.Random(0).shuffle(rnd)
-    return {"sensitivity": order, "bi": sorted(range(n), key=lambda i: bi[i]), "random": rnd, "reverse": order[::-1]}
+    asked = args.orders.split(",")
+    out: dict[str, list[int]] = {}
+    for k in asked:
+        if k == "sensitivity":
+            runner = llm_blocks.BlockRunner(model, list(held.split(4)))
+            sens = llm_blocks.single_block_sensitivity(runner, lambda i: quantize_block(layers[i], args.low, args.group))
+            log("sensitivity (held-back dNLL at low bits): " + ", ".join(f"{i}:{s:.4f}" for i, s in enumerate(sens)))
+            out[k] = sorted(range(n), key=lambda i: sens[i])
+        elif k == "bi":
+            bi = llm_blocks.block_influence(llm_blocks.BlockRunner(model, list(calib.split(4))))
+            out[k] = sorted(range(n), key=lambda i: bi[i])
+        elif k == "outlier":
+            frac = [outlier_fraction([m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]) for layer in layers]
+            log("outlier fraction: " + ", ".join(f"{i}:{f:.4f}" for i, f in enumerate(frac)))
+            out[k] = sorted(range(n), key=lambda i: frac[i])
+        elif k == "random":
+            rnd = list(range(n))
+            random.Random(0).shuffle(rnd)
+            out[k] = rnd
+        elif k != "reverse":
+            raise SystemExit(f"unknown order {k!r}; valid: sensitivity, bi, outlier, random, reverse")
+    if "reverse" in asked:
+        first = next(k for k in asked if k in ("sensitivity", "bi", "outlier"))
+        out[f"reverse ({first})"] = out[first][::-1]
+    return out
 
 
 def part_mixed(model, tok, args, calib, held, fp32: float) -> None:
@@ -234,9 +250,11 @@ def part_mixed(model, tok, args, calib, held, fp32: float) -> None:
         print(f"| {k} | " + " | ".join(f"{curve[k][f]:.2f} ({fmt_rel(curve[k][f], fp32)})" for f in fractions) + " |")
     if 0.5 in fractions and args.high + args.low == 6:
         w3 = ref["uniform W3"]
-        best = curve["sensitivity"][0.5]
-        print(f"\n3.0 bits: sensitivity order {best:.3f} vs uniform W3 {w3:.3f} ({'better' if best < w3 else 'NOT better'}), "
-              f"vs random {curve['random'][0.5]:.3f} ({'better' if best < curve['random'][0.5] else 'NOT better'})")
+        for k in orders:
+            v = curve[k][0.5]
+            print(f"3.0 bits, order {k}: {v:.3f} vs uniform W3 {w3:.3f} ({'better' if v < w3 else 'NOT better'})"
+                  + (f", vs random {curve['random'][0.5]:.3f} ({'better' if v < curve['random'][0.5] else 'NOT better'})"
+                     if "random" in curve and k != "random" else ""))
     near = {k: max([f for f in fractions if curve[k][f] <= 1.10 * ref[f'uniform W{args.high}']], default=0.0)
             for k in orders}
     print("largest fraction within 10% of uniform W%d's ppl: " % args.high + ", ".join(f"{k} {v}" for k, v in near.items()),
@@ -254,10 +272,14 @@ def main() -> None:
     ap.add_argument("--shortlist", type=int, default=10,
                     help="greedy removal: after step 1 only the blocks cheapest to remove alone (0: all)")
     ap.add_argument("--prune", type=float, default=0.2)
+    ap.add_argument("--lstsq", choices=("sequential", "oneshot"), default="sequential",
+                    help="prune: how the compensated row refits (the prune spec's lstsq; sequential is the default)")
     ap.add_argument("--high", type=int, default=4)
     ap.add_argument("--low", type=int, default=2)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--fractions", default="0.25,0.5")
+    ap.add_argument("--orders", default="bi,outlier,random,reverse",
+                    help="mixed: block orders (sensitivity, bi, outlier, random, reverse)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
