@@ -71,17 +71,43 @@ class BlockRunner:
         return out
 
 
-def block_influence(runner: BlockRunner) -> list[float]:
-    """ShortGPT's block influence: mean over tokens of 1 - cos(h_in, h_out) for every block (float model)."""
+def block_influence(runner: BlockRunner, updates: list[torch.Tensor] | None = None) -> list[float]:
+    """ShortGPT's block influence: mean over tokens of 1 - cos(h_in, h_out) for every block (float model).
+
+    With `updates` (a list), each block's mean residual update E[h_out - h_in] over the tokens is
+    appended to it (what `MeanUpdate` adds in place of a removed block).
+    """
     scores = []
     h = runner.h0
     for i in range(len(runner.layers)):
         out = runner.run(h, [i])
         num = sum(float((1 - torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)).sum())
                   for a, b in zip(h, out))
-        scores.append(num / sum(a.shape[0] * a.shape[1] for a in h))
+        tokens = sum(a.shape[0] * a.shape[1] for a in h)
+        scores.append(num / tokens)
+        if updates is not None:
+            updates.append(sum((b.float() - a.float()).sum(dim=(0, 1)) for a, b in zip(h, out)) / tokens)
         h = out
     return scores
+
+
+class MeanUpdate(nn.Module):
+    """Stands in for a removed block: adds the block's mean residual update (a constant vector)."""
+
+    def __init__(self, update: torch.Tensor):
+        super().__init__()
+        self.register_buffer("update", update.detach().clone())
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states + self.update.to(hidden_states.dtype)
+
+
+def replace_blocks(model: nn.Module, blocks: Sequence[int], updates: Sequence[torch.Tensor]) -> nn.Module:
+    """The model with each of `blocks` replaced by its `MeanUpdate` (in place)."""
+    layers = llm_sim.decoder_layers(model)
+    for i in blocks:
+        layers[i] = MeanUpdate(updates[i])
+    return model
 
 
 def shortgpt_choice(bi: Sequence[float], k: int) -> list[int]:

@@ -57,7 +57,8 @@ def test_runner_reproduces_the_model_and_greedy_removal_is_exact():
 def test_block_influence_is_one_minus_cosine_and_shortgpt_takes_the_lowest():
     m = _decoder()
     batches = list(torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2)).split(1))
-    bi = llm_blocks.block_influence(llm_blocks.BlockRunner(m, batches))
+    updates: list = []
+    bi = llm_blocks.block_influence(llm_blocks.BlockRunner(m, batches), updates)
     seen: dict[int, list] = {}
     hooks = [layer.register_forward_hook(lambda mod, a, o, i=i: seen.setdefault(i, []).append(
         (a[0], o[0] if isinstance(o, tuple) else o))) for i, layer in enumerate(m.model.layers)]
@@ -69,7 +70,19 @@ def test_block_influence_is_one_minus_cosine_and_shortgpt_takes_the_lowest():
     for i in range(4):
         want = torch.cat([1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).flatten() for x, y in seen[i]]).mean()
         assert abs(bi[i] - float(want)) < 1e-5
+        mean = torch.cat([(y - x).reshape(-1, x.shape[-1]) for x, y in seen[i]]).mean(0)
+        assert torch.allclose(updates[i], mean, atol=1e-5)
     assert llm_blocks.shortgpt_choice(bi, 2) == sorted(range(4), key=lambda i: bi[i])[:2]
+    # a block replaced by its mean update: the model adds that constant where the block was
+    ids = batches[0]
+    r = llm_blocks.replace_blocks(copy.deepcopy(m), [1], updates)
+    with torch.inference_mode():
+        kw_runner = llm_blocks.BlockRunner(m, [ids])
+        h = kw_runner.run(kw_runner.h0, [0])[0] + updates[1]
+        h = kw_runner.run([h], [2, 3])[0]
+        want = llm_blocks.final_logits(m, h)
+        got = r(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(got, want, atol=1e-4)
 
 
 def test_single_block_sensitivity_undoes_each_change():
