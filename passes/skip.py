@@ -12,8 +12,8 @@ is decided by a layer importance (`passes.importance.layer`) and a search:
   (greedy is beam width 1). Removals interact: on all-MiniLM-L6-v2 the best single block
   (L2) is not in the best pair (L1, L3), which greedy cannot reach and beam width 4 finds.
 
-A set's objective is its `fidelity_drop` (already measured against the original with the
-whole set removed), or for the other kinds the sum of the step scores.
+A set's objective is its `fidelity_drop` or `next_token_nll` (each already measured against the
+original with the whole set removed), or for the other kinds the sum of the step scores.
 
 Calibration batches drive the scores; the held-back batches only measure the reported
 fidelity after each removal (the trajectory).
@@ -44,6 +44,9 @@ def _count(layers: int | float | list[str], n: int) -> int:
 def _protected(r: Region, protect: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(r.key, p) or fnmatch.fnmatchcase(r.block, p) for p in protect)
 
+
+CUMULATIVE = ("fidelity_drop", "next_token_nll")
+"""Layer kinds whose score after earlier removals already measures the whole set against the original."""
 
 Scorer = Callable[[list[Region], list[Region]], dict[str, float]]
 
@@ -166,7 +169,7 @@ class SkipPass(Pass):
                         return first
                     return score_regions(bypassed(program, removed), left, calib, spec.importance, original=ctx.original)
 
-                steps, per_step = beam_search(free, k, score, width=width, cumulative=spec.importance == "fidelity_drop")
+                steps, per_step = beam_search(free, k, score, width=width, cumulative=spec.importance in CUMULATIVE)
                 if spec.importance == "outlier_fraction":
                     notes.append("outlier_fraction does not depend on activations: greedy re-scoring gives the one-shot order")
             search = spec.search

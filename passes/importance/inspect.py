@@ -41,6 +41,8 @@ from .kinds import names
 from .weight import weight_scores
 
 DEFAULT_WEIGHT = ("magnitude", "wanda", "hessian", "activation", "wina")
+LM_ONLY_LAYER = ("next_token_nll",)
+"""Layer kinds that only apply to causal LMs: listed when asked for (--importance), not by default."""
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -56,7 +58,7 @@ def kinds_from(spec: Spec | None, requested: Sequence[str] | None) -> dict[str, 
             elif p.kind in ("skip", "quantize", "token"):
                 asked.append(p.importance)
     if not asked:
-        return {"weight": list(DEFAULT_WEIGHT), "layer": list(names("layer")), "token": list(names("token"))}
+        return {"weight": list(DEFAULT_WEIGHT), "layer": [k for k in names("layer") if k not in LM_ONLY_LAYER], "token": list(names("token"))}
     out: dict[str, list[str]] = {"weight": [], "layer": [], "token": []}
     for k in asked:
         group = next((g for g in ("weight", "layer", "token") if k in names(g)), None)

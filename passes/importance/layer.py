@@ -11,6 +11,10 @@ Kinds:
 - `fidelity_drop`: 1 - cos(final output with the region skipped, `original`'s final
   output), per token, averaged over real tokens of all batches. The skip is done on a
   copy of the graph (parameters shared), exactly as the skip pass would do it.
+- `next_token_nll` (causal LMs): the increase of the mean next-token negative log-likelihood of
+  the calibration tokens over `original`'s when the region is bypassed. It scores what a
+  language model is for, where fidelity_drop scores the direction of the logits
+  (benchmarks/llm_structure.py compares its greedy removal with ShortGPT's choice). Needs batches with `input_ids` and an output holding logits [batch, tokens, vocab].
 
 Regions are found on the graph (`passes.skip_blocks.find_regions`): granularity "block"
 keys are block paths (`encoder.layer.3`), "attention"/"mlp" keys are
@@ -187,6 +191,48 @@ def _fidelity_drop(program: Program, regions: list[Region], batches: list[Inputs
             s, n = s + ds, n + dn
         out[r.key] = 1.0 - s / max(n, 1.0)
     return out
+
+
+def causal_lm_nll(output: Any, batch: Inputs) -> tuple[float, float]:
+    """(summed NLL, count) of every real token given the previous ones, from a causal LM's logits.
+
+    The logits are the float output leaf shaped [batch, tokens, vocab] over the batch's
+    `input_ids`; a token counts when it and the one before it are real (attention_mask).
+    """
+    ids = batch.kwargs.get("input_ids")
+    if ids is None:
+        ids = next((t for t in batch.args if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)
+    logits = None
+    if ids is not None and ids.dim() == 2:
+        logits = next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                       and t.dim() == 3 and tuple(t.shape[:2]) == tuple(ids.shape) and t.shape[-1] > int(ids.max())), None)
+    if logits is None:
+        raise PassError("layer importance next_token_nll needs a causal language model: calibration batches with "
+                        "input_ids [batch, tokens] and an output holding logits [batch, tokens, vocab]; "
+                        "fix: use fidelity_drop or block_influence for other models")
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -lp.gather(-1, ids[:, 1:, None].long()).squeeze(-1).double()
+    mask = batch.kwargs.get("attention_mask")
+    if mask is None:
+        return float(nll.sum()), float(nll.numel())
+    valid = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
+    return float((nll * valid).sum()), float(valid.sum())
+
+
+def mean_nll(program: Program, batches: list[Inputs]) -> float:
+    """Mean next-token NLL of `program` (a causal LM) over the real tokens of `batches`."""
+    s = n = 0.0
+    for b in batches:
+        ds, dn = causal_lm_nll(program.run(b), b)
+        s, n = s + ds, n + dn
+    return s / max(n, 1.0)
+
+
+@importance("layer", "next_token_nll")
+def _next_token_nll(program: Program, regions: list[Region], batches: list[Inputs], original: Program) -> dict[str, float]:
+    """Mean next-token NLL with the region alone bypassed, minus `original`'s (causal LMs)."""
+    base = mean_nll(original, batches)
+    return {r.key: mean_nll(bypassed(program, [r]), batches) - base for r in regions}
 
 
 def mean_output_cosine(original: Program, program: Program, batches: list[Inputs]) -> float:
