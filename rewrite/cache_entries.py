@@ -159,5 +159,11 @@ def _reroute_size(user: fx.Node, node: fx.Node, keep: list[fx.Node]) -> None:
                 if str(size) == str(want):
                     user.args = (other, d)
                     return
-    raise PassError(f"the dropped cache input {node.name} is still read by {user.name} ({user.target}), which no kept "
-                    "input can stand in for")
+        if keep and dim in (0, 2):
+            # every cache tensor is [batch, heads, past length, head dim] with one batch and one past
+            # length for all layers (the interface feeds them so), even where capture gave each layer
+            # its own symbol
+            user.args = (keep[0], dim)
+            return
+    raise PassError(f"the dropped cache input {node.name} is still read by {user.name} ({user.target}, args {user.args}), "
+                    f"which no kept input ({[tuple(k.meta['val'].shape) for k in keep]}) can stand in for")

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from rewrite.calibration import observe
 from rewrite.errors import PassError
