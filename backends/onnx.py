@@ -340,9 +340,15 @@ def output_names(program: Program) -> list[str]:
     n_out = len(pytree.tree_leaves(program.output_node().args[0]))
     if info is None or info.out_spec is None or info.out_spec.num_leaves != n_out:
         return [f"output_{i}" for i in range(n_out)]
-    tree = pytree.tree_unflatten(list(range(n_out)), info.out_spec)
-    if info.out_spec.is_leaf():
+    return names_of_outputs(info.out_spec)
+
+
+def names_of_outputs(out_spec: Any) -> list[str]:
+    """One name per leaf of an output tree spec: `logits`, `present.0.key`; positional leaves
+    `output_0...`; a single tensor `output`."""
+    if out_spec.is_leaf():
         return ["output"]
+    tree = pytree.tree_unflatten(list(range(out_spec.num_leaves)), out_spec)
     names = []
     for path, _ in pytree.tree_flatten_with_path(tree)[0]:
         parts = [_key_name(k) for k in path]

@@ -69,6 +69,19 @@ class Phase:
     scope: str   # "phase" (peak reset at its start) or "process" (peak since the process started)
 
 
+def peak_rss_mb(phases: list[Phase]) -> float:
+    """The highest peak resident memory of any phase."""
+    return max((p.peak_rss_mb for p in phases), default=0.0)
+
+
+def phases_table(phases: list[Phase]) -> str:
+    """Wall time and peak RSS per phase as a markdown table (a process-wide peak is marked)."""
+    rows = ["| phase | wall s | peak RSS MB |", "|---|---:|---:|"]
+    for p in phases:
+        rows.append(f"| {p.name} | {p.seconds:.2f} | {p.peak_rss_mb:.0f}{'' if p.scope == 'phase' else ' (process)'} |")
+    return "\n".join(rows)
+
+
 class MemoryMeter:
     """Wall time and peak resident memory per phase.
 
@@ -534,13 +547,10 @@ class SequentialResult:
 
     @property
     def peak_rss_mb(self) -> float:
-        return max((p.peak_rss_mb for p in self.phases), default=0.0)
+        return peak_rss_mb(self.phases)
 
     def table(self) -> str:
-        rows = ["| phase | wall s | peak RSS MB |", "|---|---:|---:|"]
-        for p in self.phases:
-            rows.append(f"| {p.name} | {p.seconds:.2f} | {p.peak_rss_mb:.0f}{'' if p.scope == 'phase' else ' (process)'} |")
-        return "\n".join(rows)
+        return phases_table(self.phases)
 
 
 def _spec(spec: QuantizeSpec | dict) -> QuantizeSpec:

@@ -44,7 +44,7 @@ from .checkpoint import Checkpoint, CheckpointError, _set_tensor, load_hf
 from .errors import ExportError
 from .inputs import Inputs
 from .progress import note, showing
-from .sequential import MemoryMeter, Phase, load_rewritten, return_freed_memory
+from .sequential import MemoryMeter, Phase, load_rewritten, peak_rss_mb, phases_table, return_freed_memory
 
 INLINE_BYTES = 1024
 """Initializers up to this size stay in the model file (shape constants); larger ones go to the data file."""
@@ -72,12 +72,10 @@ class StreamedExport:
 
     @property
     def peak_rss_mb(self) -> float:
-        return max((p.peak_rss_mb for p in self.phases), default=0.0)
+        return peak_rss_mb(self.phases)
 
     def table(self) -> str:
-        rows = ["| phase | wall s | peak RSS MB |", "|---|---:|---:|"]
-        rows += [f"| {p.name} | {p.seconds:.2f} | {p.peak_rss_mb:.0f} |" for p in self.phases]
-        return "\n".join(rows)
+        return phases_table(self.phases)
 
 
 # ----------------------------------------------------------------------------- 1. fake weights
@@ -172,23 +170,10 @@ def capture_graph(ckpt: Checkpoint, example: Inputs, opset: int) -> tuple[Any, d
 
 def _output_names(ep: Any) -> list[str] | None:
     """`logits`, ...: the output structure's keys (as `backends.onnx.output_names` names them)."""
-    import torch.utils._pytree as pytree
-
-    from backends.onnx import _key_name
+    from backends.onnx import names_of_outputs
 
     spec = getattr(ep.call_spec, "out_spec", None)
-    if spec is None:
-        return None
-    if spec.is_leaf():
-        return ["output"]
-    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-    names = []
-    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
-        parts = [_key_name(k) for k in path]
-        if isinstance(path[0], pytree.SequenceKey):
-            parts[0] = f"output_{parts[0]}"
-        names.append(".".join(parts))
-    return names
+    return None if spec is None else names_of_outputs(spec)
 
 
 # ----------------------------------------------------------------------------- 2./3. the data file
