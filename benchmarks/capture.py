@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import rewrite
-from passes.canonicalize import canonicalize
+from rewrite.passes.canonicalize import canonicalize
 from rewrite import Program, zoo
 
 warnings.filterwarnings("ignore")

@@ -51,7 +51,7 @@ class Row:
 
 
 def ort_session(path: Path):
-    from backends.onnx import session
+    from rewrite.backends.onnx import session
 
     return session(path)
 

@@ -69,13 +69,13 @@ def ensure(args: argparse.Namespace) -> None:
             importlib.import_module(module)
     import torch
 
-    from kernels.cuda_runtime import nvcc_path
+    from rewrite.kernels.cuda_runtime import nvcc_path
 
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit(f"torch {torch.__version__} sees no CUDA device (a CPU-only torch, or no GPU): use --dry-run")
     compiler = nvcc_path()
     if args.plans:
-        from kernels.cuda_runtime import load_plans
+        from rewrite.kernels.cuda_runtime import load_plans
 
         step(f"loaded {load_plans(args.plans)} precompiled kernels from {args.plans} (no TVM or compiler needed)")
         compiler = compiler or "none needed (plans)"
@@ -95,7 +95,7 @@ def ensure(args: argparse.Namespace) -> None:
 def make_weights(k: int, n: int, bits: int, seed: int) -> tuple[Any, Any, Any]:
     import torch
 
-    from kernels import quant
+    from rewrite.kernels import quant
 
     gen = torch.Generator().manual_seed(seed)
     qv = torch.randint(0, 1 << bits, (n, k), generator=gen, dtype=torch.uint8)
@@ -145,8 +145,8 @@ def kernel_bytes(rows: int, k: int, n: int, bits: int) -> int:
 
 def dry_run(args: argparse.Namespace) -> None:
     """Everything that needs no GPU: generate and compile every kernel, show its launches, save plans."""
-    from kernels.cuda_runtime import evaluate, generate, plan_key, save_plans
-    from kernels.tvm_quant import dequant_matmul_primfunc
+    from rewrite.kernels.cuda_runtime import evaluate, generate, plan_key, save_plans
+    from rewrite.kernels.tvm_quant import dequant_matmul_primfunc
 
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     plans = {}
@@ -170,8 +170,8 @@ def dry_run(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from kernels import quant
-    from kernels.cuda_runtime import device_arch, linear_q_generated
+    from rewrite.kernels import quant
+    from rewrite.kernels.cuda_runtime import device_arch, linear_q_generated
 
     arch = device_arch()
     peak, peak_label = peak_bandwidth(args.peak_gbs)

@@ -131,8 +131,8 @@ def bench_overhead(args: argparse.Namespace) -> float:
 
     from tvm.sym.analyzer import Analyzer
 
-    from kernels.tvm_parallel import nest_work
-    from kernels.tvm_target import make_target
+    from rewrite.kernels.tvm_parallel import nest_work
+    from rewrite.kernels.tvm_target import make_target
 
     target = make_target("llvm")
 
@@ -173,9 +173,9 @@ def bench_overhead(args: argparse.Namespace) -> float:
 def bench_kernels(args: argparse.Namespace) -> list[dict]:
     import tvm
 
-    from kernels import quant
-    from kernels.tvm_quant import dequant_matmul_primfunc
-    from kernels.tvm_schedule import build_kernel
+    from rewrite.kernels import quant
+    from rewrite.kernels.tvm_quant import dequant_matmul_primfunc
+    from rewrite.kernels.tvm_schedule import build_kernel
 
     dev = tvm.cpu(0)
     print("| bits | KxN | rows | kernel | TVM ms | torch fp32 ms | MatMulNBits ms | torch/TVM | MatMulNBits/TVM | TVM GB/s | max rel err |")
@@ -249,7 +249,7 @@ def profile_ops(built: Any, batch: Any, repeat: int) -> list[tuple[str, int, flo
     import tvm
     from tvm import relax
 
-    from kernels.tvm_schedule import KERNEL_ATTR, SCHEDULE_ATTR
+    from rewrite.kernels.tvm_schedule import KERNEL_ATTR, SCHEDULE_ATTR
     from rewrite.inputs import Inputs
 
     how: dict[str, str] = {}
@@ -289,7 +289,7 @@ def bench_e2e(args: argparse.Namespace) -> None:
     import tempfile
 
     import rewrite
-    from backends.onnx import OnnxModule
+    from rewrite.backends.onnx import OnnxModule
     from rewrite import demo
 
     model, tok = demo.load_minilm()
@@ -314,7 +314,7 @@ def bench_e2e(args: argparse.Namespace) -> None:
             t_tvm, t_every, t_ort, t_torch = interleaved(fns, args.repeat, gap=args.gap if args.spin else 0.0)
             ops = profile_ops(built, batch, max(3, args.repeat // 3))
     shape = f"{batch.batch_size()}x{batch.tensors()[0].shape[1]}"
-    from kernels.tvm_parallel import SERIAL_BELOW
+    from rewrite.kernels.tvm_parallel import SERIAL_BELOW
 
     print("\n| MiniLM W4 + 25% neurons pruned | batch | ms | throughput vs onnxruntime | max rel err vs torch |")
     print("|---|---|---:|---:|---:|")
@@ -359,7 +359,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before TVM's thread pool starts
-    from kernels.tvm_target import configure_cpu_threads
+    from rewrite.kernels.tvm_target import configure_cpu_threads
 
     print(f"threads: torch {torch.get_num_threads()}, onnxruntime {args.threads}, TVM {configure_cpu_threads()} "
           f"(load average at start: {os.getloadavg()[0]:.1f})\n")

@@ -82,7 +82,7 @@ def _fallback_scores(model, batches, holdout, kind: str) -> dict[str, float]:
 
 def layer_metric_scores(model, program, batches, holdout) -> tuple[dict[str, dict[str, float]], str]:
     try:
-        from passes.importance.layer import layer_scores
+        from rewrite.passes.importance.layer import layer_scores
     except ImportError:
         return {k: _fallback_scores(model, batches, holdout, k) for k in METRICS}, "benchmark fallback"
     out = {}

@@ -161,7 +161,7 @@ def stage_export(model_name: str, out: Path, rows: list[str], reexport: bool) ->
 
 # ----------------------------------------------------------------------- running a file
 def stepper(path: Path, threads: int = 0) -> Any:
-    from backends.onnx_generation import OrtStepper
+    from rewrite.backends.onnx_generation import OrtStepper
     from rewrite.generation import CacheLayout
 
     layout_file = path.parent / "layout.json"
@@ -176,7 +176,7 @@ class NamedOrtStepper:
     """A generation file whose interface has other names for the cache tensors (the HF peer)."""
 
     def __init__(self, path: Path, layout: Any, names: dict, **options: Any):
-        from backends.onnx import session
+        from rewrite.backends.onnx import session
 
         self.session, self.layout, self.names = session(path, **options), layout, names
         self.inputs = {i.name for i in self.session.get_inputs()}

@@ -17,8 +17,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 from rewrite import llm_data, models
-from passes import quantize_methods as qm
-from passes.quantize import effective_group
+from rewrite.passes import quantize_methods as qm
+from rewrite.passes.quantize import effective_group
 model, tok = models.load("smollm2-135m"); model.eval()
 ids = llm_data.wiki_tokens(tok, "train")
 calib = llm_data.calibration_chunks(tok, n=16)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from passes import quantize_methods as qm
-from passes.quantize import effective_group
+from rewrite.passes import quantize_methods as qm
+from rewrite.passes.quantize import effective_group
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default="out/bench-llm")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from passes.skip_blocks import bypassed, find_regions
+    from rewrite.passes.skip_blocks import bypassed, find_regions
     from rewrite import models
 
     model, tok = getattr(models, f"load_{args.model}")()

@@ -48,8 +48,8 @@ from rewrite import llm_data, models  # noqa: E402
 
 import llm_blocks  # noqa: E402
 import llm_sim  # noqa: E402
-from passes import quantize_methods as qm  # noqa: E402
-from passes.quantize import effective_group  # noqa: E402
+from rewrite.passes import quantize_methods as qm  # noqa: E402
+from rewrite.passes.quantize import effective_group  # noqa: E402
 
 MODELS = {"smollm2": "smollm2-135m", "gemma3": "gemma3-270m"}
 
@@ -192,7 +192,7 @@ def mixed_orders(model, args, calib, held) -> dict[str, list[int]]:
     data-free); sensitivity: held-back NLL increase with only that block at low bits (30 runs
     of the held-back text); random: seed 0; reverse: the first of bi/sensitivity reversed.
     """
-    from passes.importance.layer import outlier_fraction
+    from rewrite.passes.importance.layer import outlier_fraction
 
     layers = llm_sim.decoder_layers(model)
     n = len(layers)

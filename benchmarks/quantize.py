@@ -80,7 +80,7 @@ export of these graphs is covered by tests (same ops, matched to 1e-4 in onnxrun
 
 
 def ort_callable(path: str):
-    from backends.onnx import session
+    from rewrite.backends.onnx import session
 
     sess = session(path, threads=1, provider=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch  # noqa: E402
 
 import rewrite  # noqa: E402
-from passes.canonicalize import canonicalize  # noqa: E402
-from passes.cleanup import CleanupPass  # noqa: E402
-from passes.importance.layer import mean_output_cosine  # noqa: E402
-from passes.skip import SkipPass  # noqa: E402
+from rewrite.passes.canonicalize import canonicalize  # noqa: E402
+from rewrite.passes.cleanup import CleanupPass  # noqa: E402
+from rewrite.passes.importance.layer import mean_output_cosine  # noqa: E402
+from rewrite.passes.skip import SkipPass  # noqa: E402
 from rewrite import Program, Spec, demo  # noqa: E402
 from rewrite.calibration import CalibrationData  # noqa: E402
 from rewrite.measure import count_flops  # noqa: E402
@@ -105,7 +105,7 @@ def accuracy(model, tok, limit: int | None) -> tuple[list[dict], float]:
 def speed(model, tok, repeats: int) -> list[dict]:
     example = demo.example_inputs(tok)
     calib = demo.calibration_batches(tok, 128, 16)
-    from backends.onnx import feeds_for, session
+    from rewrite.backends.onnx import feeds_for, session
 
     feeds_batch = demo.tokenize(tok, [p.s1 for p in demo.sts_pairs("dev", 16)], pad_to=64)
     builds = []

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rewrite  # noqa: E402
-from backends.onnx import feeds_for, session  # noqa: E402
+from rewrite.backends.onnx import feeds_for, session  # noqa: E402
 from rewrite import demo  # noqa: E402
 from rewrite.inputs import Inputs  # noqa: E402
 from rewrite.measure import count_flops  # noqa: E402
@@ -107,7 +107,7 @@ def token_program(base, spec: dict):
 
 
 def sts_part(skip: frozenset[str] = frozenset()) -> list[dict]:
-    from passes.canonicalize import canonicalize
+    from rewrite.passes.canonicalize import canonicalize
     from rewrite.program import Program
 
     model, tok = demo.load_minilm()

@@ -29,10 +29,10 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from passes.prune import PruneSpec
-from passes.quantize import QuantizeSpec, QuantWeightsSpec
-from passes.skip import SkipSpec
-from passes.token import TokenSpec
+from rewrite.passes.prune import PruneSpec
+from rewrite.passes.quantize import QuantizeSpec, QuantWeightsSpec
+from rewrite.passes.skip import SkipSpec
+from rewrite.passes.token import TokenSpec
 
 from .errors import PassError
 from .inputs import Inputs
@@ -142,7 +142,7 @@ def apply_passes(original: Program, ctx: PassContext, passes: list[dict[str, Any
 
 def onnx_latency(program: Program, inputs: Inputs | None = None, *, repeats: int = 10) -> float:
     """Median onnxruntime latency (seconds) of the program on `inputs` (default: its example inputs)."""
-    from backends.onnx import export_onnx, feeds_for, session
+    from rewrite.backends.onnx import export_onnx, feeds_for, session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"

@@ -111,7 +111,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def _block_local_quantize(spec: Any, backend: str) -> Any:
     """The spec's quantize pass when the whole spec can run block by block (`rewrite.sequential`): one
     quantize pass the pipeline supports (cleanup passes aside), no budget, ONNX output; else None."""
-    from passes.quantize import QuantizeSpec
+    from rewrite.passes.quantize import QuantizeSpec
 
     from .sequential import unsupported_features
 
@@ -190,7 +190,7 @@ def _evaluate_stsb(compiled: Any, tokenizer: Any, args: argparse.Namespace) -> N
     exported = next((Path(e.path) for e in reversed(compiled.report.exports) if e.backend == "onnx" and Path(e.path).exists()), None)
     rewritten, runtime = compiled.module, "torch"
     if exported is not None:
-        from backends.onnx import OnnxModule
+        from rewrite.backends.onnx import OnnxModule
 
         rewritten, runtime = OnnxModule(exported, compiled.program), "onnxruntime"
     with stage(f"STS-B dev: scoring the rewritten model ({runtime})"):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from passes.importance.inspect import jsonable, try_groups, inspect_program, kinds_from, plot, render
+from rewrite.passes.importance.inspect import jsonable, try_groups, inspect_program, kinds_from, plot, render
 
 from .calibration import CalibrationData
 from .errors import RewriteError

@@ -68,7 +68,7 @@ class Compiled:
 
     def _export(self, path: str | os.PathLike, *, verify: bool, opset: int | None, dynamic: bool | None,
                 verify_inputs: Iterable[Any] | None, tokenizer: Any = None) -> ExportRecord:
-        from backends.onnx import export_onnx
+        from rewrite.backends.onnx import export_onnx
 
         onnx_spec = self.spec.export.onnx
         if self.program.notes.get("generation"):
@@ -88,7 +88,7 @@ class Compiled:
         return record
 
     def _export_generation(self, path: Path, *, verify: bool, opset: int | None, tokenizer: Any) -> ExportRecord:
-        from backends.onnx_generation import export_generation
+        from rewrite.backends.onnx_generation import export_generation
 
         onnx_spec = self.spec.export.onnx
         rtol, quantile, why = self.backend_check()
@@ -109,7 +109,7 @@ class Compiled:
         model's exported file is reused when `export` wrote one; the original is exported to a
         temporary folder.
         """
-        from backends.onnx import describe_shape, measure_latency
+        from rewrite.backends.onnx import describe_shape, measure_latency
 
         if inputs is None:
             pool = (list(self.calibration.batches) + list(self.calibration.holdout)) if self.calibration else []
@@ -119,7 +119,7 @@ class Compiled:
         with showing(progress), stage(f"measure onnxruntime latency at {describe_shape(self.program, inputs)}"):
             before, after = measure_latency([(self.original, None), (self.program, written)], inputs, repeats=repeats,
                                             opset=self.spec.export.onnx.opset)
-        import backends.onnx as onnx_backend
+        import rewrite.backends.onnx as onnx_backend
 
         provider = onnx_backend.providers()[0].replace("ExecutionProvider", "")
         record = LatencyRecord(runtime=f"onnxruntime {provider}", shape=describe_shape(self.program, inputs), before_ms=before,
@@ -133,7 +133,7 @@ class Compiled:
         The spec's values where given; else 1e-4 for every value, or for graphs with int8
         activations the looser `kernels.quant.INT8_ACTIVATION_CHECK` (and a note saying so).
         """
-        from kernels.quant import INT8_ACTIVATION_CHECK, rounds_activations
+        from rewrite.kernels.quant import INT8_ACTIVATION_CHECK, rounds_activations
 
         v = self.spec.verify
         rtol, quantile, why = 1e-4, 1.0, ""
@@ -151,7 +151,7 @@ class Compiled:
         """Build the rewritten graph with another backend (TVM Relax); returns a callable."""
         if backend != "tvm":
             raise ValueError(f"unknown backend {backend!r}: build supports 'tvm' (use export() for ONNX)")
-        from backends.tvm import build_tvm
+        from rewrite.backends.tvm import build_tvm
 
         return build_tvm(self.program, target=target, **options)
 
@@ -216,7 +216,7 @@ def _compile(model: torch.nn.Module | Program, spec: Any, example_inputs: Any, c
                                       check_shapes=layout is None)
     check_needs(passes, calib)
 
-    from passes.canonicalize import canonicalize
+    from rewrite.passes.canonicalize import canonicalize
 
     with stage(f"capture {type(model).__name__} with torch.export"):
         original = model.clone() if isinstance(model, Program) else Program.capture(model, example, dynamic=dynamic)

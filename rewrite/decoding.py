@@ -21,7 +21,7 @@ from .generation import CacheLayout, GenerationProgramInfo
 def stepper_for(model_or_path: Any, **session_options: Any) -> Stepper:
     """A Stepper for a `Compiled`, a generation GraphModule + layout, or an ONNX file path."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        from backends.onnx_generation import OrtStepper
+        from rewrite.backends.onnx_generation import OrtStepper
 
         return OrtStepper(Path(model_or_path), **session_options)
     program = getattr(model_or_path, "program", None)

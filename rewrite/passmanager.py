@@ -13,7 +13,7 @@ import time
 
 from pydantic import BaseModel
 
-import passes  # noqa: F401  (registers every pass kind and its spec: Spec's union is built from them)
+import rewrite.passes  # noqa: F401  (registers every pass kind and its spec: Spec's union is built from them)
 
 from .errors import PassError, VerificationError
 from .measure import cost, fidelity
@@ -74,7 +74,7 @@ def check_needs(passes: list[Pass], calibration) -> None:
 
 def run_passes(program: Program, ctx: PassContext, passes: list[Pass], records: list[PassRecord], warnings: list[str]) -> Program:
     """Run every pass in order; measure after each one."""
-    from passes.canonicalize import canonicalize  # the pipeline canonicalises after every recapture
+    from rewrite.passes.canonicalize import canonicalize  # the pipeline canonicalises after every recapture
 
     check_order(passes)
     check_needs(passes, ctx.calibration)

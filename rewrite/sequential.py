@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from passes import quantize_methods as qm
-from passes.quantize import QuantizeSpec, _matches, effective_group
+from rewrite.passes import quantize_methods as qm
+from rewrite.passes.quantize import QuantizeSpec, _matches, effective_group
 
 from .checkpoint import Checkpoint, load_hf
 from .errors import CalibrationError, PassError
@@ -807,7 +807,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, n: int, k: int, bits: int, group_size: int, bias: torch.Tensor | None):
         super().__init__()
-        from kernels.quant import packed_width
+        from rewrite.kernels.quant import packed_width
 
         self.in_features, self.out_features, self.bits, self.group_size = k, n, bits, group_size
         self.register_buffer("weight_q", torch.empty(n, packed_width(k, bits), dtype=torch.uint8, device="meta"))
@@ -816,7 +816,7 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(torch.empty(n, device="meta"), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import kernels.quant  # noqa: F401 - registers rewrite::linear_q
+        import rewrite.kernels.quant  # noqa: F401 - registers rewrite::linear_q
 
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return torch.ops.rewrite.linear_q(x, self.weight_q, self.weight_scales, self.weight_zeros, bias,

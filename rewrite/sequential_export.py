@@ -132,10 +132,10 @@ def capture_graph(ckpt: Checkpoint, example: Inputs, opset: int) -> tuple[Any, d
     """(ModelProto without the fake weights, {initializer name: (dtype, shape)} of the weights left out)."""
     import logging
 
-    from kernels import registry
+    from rewrite.kernels import registry
     from .capture import export_program
 
-    from backends.onnx import _quiet, explain_export_failure, name_interface, strip_debug_metadata
+    from rewrite.backends.onnx import _quiet, explain_export_failure, name_interface, strip_debug_metadata
 
     registry.load_all()
     model = ckpt.model
@@ -170,7 +170,7 @@ def capture_graph(ckpt: Checkpoint, example: Inputs, opset: int) -> tuple[Any, d
 
 def _output_names(ep: Any) -> list[str] | None:
     """`logits`, ...: the output structure's keys (as `backends.onnx.output_names` names them)."""
-    from backends.onnx import names_of_outputs
+    from rewrite.backends.onnx import names_of_outputs
 
     spec = getattr(ep.call_spec, "out_spec", None)
     return None if spec is None else names_of_outputs(spec)
@@ -386,7 +386,7 @@ def verify_file(path: Path, reference: list[torch.Tensor], inputs: Inputs, *, rt
     """Run the written file in onnxruntime and compare its float outputs with `reference`."""
     from .compare import compare
 
-    from backends.onnx import session
+    from rewrite.backends.onnx import session
 
     sess = session(path)
     feeds = {}
@@ -429,7 +429,7 @@ def export_checkpoint(directory: str | Path, path: str | Path, *, opset: int = 2
             note(f"captured {len(proto.graph.node)} ONNX nodes; {len(pending)} weights to stream")
             tmp_model = tmpdir / path.name
             with meter.phase("write ONNX (streamed)"):
-                from kernels.quant_onnx import expand_placeholders
+                from rewrite.kernels.quant_onnx import expand_placeholders
 
                 data = DataFile(tmpdir / (path.name + ".data"))
                 try:

@@ -135,7 +135,7 @@ class PassSpec:
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
         members = tuple(PASS_SPECS.values())
         if not members:
-            raise TypeError("no pass kinds are registered; import passes (rewrite.compiler does) before using Spec")
+            raise TypeError("no pass kinds are registered; import rewrite.passes (rewrite.compiler does) before using Spec")
         union = members[0] if len(members) == 1 else Union[members]  # type: ignore[valid-type]
         return handler(Annotated[union, Field(discriminator="kind")])
 

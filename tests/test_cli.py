@@ -114,7 +114,7 @@ def test_text_and_jsonl_calibration_are_tokenized_like_the_example(tmp_path):
 
 
 def test_interrupted_compile_leaves_no_files(tmp_path, capsys, monkeypatch):
-    from backends import onnx as onnx_backend
+    from rewrite.backends import onnx as onnx_backend
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt

@@ -11,9 +11,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from kernels.cuda_runtime import CudaKernelError, compile_ptx, evaluate, generate, kernel_param_types, nvcc_path  # noqa: E402
-from kernels.tvm_quant import dequant_matmul_primfunc  # noqa: E402
-from kernels.tvm_token import token_select_primfunc  # noqa: E402
+from rewrite.kernels.cuda_runtime import CudaKernelError, compile_ptx, evaluate, generate, kernel_param_types, nvcc_path  # noqa: E402
+from rewrite.kernels.tvm_quant import dequant_matmul_primfunc  # noqa: E402
+from rewrite.kernels.tvm_token import token_select_primfunc  # noqa: E402
 
 KERNELS = {
     **{f"w{b}_gemv": (lambda b=b: dequant_matmul_primfunc(1, 512, 64, bits=b, group_size=128)) for b in (2, 3, 4, 8)},
@@ -62,7 +62,7 @@ def test_linear_q_has_a_cuda_implementation() -> None:
 
 def test_saved_plan_runs_without_tvm_expressions() -> None:
     """A plan saved for a TVM-less GPU machine evaluates its launches exactly like the TIR original."""
-    from kernels.cuda_runtime import CudaKernel, expr_text
+    from rewrite.kernels.cuda_runtime import CudaKernel, expr_text
 
     kern = generate(KERNELS["w4_gemm"](), "sm_90")
     kern.ptx = b"// not compiled in this test"
@@ -85,7 +85,7 @@ def test_gpu_benchmark_dry_run_saves_plans_that_load(tmp_path, monkeypatch) -> N
     import sys
     from pathlib import Path
 
-    from kernels import cuda_runtime
+    from rewrite.kernels import cuda_runtime
 
     if nvcc_path() is None:
         pytest.skip("nvcc not found: PTX compilation not checked")

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from passes.canonicalize import canonicalize
+from rewrite.passes.canonicalize import canonicalize
 from rewrite import zoo
 from rewrite.dims import describe, find_groups
 from rewrite.program import Program
@@ -188,7 +188,7 @@ def test_eager_matmul_softmax_attention_has_heads_like_sdpa():
     p = Program.capture(_EagerAttention().eval(), (torch.randn(2, 5, 32),))
     canonicalize(p)
     heads = [g for g in find_groups(p) if g.kind == "head"]
-    assert len(heads) == 1 and heads[0].prunable and (heads[0].size, heads[0].unit) == (4, 8), groups
+    assert len(heads) == 1 and heads[0].prunable and (heads[0].size, heads[0].unit) == (4, 8), [(g.kind, g.size) for g in find_groups(p)]
     out = _member(heads[0], "o.weight", 1)
     assert out.role == "consumer" and torch.equal(out.indices, torch.arange(32).view(4, 8))
 

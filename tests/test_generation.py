@@ -194,7 +194,7 @@ def test_export_generation_verified_token_for_token(name, tmp_path):
     layout = G.GenerationProgramInfo.of(out.program)
     _check_interface(tmp_path / "model.onnx", layout)
     # the file alone drives generation (layout from its metadata), same tokens as torch
-    from backends.onnx_generation import OrtStepper
+    from rewrite.backends.onnx_generation import OrtStepper
 
     ids, mask = tokens(55).values()
     ort = rewrite.decoding.stepper_for(str(tmp_path / "model.onnx"))
@@ -267,7 +267,7 @@ def test_w4a8_group_prefill_logits_match_onnxruntime_closely(tmp_path):
     module to float rounding (measured 2.6e-7), far tighter than the int8 tolerance the export check
     allows (per-tensor activations against the per-group kernel differed by 15% on SmolLM2). Padded
     positions are left out: their logits are not defined."""
-    from backends.onnx_generation import OrtStepper
+    from rewrite.backends.onnx_generation import OrtStepper
 
     _, out = compile_decoder("llama", W4A8_GROUP)
     out.export(tmp_path / "model.onnx")

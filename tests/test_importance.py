@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from passes import importance as imp
-from passes.importance import stats as stats_mod
+from rewrite.passes import importance as imp
+from rewrite.passes.importance import stats as stats_mod
 from rewrite.program import Program
 from tiers import sweep
 
@@ -294,7 +294,7 @@ def test_every_kind_runs_on_zoo_models(name):
 
 
 def test_inspect_kinds_from_spec_and_flags():
-    from passes.importance.inspect import kinds_from
+    from rewrite.passes.importance.inspect import kinds_from
     from rewrite.errors import RewriteError
     from rewrite.spec import Spec
 

@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from passes.canonicalize import canonicalize
-from passes.importance.layer import layer_scores, module_outlier_fraction, outlier_fraction
-from passes.skip_blocks import find_regions
+from rewrite.passes.canonicalize import canonicalize
+from rewrite.passes.importance.layer import layer_scores, module_outlier_fraction, outlier_fraction
+from rewrite.passes.skip_blocks import find_regions
 from rewrite import Program, zoo
 from rewrite.errors import PassError
 
@@ -118,7 +118,7 @@ def test_no_block_is_a_clear_error():
 def test_layer_metrics_on_a_generation_graph_compare_logits_not_cache_state():
     """A KV-cache graph's presents are the next step's input; averaged in, they made the skip search
     remove the last blocks (whose removal leaves every earlier present untouched)."""
-    from passes.importance.layer import output_cosine
+    from rewrite.passes.importance.layer import output_cosine
     from rewrite.inputs import Inputs
 
     torch.manual_seed(0)

@@ -112,8 +112,8 @@ def test_single_block_sensitivity_undoes_each_change():
 
 
 def _skip_pass(model, batches, **kw):
-    from passes.canonicalize import canonicalize
-    from passes.skip import SkipPass
+    from rewrite.passes.canonicalize import canonicalize
+    from rewrite.passes.skip import SkipPass
     from rewrite import Program, Spec
     from rewrite.calibration import CalibrationData
     from rewrite.passmanager import PassContext

@@ -97,8 +97,8 @@ def test_real_loaders(name, cls, params):
 
 
 # ----------------------------------------------------------------------------- quantization mechanisms
-from passes import quantize_methods as qm  # noqa: E402
-from passes.quantize import effective_group  # noqa: E402
+from rewrite.passes import quantize_methods as qm  # noqa: E402
+from rewrite.passes.quantize import effective_group  # noqa: E402
 
 
 def test_group_size_that_does_not_divide_k_stays_grouped():

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import rewrite
-from backends import onnx as onnx_backend
+from rewrite.backends import onnx as onnx_backend
 from rewrite import VerificationError, zoo
 
 
@@ -202,7 +202,7 @@ def test_different_sizes_never_share_a_dim_name():
     import onnx
     from onnx import TensorProto, helper
 
-    from backends.onnx import name_interface
+    from rewrite.backends.onnx import name_interface
 
     a = helper.make_tensor_value_info("a", TensorProto.INT64, ["s0", "s1"])
     b = helper.make_tensor_value_info("b", TensorProto.INT64, ["s0", "s2"])

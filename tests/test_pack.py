@@ -5,7 +5,7 @@ bit-stream packing, for any K (odd ones pad the last byte with zeros)."""
 import pytest
 import torch
 
-from kernels.quant import pack, packed_width, unpack
+from rewrite.kernels.quant import pack, packed_width, unpack
 
 
 def _bit_stream_pack(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import torch
 
-from passes.canonicalize import canonicalize, group_dims
-from passes.cleanup import remove_dropout
+from rewrite.passes.canonicalize import canonicalize, group_dims
+from rewrite.passes.cleanup import remove_dropout
 from rewrite import Program, zoo
 
 

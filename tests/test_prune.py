@@ -227,8 +227,8 @@ def test_sequential_refit_beats_oneshot_and_exports(tmp_path):
 
 
 def test_sequential_refit_aims_at_the_original_only_while_its_blocks_remain():
-    from passes.prune import refit_reference
-    from passes.skip import SkipPass
+    from rewrite.passes.prune import refit_reference
+    from rewrite.passes.skip import SkipPass
     from rewrite import Program, Spec
     from rewrite.calibration import CalibrationData
     from rewrite.passmanager import PassContext
@@ -250,7 +250,7 @@ def test_obs_select_removes_a_redundant_unit_and_refits_what_it_carried():
     same signal (either can go at no cost) and unit 2 a weak but independent one. Magnitude or
     Wanda scores would remove unit 2 (smallest weights); OBS removes one of the pair, and the
     re-solved weights move what it carried onto the other."""
-    from passes.prune_compensate import obs_select
+    from rewrite.passes.prune_compensate import obs_select
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4000, 2, generator=g, dtype=torch.float64)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.quant as kq
-from kernels import registry
+import rewrite.kernels.quant as kq
+from rewrite.kernels import registry
 from rewrite.spec import OnnxExportSpec
 
 

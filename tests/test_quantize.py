@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import rewrite
-from kernels import quant as kq
-from passes import quantize as qp
-from passes import quantize_methods as qm
+from rewrite.kernels import quant as kq
+from rewrite.passes import quantize as qp
+from rewrite.passes import quantize_methods as qm
 from rewrite import zoo
 from tiers import sweep
 

@@ -85,7 +85,7 @@ def test_padding_never_changes_a_rewrite(name, passes):
 
 def test_token_rows_masks_flattened_tokens():
     """GPT-2's Conv1D reads [B*S, K]: its padded rows are found through the symbolic B*S dim."""
-    from passes.importance.stats import weight_ops
+    from rewrite.passes.importance.stats import weight_ops
     from rewrite.calibration import capture
     from rewrite.program import Program
     from rewrite.statistics import token_layout, token_rows
@@ -103,7 +103,7 @@ def test_token_rows_masks_flattened_tokens():
 @pytest.mark.parametrize("kind", ["block_influence", "fidelity_drop"])
 def test_layer_metrics_ignore_padding(kind):
     """Layer scores (skip search, mixed-precision order) read the statistics service's padding policy."""
-    from passes.importance.layer import layer_scores
+    from rewrite.passes.importance.layer import layer_scores
     from rewrite.program import Program
 
     z = zoo.load("bert", calibration_batches=0)
@@ -120,7 +120,7 @@ def test_layer_metrics_ignore_padding(kind):
 def test_token_scores_ignore_padding(kind):
     """The in-graph token scores of the real tokens do not change when a batch carries more padding
     (whatever the padded positions hold); padding itself scores -inf."""
-    from passes.importance.token import score_tokens
+    from rewrite.passes.importance.token import score_tokens
 
     g = torch.Generator().manual_seed(0)
     B, H, S, P, D = 2, 2, 6, 10, 8

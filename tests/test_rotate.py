@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from passes.rotate import RotatePass, hadamard, rotation_matrix
+from rewrite.passes.rotate import RotatePass, hadamard, rotation_matrix
 from rewrite import zoo
 from rewrite.errors import PassError
 from rewrite.program import Program
-from passes.rotate import RotateSpec
+from rewrite.passes.rotate import RotateSpec
 
 
 @pytest.mark.parametrize("n", [1, 2, 12, 20, 36, 64, 576, 640])

@@ -77,7 +77,7 @@ def test_streamed_export_keeps_packed_weights_and_matches_torch(untied_w4, tmp_p
         full = whole.model(**example.kwargs).logits
     torch.testing.assert_close(streamed, full)
     # onnxruntime on a new sequence length (dynamic shapes) agrees with the torch model too
-    from backends.onnx import session
+    from rewrite.backends.onnx import session
 
     ids = torch.tensor([[5, 17, 250, 3, 99, 42, 7, 11, 200, 1]])
     got = session(path).run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]

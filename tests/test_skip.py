@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import rewrite
-from backends.onnx import export_onnx
-from passes.canonicalize import canonicalize
-from passes.importance.layer import mean_output_cosine, output_cosine
-from passes.skip import SkipPass, beam_search
-from passes.skip_blocks import Region, find_regions
+from rewrite.backends.onnx import export_onnx
+from rewrite.passes.canonicalize import canonicalize
+from rewrite.passes.importance.layer import mean_output_cosine, output_cosine
+from rewrite.passes.skip import SkipPass, beam_search
+from rewrite.passes.skip_blocks import Region, find_regions
 from rewrite import Program, Spec, zoo
 from rewrite.calibration import CalibrationData
 from rewrite.errors import PassError

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from rewrite import Spec, SpecError
-from passes.cleanup import CleanupSpec
-from passes.prune import PruneSpec
+from rewrite.passes.cleanup import CleanupSpec
+from rewrite.passes.prune import PruneSpec
 
 
 def test_spec_from_python_yaml_json_roundtrip(tmp_path):
@@ -89,7 +89,7 @@ def test_yaml_and_json_syntax_errors_name_the_file_and_line(tmp_path):
 def test_pass_and_importance_kinds_come_from_their_registries():
     """The spec's pass union, kind list and schema are the registered passes' own spec classes; the
     importance fields accept exactly the registered importance kinds."""
-    from passes.importance import kinds
+    from rewrite.passes.importance import kinds
     from rewrite.pass_base import REGISTRY
     from rewrite.spec import PASS_SPECS, pass_kinds
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 
 import rewrite
-from kernels.token import keep_count
-from passes.importance.token import attention_rank, cls_attention, mean_distance, token_scores
-from passes.token import (gather_seq, merge_apply, merge_assign, merge_size, merge_tokens, merge_weights, plan_stages,
+from rewrite.kernels.token import keep_count
+from rewrite.passes.importance.token import attention_rank, cls_attention, mean_distance, token_scores
+from rewrite.passes.token import (gather_seq, merge_apply, merge_assign, merge_size, merge_tokens, merge_weights, plan_stages,
                           restore_seq, size_bias)
 from rewrite import demo, zoo
 from rewrite.errors import PassError
 from rewrite.inputs import Inputs
 from rewrite.program import Program
-from passes.token import TokenSpec
+from rewrite.passes.token import TokenSpec
 from rewrite.spec import Spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"

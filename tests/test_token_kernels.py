@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.token import keep_count, keep_fraction, token_select  # noqa: F401  (registers the op)
+from rewrite.kernels.token import keep_count, keep_fraction, token_select  # noqa: F401  (registers the op)
 from rewrite.inputs import Inputs
 from rewrite.program import Program
 
@@ -56,7 +56,7 @@ def test_fake_shape_is_symbolic_and_matches():
 
 
 def test_onnx_lowering_matches_reference(tmp_path):
-    from backends.onnx import export_onnx
+    from rewrite.backends.onnx import export_onnx
 
     class M(torch.nn.Module):
         def forward(self, x, mask):
@@ -83,7 +83,7 @@ def test_onnx_lowering_matches_reference(tmp_path):
     ops = {n.op_type for n in onnx.load(tmp_path / "sel.onnx").graph.node}
     assert "TopK" in ops
     # the ONNX graph keeps S dynamic: a length not seen at export runs with the right k
-    from backends.onnx import session
+    from rewrite.backends.onnx import session
 
     sess = session(tmp_path / "sel.onnx")
     xb = torch.randn(2, 50, 4, generator=g).numpy()

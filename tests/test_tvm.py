@@ -7,9 +7,9 @@ from torch import nn
 
 tvm = pytest.importorskip("tvm")
 
-from backends.tvm import build_tvm, load  # noqa: E402
-from kernels import quant  # noqa: E402
-from kernels import token as _token  # noqa: E402,F401  (registers rewrite::token_select)
+from rewrite.backends.tvm import build_tvm, load  # noqa: E402
+from rewrite.kernels import quant  # noqa: E402
+from rewrite.kernels import token as _token  # noqa: E402,F401  (registers rewrite::token_select)
 from rewrite import zoo  # noqa: E402
 from rewrite.errors import ExportError  # noqa: E402
 from rewrite.program import Program  # noqa: E402
@@ -49,7 +49,7 @@ class NormGeluSoftmax(nn.Module):
 
 def test_cpu_rules_fast_gelu_row_wise_softmax_and_inlined_elementwise() -> None:
     """gelu without per-lane libm erf calls, softmax / layer norm per row, elementwise chains inlined."""
-    from kernels.tvm_schedule import SCHEDULE_ATTR
+    from rewrite.kernels.tvm_schedule import SCHEDULE_ATTR
 
     torch.manual_seed(0)
     model = NormGeluSoftmax().eval()

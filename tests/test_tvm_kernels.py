@@ -7,11 +7,11 @@ import torch
 
 tvm = pytest.importorskip("tvm")
 
-from kernels import quant  # noqa: E402
-from kernels.token import keep_count, token_select  # noqa: E402
-from kernels.tvm_quant import dequant_matmul_primfunc  # noqa: E402
-from kernels.tvm_schedule import build_kernel, kernel_source, schedule_llvm  # noqa: E402
-from kernels.tvm_token import token_select_primfunc  # noqa: E402
+from rewrite.kernels import quant  # noqa: E402
+from rewrite.kernels.token import keep_count, token_select  # noqa: E402
+from rewrite.kernels.tvm_quant import dequant_matmul_primfunc  # noqa: E402
+from rewrite.kernels.tvm_schedule import build_kernel, kernel_source, schedule_llvm  # noqa: E402
+from rewrite.kernels.tvm_token import token_select_primfunc  # noqa: E402
 
 
 def _np_dequant(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, g: int, k: int) -> np.ndarray:
@@ -122,10 +122,10 @@ def test_cpu_threads_default_to_physical_cores_and_respect_env() -> None:
     import subprocess
     import sys
 
-    from kernels.tvm_target import physical_cores
+    from rewrite.kernels.tvm_target import physical_cores
 
     assert 1 <= physical_cores() <= (os.cpu_count() or 1)
-    code = ("import tvm; from kernels.tvm_target import configure_cpu_threads as c; n = c(); "
+    code = ("import tvm; from rewrite.kernels.tvm_target import configure_cpu_threads as c; n = c(); "
             "print(n, tvm.get_global_func('runtime.NumThreads')())")
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -6,8 +6,8 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from kernels.tvm_parallel import SERIAL_ATTR, apply_serial_below, nest_work, serial_below  # noqa: E402
-from kernels.tvm_target import make_target  # noqa: E402
+from rewrite.kernels.tvm_parallel import SERIAL_ATTR, apply_serial_below, nest_work, serial_below  # noqa: E402
+from rewrite.kernels.tvm_target import make_target  # noqa: E402
 
 
 def _scaled(rows, cols: int = 64):
@@ -74,7 +74,7 @@ def test_reshape_is_left_for_relax_to_turn_into_a_view() -> None:
 def test_backend_build_runs_small_nests_serially_by_default() -> None:
     import torch
 
-    from backends.tvm import build_tvm
+    from rewrite.backends.tvm import build_tvm
     from rewrite.program import Program
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU()).eval()

@@ -175,7 +175,7 @@ def import_program(program: Program, *, dynamic: bool | None = None,
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    from kernels import registry
+    from rewrite.kernels import registry
 
     registry.load_all()
     ep = export_for_tvm(program, dynamic)

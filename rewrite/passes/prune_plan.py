@@ -66,13 +66,13 @@ def unit_scores(program: Program, groups: list[Group], kind: str, batches: list[
     """Group id -> score per unit (higher = keep), from the importance package when available."""
     notes: list[str] = []
     try:
-        from passes.importance.weight import weight_scores
+        from rewrite.passes.importance.weight import weight_scores
         try:
-            from passes.importance.groups import group_scores
+            from rewrite.passes.importance.groups import group_scores
         except ImportError:  # pragma: no cover - older layout
-            from passes.importance.weight import group_scores  # type: ignore[no-redef]
+            from rewrite.passes.importance.weight import group_scores  # type: ignore[no-redef]
     except ImportError:
-        notes.append(f"passes.importance is not available: importance {kind!r} replaced by weight magnitude (L2)")
+        notes.append(f"rewrite.passes.importance is not available: importance {kind!r} replaced by weight magnitude (L2)")
         return _magnitude_scores(program, groups, normalize), notes
     params = sorted({m.param for g in groups for m in g.members if program.param(m.param).dim() >= 2})
     kw: dict[str, Any] = {"params": params, "cache": cache}

@@ -23,7 +23,7 @@ from rewrite.errors import PassError
 from rewrite.measure import count_flops
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program
-from passes.importance import WeightImportance
+from rewrite.passes.importance import WeightImportance
 from rewrite.spec import StrictModel
 
 from .prune_shapes import patch_shape_constants
@@ -382,12 +382,12 @@ class PrunePass(Pass):
             raise PassError("prune: no linear/conv weights in scope; widen `scope` or check `exclude`")
         notes = [SPARSE_NOTE]
         try:
-            from passes.importance.weight import weight_scores
+            from rewrite.passes.importance.weight import weight_scores
 
             scores = weight_scores(program, list(ctx.calibration.batches), self.importance, params=[t for t, _ in targets],
                                    cache=ctx.cache, task_loss=ctx.task_loss, original=ctx.original)
         except ImportError:
-            notes.append(f"passes.importance is not available: importance {self.importance!r} replaced by |w|")
+            notes.append(f"rewrite.passes.importance is not available: importance {self.importance!r} replaced by |w|")
             scores = {}
         amount = s.amount
         if s.granularity == "unstructured" and s.budget is not None:

@@ -36,13 +36,13 @@ from pydantic import Field, model_validator
 import torch
 import torch.fx as fx
 
-from kernels import quant as kq
+from rewrite.kernels import quant as kq
 from rewrite.errors import PassError
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, register
 from rewrite.calibration import observe
 from rewrite.program import Program
 from rewrite.statistics import token_rows
-from passes.importance import LayerImportance
+from rewrite.passes.importance import LayerImportance
 from rewrite.spec import StrictModel
 
 from . import quantize_methods as qm
@@ -227,7 +227,7 @@ def layer_units(program: Program, targets: list[Target]) -> dict[str, str]:
 
 
 def unit_scores(program: Program, ctx: PassContext, kind: str, units: set[str], modules: list[str]) -> tuple[dict[str, float], str]:
-    """Importance per unit from passes.importance.layer (blocks), or per module when there are no blocks."""
+    """Importance per unit from rewrite.passes.importance.layer (blocks), or per module when there are no blocks."""
     from .importance.layer import layer_scores, module_outlier_fraction
 
     try:

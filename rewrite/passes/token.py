@@ -34,14 +34,14 @@ from pydantic import Field
 import torch
 import torch.fx as fx
 
-import kernels.token  # noqa: F401  (registers rewrite::token_select)
-from kernels.token import keep_count
-from passes.importance.token import (HIDDEN_ONLY, SDPA, AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
+import rewrite.kernels.token  # noqa: F401  (registers rewrite::token_select)
+from rewrite.kernels.token import keep_count
+from rewrite.passes.importance.token import (HIDDEN_ONLY, SDPA, AttentionSite, attention_site, block_of, insert_token_scores, is_causal_site,
                                      padding_input, same_size)
 from rewrite.errors import PassError
 from rewrite.pass_base import Pass, PassContext, PassResult, Property, register
 from rewrite.program import Program
-from passes.importance import TokenImportance
+from rewrite.passes.importance import TokenImportance
 from rewrite.spec import OpenFraction, StrictModel
 
 token_select = torch.ops.rewrite.token_select.default
@@ -273,7 +273,7 @@ def _check_sequence_followed(graph: fx.Graph, region: set[fx.Node], seq: Any, wh
     """Refuse when a layer after the selection point reshapes the token axis together with a static
     dim (a spatial grid [B, H*W, C] -> [B, H, W, C], windows, patches): after gathering k tokens that
     reshape has no valid shape. Merging tokens with the batch ([B, S, H] -> [B*S, H]) is fine."""
-    from passes.canonicalize import VIEW_OPS, group_dims
+    from rewrite.passes.canonicalize import VIEW_OPS, group_dims
 
     for n in graph.nodes:
         if n not in region or n.op != "call_function" or n.target not in VIEW_OPS:

@@ -21,8 +21,8 @@ def load_all() -> None:
     import importlib
     import pkgutil
 
-    import kernels
+    import rewrite.kernels as package
 
-    for info in pkgutil.iter_modules(kernels.__path__):
+    for info in pkgutil.iter_modules(package.__path__):
         if info.name not in {"registry"} and not info.name.startswith("_"):
-            importlib.import_module(f"kernels.{info.name}")
+            importlib.import_module(f"rewrite.kernels.{info.name}")

@@ -28,7 +28,7 @@ from pydantic import Field
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, register
 from rewrite.program import Program
 from rewrite.progress import bar
-from passes.importance import LayerImportance
+from rewrite.passes.importance import LayerImportance
 from rewrite.spec import StrictModel
 
 from .importance.layer import mean_output_cosine, score_regions

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from backends.onnx import session, staged_onnx_file, strip_debug_metadata, to_onnx_proto
+from rewrite.backends.onnx import session, staged_onnx_file, strip_debug_metadata, to_onnx_proto
 from rewrite.compare import compare
 from rewrite.decode_loop import GenerationError, Past, TorchStepper, check_step, generate_ids
 from rewrite.errors import ExportError, VerificationError

@@ -38,7 +38,7 @@ def to_onnx_proto(program: Program, *, opset: int = 21, dynamic: bool = True, op
     lowering `options`: the spec's `export.onnx`)."""
     import onnx
 
-    from kernels import registry
+    from rewrite.kernels import registry
 
     registry.load_all()
     ep = export_program(program.module, program.example, dynamic)  # the unlifted module needs a re-export

@@ -18,7 +18,7 @@ from rewrite.program import Program
 
 def weight_targets(program: Program, scope: list[str] | None, exclude: list[str], protected: set[str]) -> list[tuple[str, int]]:
     """(weight target, input dim) of every linear / conv / x @ W weight in scope."""
-    from passes.prune_plan import _match
+    from rewrite.passes.prune_plan import _match
 
     aten = torch.ops.aten
     out = []

@@ -44,7 +44,7 @@ def schedule_module(mod: Any, target: Any, *, tune: bool = False, trials: int = 
     import tvm
     from tvm import relax
 
-    from kernels import tvm_schedule
+    from rewrite.kernels import tvm_schedule
 
     target = make_target(target)
     T = relax.transform
@@ -65,7 +65,7 @@ def schedule_module(mod: Any, target: Any, *, tune: bool = False, trials: int = 
     elif cpu_rules:
         mod = tvm_schedule.schedule_cpu_rest(mod, target)
     if not is_gpu(target):
-        from kernels import tvm_parallel
+        from rewrite.kernels import tvm_parallel
 
         mod = tvm_parallel.apply_serial_below(mod, tvm_parallel.SERIAL_BELOW if serial_below is None else serial_below)
     return mod
@@ -98,7 +98,7 @@ def _tune(mod: Any, target: Any, trials: int, work_dir: str | None) -> Any:
     """
     from tvm.s_tir import meta_schedule as ms
 
-    from kernels.tvm_schedule import with_num_cores
+    from rewrite.kernels.tvm_schedule import with_num_cores
 
     target = with_num_cores(target)
     work = work_dir or tempfile.mkdtemp(prefix="rewrite-ms-")

@@ -37,7 +37,7 @@ class CudaTorchModule:
     def __init__(self, program: Program, target: Any):
         import copy
 
-        from kernels import cuda_runtime
+        from rewrite.kernels import cuda_runtime
 
         self.program = program
         self.target = make_target(target)

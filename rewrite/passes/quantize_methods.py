@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with
+from rewrite.kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with
 from rewrite.calibration import observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -321,7 +321,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
     zeros = torch.zeros(n, k // g, dtype=torch.float64)
     perm = torch.arange(k)
     if act_order:
-        from kernels.quant import quantize_groups
+        from rewrite.kernels.quant import quantize_groups
         _, s0, z0 = quantize_groups(w.float(), bits, g, symmetric, clip_search=clip_search)
         scales, zeros = s0.double(), z0.double()
         perm = torch.argsort(torch.diag(h), descending=True)
