@@ -54,7 +54,7 @@ class Member:
     param: str
     dim: int
     indices: torch.Tensor
-    role: str  # "producer" | "consumer"
+    role: str  # "producer" | "consumer" | "carried" (a table only views and slices read: sliced along, not scored)
     module: str
 
     def __repr__(self) -> str:  # tensors make the default repr unreadable
@@ -78,7 +78,7 @@ class Group:
     ops: list[str] = field(default_factory=list)
     """Module paths of the ops whose weights the group shrinks (producers first)."""
     labels: list[int] = field(default_factory=list, repr=False)
-    """Element-component label of each unit in the `DimGraph` it came from (for `kept_sizes`)."""
+    """Element-component label of each unit in the `DimGraph` it came from (for `removed_masks`)."""
 
     @property
     def producers(self) -> list[Member]:
@@ -239,6 +239,9 @@ CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.con
          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}  # .padding: padding="same" (EfficientNet)
 POOLS = {aten.adaptive_avg_pool2d.default, aten.max_pool2d.default, aten.avg_pool2d.default,
          aten.adaptive_avg_pool1d.default, aten.max_pool1d.default, aten.avg_pool1d.default, aten._adaptive_avg_pool2d.default}
+UPSAMPLES = {getattr(getattr(aten, op), overload) for overload in ("vec", "default") for op in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                                              "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+                                              "upsample_trilinear3d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")}
 NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction, aten.std.correction}
 SOURCES = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default, aten.ones.default,
@@ -613,12 +616,44 @@ def _slice_tensor(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
             b.link(x, dim, node, dim)
         else:
             start = _arg(node, 2, "start", 0) or 0
+            end = _arg(node, 3, "end", None)
+            step = _arg(node, 4, "step", 1) or 1
             if isinstance(start, int):
                 start = start % xs[dim] if start < 0 else start
-                step = _arg(node, 4, "step", 1) or 1
                 n = shape[dim]
                 b.link(x, dim, node, dim, start + step * np.arange(n), np.arange(n), how="slice")
-            b.freeze(x, dim, f"sliced at constant bounds by {node.name}")
+            # a contiguous slice at constant bounds (phi-3's fused q/k/v) follows pruning: the prune
+            # pass moves its bounds to the kept elements (`passes.prune_shapes.SLICE_BOUNDS`)
+            if not (isinstance(start, int) and step == 1 and (end is None or isinstance(end, int))):
+                b.freeze(x, dim, f"sliced at constant bounds by {node.name}")
+
+
+@_rule(aten.stack.default)
+def _stack(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    """Every input's dim d is the output's dim d (or d + 1 past the new one); the new dim is the list."""
+    dim = _arg(node, 1, "dim", 0) % len(shape)
+    for x in node.args[0]:
+        s = b.shape(x)
+        if s is None:
+            continue
+        for d in range(len(s)):
+            b.link(x, d, node, d + (d >= dim))
+    b.freeze(node, dim, f"the stacked dim of {node.name}")
+
+
+@_rule(*UPSAMPLES)
+def _upsample(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
+    """Batch and channels pass through a resize (BEiT's interpolated per-head position bias); the
+    resized spatial dims keep their width."""
+    x = node.args[0]
+    xs = b.shape(x)
+    if xs is None or shape is None:
+        return
+    for d in range(2):
+        b.link(x, d, node, d)
+    for d in range(2, len(shape)):
+        b.freeze(x, d, f"resized by {node.name}")
+        b.freeze(node, d, f"resized by {node.name}")
 
 
 @_rule(aten.select.int)
@@ -801,7 +836,9 @@ def analyse(program: Program) -> tuple[DimGraph, list[Group]]:
             continue
         target = key[1]
         if (target, dim) not in b.param_users:
-            continue
+            # read only through views, slices, resizes (BEiT's per-head position-bias table): no layer
+            # uses it, but its elements follow their units, so pruning slices it too
+            b.param_users[(target, dim)] = ("carried", target.rpartition(".")[0])
         labs = labels[off: off + b.size[(key, dim)]]
         for idx, lab in enumerate(labs.tolist()):
             per_unit[lab][(target, dim)].append(idx)
@@ -864,28 +901,21 @@ def analyse(program: Program) -> tuple[DimGraph, list[Group]]:
     return dg, groups
 
 
-def kept_sizes(dg: DimGraph, removed_labels: Iterable[int]) -> dict[tuple[Any, int], int]:
-    """New size of every (value, dim) vertex that loses elements when these units go.
+def removed_masks(dg: DimGraph, removed_labels: Iterable[int]) -> dict[tuple[Any, int], np.ndarray]:
+    """Which indices of every (value, dim) vertex go when these units go (a boolean mask per vertex).
 
-    Keys are (fx.Node or ("param", target), dim); only vertices that shrink are listed.
-    The prune pass uses this to rewrite constant shape arguments (split sizes, conv groups,
-    layer-norm shapes) that canonicalisation cannot derive.
+    Keys are (fx.Node or ("param", target), dim); only vertices that lose elements are listed.
+    The prune pass uses this to rewrite constant shape arguments that canonicalisation cannot
+    derive: widths (split sizes, conv groups, layer-norm shapes) and positions (slice bounds).
     """
     removed = np.zeros(int(dg.labels.max()) + 1 if dg.labels.size else 1, dtype=bool)
     removed[list(removed_labels)] = True
-    out: dict[tuple[Any, int], int] = {}
+    out: dict[tuple[Any, int], np.ndarray] = {}
     for v, off in dg.builder.offset.items():
-        gone = int(removed[dg.labels[off: off + dg.builder.size[v]]].sum())
-        if gone:
-            out[v] = dg.builder.size[v] - gone
+        gone = removed[dg.labels[off: off + dg.builder.size[v]]]
+        if gone.any():
+            out[v] = gone
     return out
-
-
-def removed_offsets(dg: DimGraph, vertex: tuple[Any, int], removed_labels: Iterable[int]) -> np.ndarray:
-    """Which indices along a vertex are removed (a boolean mask)."""
-    off, size = dg.builder.offset[vertex], dg.builder.size[vertex]
-    labs = dg.labels[off: off + size]
-    return np.isin(labs, np.asarray(list(removed_labels), dtype=labs.dtype))
 
 
 def _order(program: Program, g: Group) -> int:

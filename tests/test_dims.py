@@ -222,3 +222,66 @@ def test_relative_position_bias_table_is_sliced_with_its_heads(indexed):
     assert len(heads) == 1 and heads[0].prunable, find_groups(p)
     table = _member(heads[0], "rel.weight", 1)
     assert table.role == "producer" and torch.equal(table.indices, torch.arange(4).view(4, 1))
+
+
+class _FusedSliceAttention(torch.nn.Module):
+    """Phi-3's layout: one fused q|k|v projection sliced at constant bounds, GPT-J's interleaved
+    rotary (`stack` then `flatten`) on [B, S, heads, dim], and BEiT's per-head bias table resized by
+    `interpolate` before it is indexed."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4, grid: int = 3):
+        super().__init__()
+        self.heads, self.dim, self.grid = heads, hidden // heads, grid
+        self.qkv, self.o = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
+        self.table = torch.nn.Parameter(torch.randn(grid * grid + 1, heads))  # +1: a "cls" row kept as is
+        pos = torch.arange(5)
+        self.register_buffer("bucket", (pos[None, :] - pos[:, None]).abs().clamp(max=grid * grid))
+
+    def _rotate(self, t: torch.Tensor) -> torch.Tensor:  # [B, S, heads, dim]
+        x1, x2 = t[..., ::2], t[..., 1::2]
+        return t + torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, hidden = x.shape
+        qkv = self.qkv(x)
+        q, k, v = qkv[..., :hidden], qkv[..., hidden: 2 * hidden], qkv[..., 2 * hidden:]
+        split = lambda t: t.view(B, S, self.heads, self.dim)  # noqa: E731
+        q, k = self._rotate(split(q)).transpose(1, 2), self._rotate(split(k)).transpose(1, 2)
+        v = split(v).transpose(1, 2)
+        spatial = self.table[: self.grid * self.grid].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        spatial = torch.nn.functional.interpolate(spatial, size=(self.grid, self.grid), mode="bilinear")
+        table = torch.cat([spatial.permute(0, 2, 3, 1).reshape(self.grid * self.grid, -1), self.table[self.grid * self.grid:]])
+        bias = table[self.bucket].permute(2, 0, 1)  # [heads, S, S]
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return x + self.o(ctx.transpose(1, 2).reshape(B, S, -1))
+
+
+def test_fused_slices_stacked_rotary_and_resized_bias_prune_heads(tmp_path):
+    """Constant slices move their bounds (`prune_shapes.SLICE_BOUNDS`), `stack` and `interpolate`
+    keep the heads dim, and a table read only through views is sliced along with its heads."""
+    import rewrite
+
+    torch.manual_seed(0)
+    model = _FusedSliceAttention().eval()
+    x = torch.randn(2, 5, 32)
+    p = Program.capture(model, (x,))
+    canonicalize(p)
+    heads = [g for g in find_groups(p) if g.kind == "head"]
+    assert len(heads) == 1 and heads[0].prunable and heads[0].size == 4, describe(find_groups(p))
+    assert _member(heads[0], "table", 1).role == "carried"
+    out = rewrite.compile(model, {"passes": [{"kind": "prune", "granularity": "head", "amount": 0.5,
+                                              "importance": "magnitude", "compensate": False}]},
+                          example_inputs=(x,))
+    assert out.program.param("qkv.weight").shape == (48, 32) and out.program.param("table").shape == (10, 2)
+    details = out.report.passes[0].details
+    assert {"slice bounds"} <= {c["arg"] for c in details["shape constants rewritten"]}
+    # what the pruned model computes: the original with the removed heads' output columns zeroed
+    kept = [h for h in range(4) if any(torch.equal(model.table[:, h], t) for t in out.program.param("table").T)]
+    assert len(kept) == 2
+    reference = _FusedSliceAttention().eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for h in set(range(4)) - set(kept):
+            reference.o.weight[:, h * 8:(h + 1) * 8] = 0
+        torch.testing.assert_close(out.module(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert out.export(tmp_path / "fused.onnx").verified

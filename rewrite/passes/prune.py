@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 import torch
 
-from rewrite.dims import analyse, kept_sizes
+from rewrite.dims import analyse, removed_masks
 from rewrite.errors import PassError
 from rewrite.measure import count_flops
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, register
@@ -314,7 +314,7 @@ class PrunePass(Pass):
         s = self.spec
         by_id = {g.id: g for g in cands}
         removed_labels = [by_id[gid].labels[u] for gid, us in removed.items() for u in us]
-        new_sizes = kept_sizes(dg, removed_labels)
+        removed_idx = removed_masks(dg, removed_labels)
         for target in sorted({p for p, _ in removal}):
             t = program.param(target)
             for (p, dim), gone in removal.items():
@@ -323,7 +323,7 @@ class PrunePass(Pass):
                 keep = torch.tensor([i for i in range(t.shape[dim]) if i not in gone], dtype=torch.long)
                 t = t.index_select(dim, keep)
             program.set_param(target, t.contiguous())
-        patched, unpatchable = patch_shape_constants(program, new_sizes)
+        patched, unpatchable = patch_shape_constants(program, removed_idx)
         if unpatchable:
             raise PassError(f"prune: a shape constant cannot follow the pruned widths: {unpatchable[0]}; "
                             "prune another granularity or exclude that layer (scope/exclude)")

@@ -6,16 +6,19 @@ nothing after pruning. A few carry a width as a literal argument; each is one ru
 - grouped conv: `groups` scales with its input channels;
 - layer norm: `normalized_shape`;
 - expand: a broadcast from 1 to a pruned width (MQA's one KV head expanded to every query head);
-- split: the sizes of the parts (fused q/k/v, equal or not).
+- split: the sizes of the parts (fused q/k/v, equal or not);
+- slice: constant bounds into a pruned dim (Phi-3 slices q, k and v out of one fused projection).
 
-`new_sizes` maps (node, dim) to the width that dim has after pruning (`rewrite.dims.kept_sizes`).
+`removed` maps (node, dim) to which of its indices pruning removes (`rewrite.dims.removed_masks`);
+`new_sizes` is the width each of those dims keeps.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -29,10 +32,14 @@ CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
 
 @dataclass
 class Widths:
-    """The rules' context: the program and its new widths."""
+    """The rules' context: the program and which indices of each shrinking (value, dim) go."""
 
     program: Program
-    new_sizes: dict[tuple[Any, int], int]
+    removed: dict[tuple[Any, int], np.ndarray]
+    new_sizes: dict[tuple[Any, int], int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.new_sizes = {v: int(gone.size - gone.sum()) for v, gone in self.removed.items()}
 
 
 def _readable(sizes: list[Any]) -> list[Any]:
@@ -120,12 +127,54 @@ SPLIT_SIZES = Rule("split sizes", (aten.split.Tensor, aten.split_with_sizes.defa
                    match=lambda n, w: (n.args[0], _split_dim(n, w)) in w.new_sizes,
                    check=lambda n, w: None, replace=_split_replace)
 
-RULES = (CONV_GROUPS, LAYER_NORM_SHAPE, EXPAND_SIZES, SPLIT_SIZES)
+
+# ------------------------------------------------------------------ slice
+def _slice_source(n: fx.Node, w: Widths) -> tuple[Any, int] | None:
+    """The (value, dim) vertex the slice reads, as `rewrite.dims` keys it."""
+    x = n.args[0]
+    if not isinstance(x, fx.Node) or w.program.shape(x) is None:
+        return None
+    dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % len(w.program.shape(x))
+    return (("param", str(x.target)) if x.op == "get_attr" else x), dim
 
 
-def patch_shape_constants(program: Program, new_sizes: dict[tuple[Any, int], int]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rewrite the literal widths of `RULES`' ops to the pruned sizes: (what changed, why something
-    could not be changed)."""
-    outcome = apply_rules(program.graph, RULES, Widths(program, new_sizes))
+def _slice_bounds(n: fx.Node, w: Widths) -> tuple[list[Any], list[int]]:
+    """(old [start, end], new [start, end]): each bound moves down by the removed indices before it."""
+    source = _slice_source(n, w)
+    gone = w.removed[source]
+    size = gone.size
+    start = n.args[2] if len(n.args) > 2 else n.kwargs.get("start", 0)
+    end = n.args[3] if len(n.args) > 3 else n.kwargs.get("end", None)
+    lo = 0 if start is None else (start + size if start < 0 else min(start, size))
+    hi = size if end is None else (end + size if end < 0 else min(end, size))
+    return [start, end], [int(lo - gone[:lo].sum()), int(hi - gone[:hi].sum())]
+
+
+def _slice_check(n: fx.Node, w: Widths) -> str | None:
+    step = n.args[4] if len(n.args) > 4 else n.kwargs.get("step", 1)
+    bounds = [n.args[i] if len(n.args) > i else None for i in (2, 3)]
+    if step not in (1, None) or not all(b is None or isinstance(b, int) for b in bounds):
+        return f"{n.name} slices with step {step} or non-constant bounds {bounds}"
+    return None
+
+
+def _slice_replace(n: fx.Node, w: Widths) -> dict[str, Any]:
+    old, new = _slice_bounds(n, w)
+    dim = _slice_source(n, w)[1]
+    n.args, n.kwargs = (n.args[0], dim, new[0], new[1]), {}
+    return {"arg": "slice bounds", "old": old, "new": new}
+
+
+SLICE_BOUNDS = Rule("slice bounds", (aten.slice.Tensor,),
+                    match=lambda n, w: _slice_source(n, w) in w.removed,
+                    check=_slice_check, replace=_slice_replace)
+
+RULES = (CONV_GROUPS, LAYER_NORM_SHAPE, EXPAND_SIZES, SPLIT_SIZES, SLICE_BOUNDS)
+
+
+def patch_shape_constants(program: Program, removed: dict[tuple[Any, int], np.ndarray]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rewrite the literal widths and positions of `RULES`' ops to the pruned tensors: (what changed,
+    why something could not be changed). `removed`: `rewrite.dims.removed_masks`."""
+    outcome = apply_rules(program.graph, RULES, Widths(program, removed))
     program.module.recompile()
     return outcome.applied, outcome.reasons()

@@ -47,8 +47,8 @@ def group_scores(groups: Iterable[Any], scores: dict[str, torch.Tensor], reduce:
     for g in groups:
         parts = []
         for m in g.members:
-            if roles is not None and m.role not in roles:
-                continue
+            if (roles is not None and m.role not in roles) or m.role == "carried":
+                continue  # a carried table is sliced with the group but says nothing of its importance
             s = scores.get(m.param)
             if s is None or m.dim >= s.dim():
                 continue
