@@ -33,9 +33,6 @@ from .prune_plan import (DEFAULT_ALLOCATION, DEFAULT_COMPENSATE, DEFAULT_IMPORTA
 aten = torch.ops.aten
 OBS_FALLBACK = "wanda"
 """The importance a default `obs` falls back to where OBS cannot run (with the default compensation)."""
-LSTSQ_RIDGE = 1e-2
-"""Ridge of the sequential refit, relative to the mean diagonal of the input second moment (MiniLM 50%:
-0.01 -> drop 2.88, 0.1 -> 2.57, 0.3 -> 3.30; 0.1 loses to the one-shot refit on the gpt2 zoo model, so 0.01 stays)."""
 SPARSE_NOTE = ("unstructured and N:M pruning only zero weights: the model keeps its size and ONNX Runtime runs it "
                "at the same speed (dense kernels); the zeros pay off only when stored sparse or run by a sparse "
                "(e.g. 2:4 tensor-core) kernel")
@@ -97,6 +94,10 @@ class PruneSpec(StrictModel):
     """How `compensate: lstsq` refits: "sequential" (layer by layer on the current program, towards the
     original's outputs; `prune_compensate.compensate_sequential`) or "oneshot" (all consumers at once from
     statistics of the unpruned program; `prune_compensate.compensate`)."""
+    ridge: Annotated[float, Field(gt=0.0)] = 1e-2
+    """Ridge of the least-squares refits (and OBS's curves), relative to the mean diagonal of the input
+    second moment. (MiniLM 50%: 0.01 -> drop 2.88, 0.1 -> 2.57, 0.3 -> 3.30; 0.1 loses to the one-shot
+    refit on the gpt2 zoo model, so 0.01 is the default.)"""
     n: Annotated[int | None, Field(ge=1)] = None
     m: Annotated[int | None, Field(ge=2)] = None
 
@@ -228,7 +229,7 @@ class PrunePass(Pass):
             entry = program.clone()
             if comp == "lstsq" and s.lstsq == "sequential":
                 comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
-                                                          ridge=LSTSQ_RIDGE)
+                                                          ridge=self.spec.ridge)
             else:
                 mode = "lstsq" if comp == "lstsq" else "bias"
                 comp_rows, cnotes = compensate(program, removal, batches, mode)
@@ -253,7 +254,7 @@ class PrunePass(Pass):
         select, removal = readers
         notes: list[str] = []
         if self.allocation == "global":
-            curves = obs_curves(program, removal, select, batches, LSTSQ_RIDGE)
+            curves = obs_curves(program, removal, select, batches, self.spec.ridge)
             counts = counts_from_curves(cands, {sel.group: curves[p] for p, sel in select.items()}, s.amount,
                                         s.max_per_layer, s.round_to)
             notes.append("obs global allocation, units removed per layer: "
@@ -267,7 +268,7 @@ class PrunePass(Pass):
             sel.remove = counts[sel.group]
         entry = program.clone()
         comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
-                                                  ridge=LSTSQ_RIDGE, select=select)
+                                                  ridge=self.spec.ridge, select=select)
         notes += cnotes
         program, removal = self._keep_better(program, entry, removal, comp_rows, notes, ctx, "the obs refit")
         removed = {sel.group: sorted(sel.removed) for sel in select.values() if sel.removed}
