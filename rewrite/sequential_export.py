@@ -17,14 +17,16 @@ weights never meet in memory:
    asks), and the initializers each expansion makes (MatMulNBits' B, scales, zero points)
    are appended to the external-data file at once: one linear's tensors in memory at a time.
 3. the remaining weights (norms, embeddings, float linears) are streamed from the
-   checkpoint into the same file in row chunks, converted to float32 on the way; a tied
+   checkpoint into the same file in row chunks, converted to float32 on the way, except large
+   bf16/fp16 lookup tables, which keep the checkpoint's dtype (`keep_tables_narrow`); a tied
    weight (an lm_head sharing the embedding) is written once and referenced by both names.
 4. the model file itself holds only the graph (`location`/`offset`/`length` per weight), so
    neither it nor the data file meets protobuf's 2 GB limit; the data file may be any size.
 
-`verify` runs the written file in onnxruntime on a few tokens and compares it with the torch
-model run on the same checkpoint one module at a time (each module's weights read before it
-runs and freed after it), so the reference needs no more memory than the export.
+`verify` runs the written file in onnxruntime on a few tokens (under `BOUNDED_SESSION_CONFIG`,
+the arena off: the file's weights memory-mapped, never copied) and compares its logits with
+the torch model run on the same checkpoint one module at a time (each module's weights read
+before it runs and freed after it).
 """
 from __future__ import annotations
 
