@@ -18,15 +18,21 @@ After quantizing, the worker exports the written folder to ONNX in bounded memor
 external-data file, packed weights as MatMulNBits) and checks the written file in onnxruntime
 on `--tokens` tokens against the torch model run module by module on the same folder.
 
-The table's last column, the peak of compress + export (quantize phases, capture and
-the ONNX write), is what the issue's targets bound; the torch reference and the onnxruntime
-check come after and hold more (onnxruntime loads the whole quantized model).
+The table's last two columns: the peak of compress + export (quantize phases, capture and the
+ONNX write) and the peak of the whole run, which adds the torch reference (module by module) and
+the onnxruntime check of the written file (under `sequential_export.BOUNDED_SESSION_CONFIG`: the
+external data memory-mapped, no prepacked copies, no constant folding, no arena). The issue's
+targets bound the whole run.
 
-Not yet here (issue 19): the compile-time-vs-depth table (the Ray allocator run is `benchmarks/ray_allocator.py`).
+`--depths 8,16,24` prints instead the compile time vs depth at the width of the first size:
+capture, the recapture + canonicalize that follows every pass, and the ONNX translation, on
+fake weights (shapes only), each depth in a fresh process (the Ray allocator run is
+`benchmarks/ray_allocator.py`).
 
     python benchmarks/scale.py --sizes 1b                  # W4 g128 RTN on the 1B-size checkpoint
     python benchmarks/scale.py --sizes 1b --layers 4,8,16  # peak RSS vs depth at one block size
     python benchmarks/scale.py --sizes 1b,3b,7b --method gptq --calibration 16 --seq-len 512
+    python benchmarks/scale.py --sizes 1b --depths 8,16,24 --threads 1   # compile time vs depth
 """
 from __future__ import annotations
 
@@ -139,6 +145,83 @@ def worker(args: argparse.Namespace) -> None:
                       "out_bytes": out_bytes, "phases": [p.__dict__ for p in res.phases], "onnx": onnx}))
 
 
+def depth_worker(args: argparse.Namespace) -> None:
+    """Compile-time steps of the 1B-width model at one depth, on fake weights (shapes only, no bytes):
+    the first capture, the recapture every pass is followed by (`Program.recapture` + canonicalize,
+    as `passmanager.run_passes` does), and the ONNX translation of the captured program (the
+    streamed export's capture). Prints one JSON line: seconds and peak RSS per step, node counts."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rewrite.checkpoint import parameters_on_meta
+    from rewrite.inputs import Inputs
+    from rewrite.passes.canonicalize import canonicalize
+    from rewrite.program import Program
+    from rewrite.sequential import MemoryMeter
+    from rewrite.sequential_export import fake_weights
+
+    torch.set_num_threads(args.threads)
+    cfg = LlamaConfig(**{**SIZES[args.size], "num_hidden_layers": args.depth_worker}, use_cache=False)
+    meter = MemoryMeter()
+    with meter.phase("build (meta)"):
+        with parameters_on_meta():
+            model = LlamaForCausalLM(cfg).eval()
+        fake_weights(model)
+    ids = (torch.arange(args.tokens) * 7919 + 1).remainder(cfg.vocab_size).unsqueeze(0)
+    example = Inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with meter.phase("capture"):
+        program = Program.capture(model, example)
+    nodes = len(program.graph.nodes)
+    for i in range(args.recaptures):
+        with meter.phase(f"recapture {i + 1}"):
+            program = program.recapture()
+            canonicalize(program)
+    with meter.phase("ONNX translation"):
+        import logging
+
+        from rewrite.backends.onnx import _quiet
+        from rewrite.capture import export_program
+        from rewrite.kernels import registry
+
+        registry.load_all()
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        with torch.no_grad():
+            ep = export_program(model, example, True)
+        with _quiet():
+            onnx_program = torch.onnx.export(ep, dynamo=True, opset_version=21, verbose=False, optimize=False,
+                                             custom_translation_table=dict(registry.ONNX_TRANSLATIONS) or None)
+        onnx_nodes = len(onnx_program.model.graph)
+    print(json.dumps({"depth": args.depth_worker, "fx_nodes": nodes, "onnx_nodes": onnx_nodes,
+                      "phases": [p.__dict__ for p in meter.phases]}))
+
+
+def depth_table(args: argparse.Namespace) -> None:
+    """Compile time vs depth at the 1B width: each depth in a fresh process; the table and the
+    per-layer cost of a recapture (linear growth keeps seconds per layer flat)."""
+    rows = []
+    for depth in [int(d) for d in args.depths.split(",") if d]:
+        cmd = [sys.executable, __file__, "--depth-worker", str(depth), "--size", args.size, "--threads",
+               str(args.threads), "--tokens", str(args.tokens), "--recaptures", str(args.recaptures)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode:
+            raise SystemExit(f"depth {depth}: the capture failed (exit {proc.returncode})")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"\nCompile time vs depth, {args.size} width (fake weights: shapes only), {args.threads} thread(s); "
+          "each cell: wall s / peak RSS MB of the step\n")
+    print("| layers | FX nodes | capture | recapture + canonicalize (mean of "
+          f"{args.recaptures}) | recapture s per layer | ONNX translation | ONNX nodes |")
+    print("|---:|---:|---|---|---:|---|---:|")
+    for r in rows:
+        ph = {p["name"]: p for p in r["phases"]}
+        rec = [p for p in r["phases"] if p["name"].startswith("recapture")]
+        mean = sum(p["seconds"] for p in rec) / max(len(rec), 1)
+        peak = max((p["peak_rss_mb"] for p in rec), default=0)
+        cap, ox = ph["capture"], ph["ONNX translation"]
+        print(f"| {r['depth']} | {r['fx_nodes']} | {cap['seconds']:.1f}s / {cap['peak_rss_mb']:.0f} | "
+              f"{mean:.1f}s / {peak:.0f} | {mean / r['depth']:.3f} | {ox['seconds']:.1f}s / {ox['peak_rss_mb']:.0f} | "
+              f"{r['onnx_nodes']} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1b", help="comma list of 1b, 3b, 7b")
@@ -153,10 +236,20 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints (reused when present)")
     ap.add_argument("--tokens", type=int, default=8, help="tokens of the onnxruntime check")
     ap.add_argument("--no-onnx", action="store_true", help="skip the streamed ONNX export and its check")
+    ap.add_argument("--depths", default="", help="comma list of depths: the compile-time-vs-depth table "
+                    "(fake weights) at the width of the first --sizes entry, instead of the pipeline runs")
+    ap.add_argument("--recaptures", type=int, default=2, help="recaptures timed per depth (--depths)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--depth-worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--size", default="1b", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.depth_worker:
+        return depth_worker(args)
+    if args.depths:
+        args.size = args.sizes.split(",")[0]
+        return depth_table(args)
     import shutil
 
     rows = []
@@ -186,8 +279,8 @@ def main() -> None:
     print(f"\nW{args.bits} g{args.group_size} {args.method}, bf16 random-weight checkpoints, {args.threads} threads; "
           "each cell: wall s / peak RSS MB of the phase (the kernel's VmHWM, reset per phase)\n")
     print("| model | checkpoint GB | output GB | ONNX GB | load | catch | blocks (max peak) | outside blocks | "
-          "capture | write ONNX | torch ref | ORT verify (rel err) | peak compress+export MB |")
-    print("|---|---:|---:|---:|---|---|---|---|---|---|---|---|---:|")
+          "capture | write ONNX | torch ref | ORT verify (rel err) | peak compress+export MB | peak whole run MB |")
+    print("|---|---:|---:|---:|---|---|---|---|---|---|---|---|---:|---:|")
     for tag, ckpt_bytes, res in rows:
         ph = {p["name"]: p for p in res["phases"]}
         ox = res.get("onnx") or {}
@@ -207,7 +300,7 @@ def main() -> None:
               f"{(ox.get('bytes') or 0) / 1e9:.2f} | {cell(ph.get('load'))} | {cell(ph.get('catch block inputs'))} | {bl} | "
               f"{cell(ph.get('outside the blocks'))} | {cell(oph.get('capture (fake weights)'))} | "
               f"{cell(oph.get('write ONNX (streamed)'))} | {cell(oph.get('torch reference (streamed)'))} | {verify} | "
-              f"{compress_export:.0f} |")
+              f"{compress_export:.0f} | {max([compress_export] + [p['peak_rss_mb'] for p in oph.values()]):.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -55,9 +55,12 @@ ROW_CHUNK_ELEMENTS = 1 << 21
 """RTN reads and quantizes weights in chunks of rows of about this many elements. RTN is row-wise,
 so the result is the same, and packing (`kernels.quant.pack` expands every value into `bits`
 int32 lanes, ~64 bytes of temporaries per weight: 1 GB for one 4096 x 4096) stays ~130 MB."""
-GPTQ_ROW_CHUNK_ELEMENTS = 1 << 24
-"""GPTQ rows are independent given the Hessian, so large weights are fitted in chunks of rows too
-(each chunk refactors the Hessian, so the chunks are larger than RTN's)."""
+GPTQ_ROW_CHUNK_ELEMENTS = 1 << 22
+"""GPTQ rows are independent given the Hessian's factor, which the chunks share, so large weights are
+fitted in chunks of rows too: GPTQ's float64 working copies (weight, codes, the lazy update)
+are ~100 MB per chunk, not 3 x 360 MB for a 7B down_proj."""
+GPTQ_ACT_ORDER_ROW_CHUNK_ELEMENTS = 1 << 24
+"""With act_order every chunk factors its own permuted Hessian, so the chunks are larger."""
 
 
 # ----------------------------------------------------------------------------- memory per phase
@@ -346,6 +349,14 @@ class _Call:
 
     def hidden(self) -> torch.Tensor:
         return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def drop_hidden(self) -> None:
+        """Forget the recorded hidden states (every block gets them from `with_hidden`), so the
+        pipeline's own list is their only holder and each block's outputs can replace them."""
+        if self.args:
+            self.args = (None, *self.args[1:])
+        else:
+            self.kwargs = {**self.kwargs, "hidden_states": None}
 
 
 def _hidden_of(out: Any) -> torch.Tensor:
@@ -675,6 +686,9 @@ class _Run:
                                     f"there yet: exclude it (exclude: [{path}]) or use method rtn")
                 calls = catch_block_inputs(ckpt, self.blocks_path, self.blocks, self.batches, self.dtype)
                 hidden = [c.hidden() for c in calls[0]]
+                for block_calls in calls:
+                    for c in block_calls:
+                        c.drop_hidden()
         for i in range(n_blocks):
             prefix = f"{self.blocks_path}.{i}"
             start = time.perf_counter()
@@ -725,7 +739,9 @@ class _Run:
 
             self._gptq_groups(input_groups(linears, lambda: run_batch(0)), run_batch)
             with torch.no_grad():
-                return [run_batch(b) for b in range(len(calls))]
+                for b in range(len(calls)):   # each batch's output replaces its input: one set of activations
+                    hidden[b] = run_batch(b)
+            return hidden
         finally:
             ckpt.release(prefix)
 
@@ -736,8 +752,10 @@ class _Run:
         options = self._options()
         for group in groups:
             st = group_stats(group[0], run_batch, self.batches)
-            # the float32 Hessian is all that is used from here: drop the float64 sum (K x K, 0.5 GB at K = 8192)
-            hessian, st.gram = (st.hessian if st.rows else None), None
+            # the float32 Hessian is all that is used from here: the float64 sum (K x K, 0.5 GB at K = 8192)
+            # is divided in place and dropped
+            hessian = st.take_hessian() if st.rows else None
+            st.gram = None
             # one factor per group (the members read the same input), except with act_order (a permuted H each)
             factor = qm.gptq_factor(hessian, options["damp"]) if st.rows and not options["act_order"] else None
             for lin in group:
@@ -747,15 +765,19 @@ class _Run:
                 if st.rows == 0:
                     qz, method, err = qm.rtn(w, lin.bits, lin.group_size, sym), "rtn (not reached by calibration)", None
                 else:
-                    qz = by_rows(lin.n, lin.k, GPTQ_ROW_CHUNK_ELEMENTS, lambda a, b: qm.gptq(
+                    chunk = GPTQ_ROW_CHUNK_ELEMENTS if factor else GPTQ_ACT_ORDER_ROW_CHUNK_ELEMENTS
+                    qz = by_rows(lin.n, lin.k, chunk, lambda a, b: qm.gptq(
                         w[a:b], None if factor else hessian, lin.bits, lin.group_size, sym, **options,
                         factor=factor))
                     method = "gptq"
                 w_hat = qz.weight()
                 if st.rows:
                     err = qm.output_error(w, w_hat, st, hessian=hessian)
+                del w   # the float weight goes as soon as its codes exist (the module now holds w_hat)
                 _set_weight(lin, w_hat)
+                del w_hat
                 self._write_quantized(lin, qz, method, err)
+            del factor, hessian
 
     def _tail_gptq(self, outside: list[Linear], hidden: list[torch.Tensor]) -> None:
         """Linears after the blocks: the last block's outputs replayed through the model's tail.

@@ -17,14 +17,16 @@ weights never meet in memory:
    asks), and the initializers each expansion makes (MatMulNBits' B, scales, zero points)
    are appended to the external-data file at once: one linear's tensors in memory at a time.
 3. the remaining weights (norms, embeddings, float linears) are streamed from the
-   checkpoint into the same file in row chunks, converted to float32 on the way; a tied
+   checkpoint into the same file in row chunks, converted to float32 on the way, except large
+   bf16/fp16 lookup tables, which keep the checkpoint's dtype (`keep_tables_narrow`); a tied
    weight (an lm_head sharing the embedding) is written once and referenced by both names.
 4. the model file itself holds only the graph (`location`/`offset`/`length` per weight), so
    neither it nor the data file meets protobuf's 2 GB limit; the data file may be any size.
 
-`verify` runs the written file in onnxruntime on a few tokens and compares it with the torch
-model run on the same checkpoint one module at a time (each module's weights read before it
-runs and freed after it), so the reference needs no more memory than the export.
+`verify` runs the written file in onnxruntime on a few tokens (under `BOUNDED_SESSION_CONFIG`,
+the arena off: the file's weights memory-mapped, never copied) and compares its logits with
+the torch model run on the same checkpoint one module at a time (each module's weights read
+before it runs and freed after it).
 """
 from __future__ import annotations
 
@@ -52,6 +54,21 @@ ALIGN = 4096
 """Offsets of large tensors in the data file are page-aligned, so onnxruntime can map them."""
 CHUNK_ELEMENTS = 1 << 22
 """Weights are converted and written in row chunks of about this many elements (16 MB as float32)."""
+TABLE_BYTES = 1 << 26
+"""Float weights of at least this many bytes (as float32) that are only looked up (Gather) or
+multiplied by (a transposed MatMul operand: a tied lm_head) stay in the checkpoint's 16-bit dtype
+in the file (`keep_tables_narrow`)."""
+TABLE_CHUNK_ELEMENTS = 1 << 23
+"""A kept-narrow table used as a MatMul operand is cast to float32 this many elements at a time (32 MB)."""
+BOUNDED_SESSION_CONFIG = {"session.disable_prepacking": "1",
+                          "optimization.disable_specified_optimizers": "ConstantFolding"}
+"""onnxruntime session settings under which the streamed file runs in about its own size: the
+external data is memory-mapped (page-aligned offsets), prepacking would copy every constant
+MatMul/MatMulNBits operand into a second layout, and constant folding would turn a kept-narrow
+table's casts back into one float32 copy (1 GB for a 128k x 2048 table); the memory arena is off
+too (`verify_file`), so a run's transients (a chunk, a dequantized MatMulNBits operand) are
+returned rather than kept. Measured on the 1B-size model with 2 blocks, onnxruntime alone: 3.36 GB
+over its start with its defaults, 0.67 GB with these settings (benchmarks/scale.py has the whole run)."""
 
 
 # ----------------------------------------------------------------------------- the result
@@ -176,7 +193,103 @@ def _output_names(ep: Any) -> list[str] | None:
     return None if spec is None else names_of_outputs(spec)
 
 
-# ----------------------------------------------------------------------------- 2./3. the data file
+# ----------------------------------------------------------------------------- 2. large tables in their own dtype
+def keep_tables_narrow(proto: Any, ckpt: Checkpoint, pending: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """Keep large lookup tables in the checkpoint's bf16/fp16 instead of float32; the names kept.
+
+    A tied 128k x 2048 embedding is 1 GB as float32, 0.5 GB as stored. A weight qualifies when
+    it is floating, stored in 16 bits, at least `TABLE_BYTES` as float32, and every node reading
+    it is a Gather of its rows (then the gathered rows are cast to float32: a lookup copies
+    values, so the result is exactly the float32 model's) or a Transpose feeding a MatMul's
+    weight operand (the lm_head tied to the embedding: rewritten as `TABLE_CHUNK_ELEMENTS`
+    slices, each cast to float32, transposed and multiplied, the products concatenated, so
+    the same float32 products as before with one chunk in float32 at a time). `pending`'s dtype
+    of a kept name becomes the stored one, which `write_weights` writes.
+    """
+    from onnx import TensorProto, helper
+
+    from onnx import NodeProto
+
+    graph_nodes: list[Any] = []            # own copies: protobuf wrappers are not stable objects
+    for node in proto.graph.node:
+        graph_nodes.append(NodeProto())
+        graph_nodes[-1].CopyFrom(node)
+    consumers: dict[str, list[Any]] = collections.defaultdict(list)
+    for node in graph_nodes:
+        for x in node.input:
+            consumers[x].append(node)
+    outputs = {o.name for o in proto.graph.output}
+    kept: list[str] = []
+    for name, (dtype, shape) in list(pending.items()):
+        if name not in ckpt.store or dtype != torch.float32 or len(shape) != 2:
+            continue
+        stored = ckpt.store.dtype(name)
+        if stored not in (torch.bfloat16, torch.float16) or shape[0] * shape[1] * 4 < TABLE_BYTES:
+            continue
+        users = consumers.get(name, [])
+        if not users or name in outputs:
+            continue
+
+        def matmul_of(t: Any) -> Any:
+            if t.op_type != "Transpose" or t.input[0] != name or list(_attr(t, "perm") or []) != [1, 0]:
+                return None
+            mm = consumers.get(t.output[0], [])
+            ok = len(mm) == 1 and mm[0].op_type == "MatMul" and list(mm[0].input).index(t.output[0]) == 1
+            return mm[0] if ok and t.output[0] not in outputs else None
+
+        gathers = [n for n in users if n.op_type == "Gather" and n.input[0] == name and (_attr(n, "axis") or 0) == 0]
+        transposes = [n for n in users if matmul_of(n) is not None]
+        if len(gathers) + len(transposes) != len(users):
+            continue
+        onnx_to = _onnx_dtype(torch.float32)
+        replace: dict[int, list[Any]] = {}
+        for g in gathers:
+            narrow = g.output[0] + "_narrow"
+            cast = helper.make_node("Cast", [narrow], [g.output[0]], to=onnx_to, name=f"{g.name}_to_float")
+            g.output[0] = narrow
+            replace[id(g)] = [g, cast]
+        step = max(1, TABLE_CHUNK_ELEMENTS // shape[1])
+        for t in transposes:
+            mm = matmul_of(t)
+            x, y, base = mm.input[0], mm.output[0], mm.name or (y + "_mm")
+            nodes, parts = [], []
+            for c, a in enumerate(range(0, shape[0], step)):
+                b = min(a + step, shape[0])
+                starts, ends, axes = (f"{base}_chunk{c}_{k}" for k in ("starts", "ends", "axes"))
+                for n, v in ((starts, a), (ends, b), (axes, 0)):
+                    proto.graph.initializer.append(helper.make_tensor(n, TensorProto.INT64, [1], [v]))
+                sl, fl, tr, out = (f"{base}_chunk{c}_{k}" for k in ("rows", "float", "t", "out"))
+                nodes += [helper.make_node("Slice", [name, starts, ends, axes], [sl], name=sl),
+                          helper.make_node("Cast", [sl], [fl], to=onnx_to, name=fl),
+                          helper.make_node("Transpose", [fl], [tr], perm=[1, 0], name=tr),
+                          helper.make_node("MatMul", [x, tr], [out], name=out)]
+                parts.append(out)
+            nodes.append(helper.make_node("Concat", parts, [y], axis=-1, name=f"{base}_concat"))
+            replace[id(t)] = []
+            replace[id(mm)] = nodes
+        graph_nodes = [m for node in graph_nodes for m in replace.get(id(node), [node])]
+        consumers = collections.defaultdict(list)
+        for node in graph_nodes:
+            for x in node.input:
+                consumers[x].append(node)
+        pending[name] = (stored, shape)
+        kept.append(name)
+    if kept:
+        del proto.graph.node[:]
+        proto.graph.node.extend(graph_nodes)
+    return kept
+
+
+def _attr(node: Any, name: str) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None
+
+
+# ----------------------------------------------------------------------------- 3. the data file
 class DataFile:
     """The external-data file, appended to tensor by tensor; each TensorProto becomes a reference into it."""
 
@@ -276,13 +389,16 @@ class LazyConstants(Mapping[str, np.ndarray]):
 
 def _chunks(ckpt: Checkpoint, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Iterator[bytes]:
     """The weight's bytes as `dtype`, read and converted in row chunks."""
+    def raw(t: torch.Tensor) -> bytes:   # as bytes (numpy has no bfloat16)
+        return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
     if not shape or shape[0] == 0:
-        yield ckpt.store.get(name, dtype).contiguous().numpy().tobytes()
+        yield raw(ckpt.store.get(name, dtype))
         return
     row = max(1, int(np.prod(shape[1:])))
     step = max(1, CHUNK_ELEMENTS // row)
     for a in range(0, shape[0], step):
-        yield ckpt.store.rows(name, a, min(a + step, shape[0]), dtype).contiguous().numpy().tobytes()
+        yield raw(ckpt.store.rows(name, a, min(a + step, shape[0]), dtype))
 
 
 def _onnx_dtype(dtype: torch.dtype) -> int:
@@ -388,7 +504,7 @@ def verify_file(path: Path, reference: list[torch.Tensor], inputs: Inputs, *, rt
 
     from rewrite.backends.onnx import session
 
-    sess = session(path)
+    sess = session(path, config=BOUNDED_SESSION_CONFIG, arena=False)
     feeds = {}
     for inp in sess.get_inputs():
         if inp.name not in inputs.kwargs:
@@ -435,6 +551,9 @@ def export_checkpoint(directory: str | Path, path: str | Path, *, opset: int = 2
                 try:
                     expand_placeholders(proto, options, consts=LazyConstants(proto, open_folder(directory), pending),
                                         emit=data.emit)
+                    kept = keep_tables_narrow(proto, ckpt, pending)
+                    if kept:
+                        notes.append(f"kept in the checkpoint's dtype (looked up / cast per chunk): {', '.join(kept)}")
                     write_weights(proto, ckpt, pending, data)
                 finally:
                     data.close()

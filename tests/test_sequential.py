@@ -262,3 +262,59 @@ def test_cli_compiles_a_checkpoint_folder(untied, tmp_path, capsys):
     assert main(["compile", str(spec), "--model", f"hf:{tmp_path / 'nothing'}", "--out", str(tmp_path / "o2")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "does not exist" in err[-1] and "config.json" in err[-1]
+
+
+def _reference_factor(h: torch.Tensor, d: float) -> torch.Tensor:
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(d * float(torch.diag(h).mean()))
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+@pytest.mark.parametrize("scipy_lapack", [True, False])
+def test_gptq_factor_in_place_matches_the_three_step_formula(scipy_lapack, monkeypatch):
+    """The GPTQ factor computed in H's own storage (SciPy's LAPACK, or torch's out= fallback) equals
+    cholesky(cholesky_inverse(cholesky(H + dI)), upper=True), dead channels included; an indefinite
+    H is damped more and rebuilt from the caller's H for each try."""
+    import builtins
+
+    from rewrite.passes import quantize_methods as qm
+
+    if not scipy_lapack:
+        real = builtins.__import__
+
+        def no_scipy(name, *args, **kwargs):
+            if name.startswith("scipy"):
+                raise ImportError(name)
+            return real(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", no_scipy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 96, generator=g, dtype=torch.float64)
+    h = (x.T @ x / 300).float()
+    h[5], h[:, 5] = 0.0, 0.0                      # a dead input channel
+    f = qm.gptq_factor(h, 0.01)
+    torch.testing.assert_close(f.hinv, _reference_factor(h, 0.01), rtol=0, atol=1e-12)
+    assert f.dead.nonzero().flatten().tolist() == [5]
+    assert torch.equal(h[0, :3], (x.T @ x / 300).float()[0, :3])   # the caller's H is not modified
+    indefinite = torch.diag(torch.tensor([2.0, -0.3], dtype=torch.float64))   # positive definite only at damp 1.0
+    torch.testing.assert_close(qm.gptq_factor(indefinite, 0.01).hinv, _reference_factor(indefinite, 1.0),
+                               rtol=0, atol=1e-12)
+    assert indefinite.diagonal().tolist() == [2.0, -0.3]   # a float64 H is copied, not factored in place
+
+
+def test_take_hessian_is_the_hessian_and_drops_the_float64_sum():
+    """`InputStats.take_hessian` gives `hessian`'s values while consuming the in-place accumulated sum."""
+    from rewrite.passes import quantize_methods as qm
+
+    g = torch.Generator().manual_seed(0)
+    a, b = qm.InputStats(16), qm.InputStats(16)
+    for _ in range(3):
+        x = torch.randn(7, 16, generator=g)
+        a.update(x, want_gram=True)
+        b.update(x, want_gram=True)
+    want = a.hessian
+    got = b.take_hessian()
+    assert b.gram is None and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

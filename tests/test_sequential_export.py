@@ -121,3 +121,38 @@ def test_cli_compiles_a_checkpoint_folder_block_by_block(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["onnx"]["rel_error"] < 1e-3 and report["quantize"]["phases"]
     assert "peak RSS" in (out / "report.md").read_text()
+
+
+def test_large_tables_stay_in_the_checkpoint_dtype(tmp_path, monkeypatch):
+    """A tied table above TABLE_BYTES is written once, in bf16 as the checkpoint stores it: the
+    embedding's Gather casts the rows it picks, the lm_head multiplies by float32 casts of row
+    chunks (concatenated); onnxruntime under the bounded session settings and under its defaults
+    both match the torch model."""
+    monkeypatch.setattr(onnx_stream, "TABLE_BYTES", 1)
+    monkeypatch.setattr(onnx_stream, "TABLE_CHUNK_ELEMENTS", 64 * 128)   # 300 rows: chunks of 128, 128, 44
+    folder = _folder(tmp_path, tie=True)
+    path = tmp_path / "narrow" / "model.onnx"
+    rec = export_checkpoint(folder, path, tokens=5)
+    assert rec.verified and rec.rel_error < 1e-4
+    assert any("kept in the checkpoint's dtype" in n for n in rec.notes)
+    proto = onnx.load(str(path), load_external_data=False)
+    by_name = {t.name: t for t in proto.graph.initializer}
+    tables = [n for n in by_name if n in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert len(tables) == 1 and by_name[tables[0]].data_type == onnx.TensorProto.BFLOAT16
+    readers = sorted(n.op_type for n in proto.graph.node if tables[0] in n.input)
+    assert readers == ["Gather", "Slice", "Slice", "Slice"]
+    assert not any(n.op_type == "Transpose" and n.input[0] == tables[0] for n in proto.graph.node)
+    from rewrite.backends.onnx import session
+
+    ids = np.array([[5, 17, 250, 3, 99, 42, 7]])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    bounded = session(path, config=onnx_stream.BOUNDED_SESSION_CONFIG).run(None, feeds)[0]
+    default = session(path).run(None, feeds)[0]
+    from rewrite.checkpoint import load_hf
+
+    whole = load_hf(folder)
+    whole.materialize("", torch.float32)
+    with torch.no_grad():
+        want = whole.model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(1, 7, dtype=torch.long)).logits
+    for got in (bounded, default):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5 * float(want.abs().max()), rtol=0)

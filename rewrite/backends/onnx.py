@@ -198,13 +198,19 @@ def _gpu_driver_present() -> bool:
         return False
 
 
-def session(path: str | Path, *, threads: int | None = None, provider: list[str] | None = None) -> Any:
+def session(path: str | Path, *, threads: int | None = None, provider: list[str] | None = None,
+            config: dict[str, str] | None = None, arena: bool = True) -> Any:
+    """An onnxruntime session on `path`; `config`: session config entries (`add_session_config_entry`);
+    `arena=False` turns the CPU memory arena off (freed buffers go back instead of being kept for reuse)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), sess_options=opts, providers=provider or providers())
 
 

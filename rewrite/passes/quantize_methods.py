@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -70,8 +71,13 @@ class InputStats:
         if want_gram:
             xd = x.double()
             wts = token_weights(xd, self.token_weight)
-            g = (xd * wts[:, None]).T @ xd if wts is not None else xd.T @ xd
-            self.gram = g if self.gram is None else self.gram + g
+            xt = (xd * wts[:, None]).T if wts is not None else xd.T
+            # accumulated in place: `gram + xt @ xd` held two more K x K float64 matrices at once
+            # (3 GB at K = 11008, the down_proj of a 7B Llama)
+            if self.gram is None:
+                self.gram = xt @ xd
+            else:
+                self.gram.addmm_(xt, xd)
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
         kept = sum(s.shape[0] for s in self.sample)
@@ -87,6 +93,13 @@ class InputStats:
     @property
     def hessian(self) -> torch.Tensor:
         return (self.gram / max(self.rows, 1)).to(torch.float32)
+
+    def take_hessian(self) -> torch.Tensor:
+        """`hessian` (the same values), consuming the float64 sum: it is divided in place and then
+        dropped, so one K x K float64 matrix and the float32 result are alive, not two float64 ones."""
+        self.gram.div_(max(self.rows, 1))
+        h, self.gram = self.gram.to(torch.float32), None
+        return h
 
     def x_sample(self) -> torch.Tensor:
         return torch.cat(self.sample, 0)
@@ -254,37 +267,68 @@ def gptq_factor(hessian: torch.Tensor, damp: float = 0.01) -> GPTQFactor:
     >>> f.hinv.shape, bool(f.dead.any())
     (torch.Size([4, 4]), False)
     """
-    h = hessian.detach().to(torch.float64)
-    h = h.clone() if h is hessian else h
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    return GPTQFactor(_inverse_hessian_factor(h, damp), dead)
+    dead = torch.diag(hessian) == 0
+
+    def fresh() -> torch.Tensor:
+        h = hessian.detach().to(torch.float64, copy=True)   # a float64 H is not the caller's to change
+        h[dead, dead] = 1.0
+        return h
+
+    return GPTQFactor(_inverse_hessian_factor(fresh, damp), dead)
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+def _factor_in_place(h: torch.Tensor, info: torch.Tensor) -> bool:
+    """h (a damped Hessian, row-major float64) becomes the upper Cholesky factor of its inverse, in
+    its own storage; False if a factorization failed (h is then garbage).
+
+    With SciPy, LAPACK works on h's memory itself (potrf, potri, potrf on the column-major view
+    of the symmetric matrix: the lower factor of the inverse, read row-major, is the upper
+    factor): one K x K float64 matrix in all. torch's `out=` variants copy once per step (two
+    matrices at the peak), which is the fallback without SciPy.
+    """
+    try:
+        from scipy.linalg import lapack
+    except ImportError:
+        lapack = None
+    if lapack is not None and h.is_contiguous():
+        a = h.numpy().T                                  # Fortran order, the same bytes (H is symmetric)
+        for step in (lambda: lapack.dpotrf(a, lower=1, clean=1, overwrite_a=1),
+                     lambda: lapack.dpotri(a, lower=1, overwrite_c=1),
+                     lambda: lapack.dpotrf(a, lower=1, clean=1, overwrite_a=1)):
+            out, code = step()
+            if code != 0:
+                return False
+            if not np.shares_memory(out, a):             # not done in place (never expected): copy back
+                a[...] = out
+        if not np.isfinite(a.diagonal()).all():
+            return False
+        return True
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if int(info):
+        return False
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+    return int(info) == 0
+
+
+def _inverse_hessian_factor(fresh: Callable[[], torch.Tensor], damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, damping more until it is positive definite.
 
-    Consumes `h` (the caller's own float64 copy: its storage is released once its Cholesky factor
-    exists), so at most two KxK float64 matrices are alive at once: at K = 8192 that is 1 GB, where
-    building each intermediate as a new matrix beside H took 2.5 GB. The values are those of
-    cholesky(cholesky_inverse(cholesky(H + dI)), upper=True)."""
+    `fresh()` returns the caller's H as a new float64 matrix (dead channels already set), which
+    is factored in place (`_factor_in_place`): at K = 8192 that is 0.5 GB in all, where building
+    each intermediate as a new matrix beside H took 2.5 GB. A failed try asks for H again. The
+    values are those of cholesky(cholesky_inverse(cholesky(H + dI)), upper=True)."""
+    h = fresh()
     diag = torch.diag(h).clone()
     mean_diag = float(diag.mean())
-    lower: torch.Tensor | None = None
+    info = torch.zeros((), dtype=torch.int32)
     for d in (damp, 0.1, 1.0):
-        if lower is not None and h.numel() == 0:  # released after an earlier try: rebuilt from its factor (rare)
-            h = lower @ lower.T
+        if h is None:
+            h = fresh()
         h.diagonal().copy_(diag + d * mean_diag)
-        try:
-            lower = torch.linalg.cholesky(h)
-        except RuntimeError:
-            continue
-        h.set_()  # the factor holds everything needed from here
-        inverse = torch.cholesky_inverse(lower)
-        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
-        if int(info) == 0:
-            return upper
+        if _factor_in_place(h, info):
+            return h
+        h = None
     raise RuntimeError("GPTQ: the Hessian is not positive definite even with damping 1.0")
 
 
@@ -311,11 +355,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
         raise ValueError("gptq: a shared factor is of the unpermuted Hessian; act_order needs the Hessian itself")
     if factor is None:
         assert hessian is not None, "gptq needs the Hessian or its factor"
-        h = hessian.detach().to(torch.float64).clone()
-        dead = torch.diag(h) == 0
-        h[dead, dead] = 1.0
+        dead = torch.diag(hessian) == 0
     else:
-        h, dead = None, factor.dead
+        dead = factor.dead
     w[:, dead] = 0.0
     scales = torch.zeros(n, k // g, dtype=torch.float64)
     zeros = torch.zeros(n, k // g, dtype=torch.float64)
@@ -324,10 +366,17 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
         from rewrite.kernels.quant import quantize_groups
         _, s0, z0 = quantize_groups(w.float(), bits, g, symmetric, clip_search=clip_search)
         scales, zeros = s0.double(), z0.double()
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
-    hinv = factor.hinv if factor is not None else _inverse_hessian_factor(h, damp)
-    del h
+        hd = torch.diag(hessian).to(torch.float64)
+        hd[dead] = 1.0
+        perm = torch.argsort(hd, descending=True)
+        w = w[:, perm]
+
+    def fresh() -> torch.Tensor:
+        h = hessian.detach().to(torch.float64).clone()
+        h[dead, dead] = 1.0
+        return h[perm][:, perm] if act_order else h
+
+    hinv = factor.hinv if factor is not None else _inverse_hessian_factor(fresh, damp)
     block = max(g, (block // g) * g) if g <= block else g
     q_all = torch.zeros(n, k, dtype=torch.float64)
     scale = zero = None
@@ -368,10 +417,16 @@ def output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats | None,
                  hessian: torch.Tensor | None = None) -> float:
     """Relative output error tr(dW H dW^T) / tr(W H W^T) on calibration inputs (weight error without).
     `hessian`: `stats.hessian` when the caller already holds it (and dropped `stats.gram`)."""
-    d = (w_hat - w).to(torch.float32)
     if hessian is None and (stats is None or stats.gram is None):
+        d = (w_hat - w).to(torch.float32)
         return float(d.norm() / w.norm().clamp_min(1e-12))
     h = hessian if hessian is not None else stats.hessian
-    num = float(((d @ h) * d).sum())
-    den = float(((w @ h) * w).sum())
+    # in row chunks: whole-weight temporaries (dW, dW @ H, W @ H) were 3 more copies of the weight
+    num = den = 0.0
+    step = max(1, (1 << 22) // max(w.shape[-1], 1))
+    for a in range(0, w.shape[0], step):
+        wa = w[a:a + step].to(torch.float32)
+        d = w_hat[a:a + step].to(torch.float32) - wa
+        num += float(((d @ h) * d).sum())
+        den += float(((wa @ h) * wa).sum())
     return (max(num, 0.0) / max(den, 1e-30)) ** 0.5
