@@ -106,7 +106,7 @@ def run_llmc(python: str, model_dir: Path, calib: torch.Tensor, windows: torch.T
 
 
 def compile_row(model: torch.nn.Module, spec_path: str, calib: torch.Tensor) -> tuple[object, float, int]:
-    """(compiled program, compile seconds, bytes) of the compiler on `model` with a spec file."""
+    """(compiled, compile seconds, bytes) of the compiler on `model` with a spec file."""
     from rewrite.compiler import compile as rcompile
     from rewrite.program import Program
     from rewrite.spec import Spec
@@ -121,7 +121,25 @@ def compile_row(model: torch.nn.Module, spec_path: str, calib: torch.Tensor) -> 
     secs = time.time() - t0
     params = compiled.program.params()
     total = sum(v.numel() * v.element_size() for v in params.values())
-    return compiled.program, secs, total
+    return compiled, secs, total
+
+
+def onnx_forward(compiled: object, example: dict, threads: int, tmp: Path):
+    """Export the compiled full-sequence graph (verified in onnxruntime on `example`) and return a
+    logits function running the ONNX file, so the table's perplexity is measured on the exported model too."""
+    import onnxruntime as ort
+
+    path = tmp / "model.onnx"
+    rec = compiled.export(path, verify_inputs=[example], progress=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def fwd(ids: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+        return torch.from_numpy(sess.run(None, {k: v for k, v in feeds.items() if k in names})[0])
+    return fwd, rec
 
 
 def main() -> None:
@@ -135,6 +153,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python")
     ap.add_argument("--json", help="append each row as a JSON line here")
+    ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                    help="also export each spec row to ONNX and measure its perplexity in onnxruntime")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     all_rows = _rows()
@@ -146,18 +166,26 @@ def main() -> None:
     fp32_ppl = None
     print(f"# {type(model).__name__} ({name}), wiki-dev N={args.tokens}, calibration {args.calib}x512 wiki-train, "
           f"group {args.group}, lm_head/embeddings float", flush=True)
-    print(f"| row | ppl | vs fp32 | size MB | quantize s |\n|---|---|---|---|---|", flush=True)
+    print("| row | ppl (torch) | ppl (ONNX, onnxruntime) | vs fp32 | size MB | quantize/compile s |\n"
+          "|---|---|---|---|---|---|", flush=True)
     for row in args.rows.split(","):
         cfg = dict(all_rows.get(row, {}))
         g = cfg.pop("g", args.group)
         t0 = time.time()
+        onnx_ppl = None
         if row.startswith("spec:"):
             model.load_state_dict(base)
-            program, secs, size = compile_row(model, row[5:], calib)
+            compiled, secs, size = compile_row(model, row[5:], calib)
 
-            def fwd(ids: torch.Tensor, program=program) -> torch.Tensor:
+            def fwd(ids: torch.Tensor, program=compiled.program) -> torch.Tensor:
                 return llm_data.logits_of(program(input_ids=ids, attention_mask=torch.ones_like(ids)))
             ppl = llm_data.perplexity(None, tok, n_tokens=args.tokens, batch_size=4, forward=fwd)
+            if args.onnx:
+                with tempfile.TemporaryDirectory() as tmp:
+                    ofwd, _ = onnx_forward(compiled, {"input_ids": windows[:1], "attention_mask": torch.ones_like(windows[:1])},
+                                           args.threads, Path(tmp))
+                    onnx_ppl = llm_data.perplexity(None, tok, n_tokens=args.tokens, batch_size=4, forward=ofwd)
+            del compiled
         elif cfg.get("peer") == "llmc":
             # llm-compressor refuses a group size that does not divide K (SmolLM2: K = 576, g = 128);
             # it gets the finest group our pass uses on any layer, for every layer (never coarser than ours)
@@ -166,7 +194,7 @@ def main() -> None:
             g = min(llm_sim.effective_group(k, g) for k in ks)
             res = run_llmc(args.llmc_python, models.converted_path(name), calib, windows, cfg["bits"], g, args.threads)
             if "error" in res:
-                print(f"| {row} | not available: {res['error']} | | | |", flush=True)
+                print(f"| {row} | not available: {res['error']} | | | | |", flush=True)
                 continue
             ppl, secs, size = res["ppl"], res["seconds"], model_bytes(model, cfg["bits"], g)
             row = f"{row} (g{g})"
@@ -180,10 +208,11 @@ def main() -> None:
         if row == "fp32":
             fp32_ppl = ppl
         rel = f"{100 * (ppl / fp32_ppl - 1):+.1f}%" if fp32_ppl else ""
-        print(f"| {row} | {ppl:.3f} | {rel} | {size / 1e6:.1f} | {secs:.0f} |", flush=True)
+        ox = f"{onnx_ppl:.3f}" if onnx_ppl is not None else "-"
+        print(f"| {row} | {ppl:.3f} | {ox} | {rel} | {size / 1e6:.1f} | {secs:.0f} |", flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({"model": name, "row": row, "ppl": ppl, "size": size, "seconds": secs,
+                f.write(json.dumps({"model": name, "row": row, "ppl": ppl, "onnx_ppl": onnx_ppl, "size": size, "seconds": secs,
                                     "tokens": args.tokens, "calib": args.calib}) + "\n")
 
 

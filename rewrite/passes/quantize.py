@@ -345,7 +345,9 @@ class GPTQSpec(StrictModel):
     damp: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01
     """Added to the Hessian's diagonal, relative to its mean."""
     clip_search: bool = False
-    """With act_order: shrink each group's range by weight MSE before the column sweep."""
+    """Choose each group's range (shrunk from min/max by 1.0 .. 0.5) by the smallest quantization error
+    weighted by the Hessian diagonal (the inputs' second moment per column), when the sweep reaches the
+    group (with act_order: up front, from the float weights)."""
     token_weight: Literal["uniform", "normalized", "clipped"] = "uniform"
     """How each calibration token counts in X^T X: uniform (plain GPTQ); normalized: every token by
     (median norm / its norm)^2, so GPTQ minimises relative output error per token (decoders' large

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from rewrite.kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with
+from rewrite.kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with, search_group_params
 from rewrite.calibration import observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -202,9 +202,12 @@ def _pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                      zeros.to(torch.uint8).contiguous(), bits, g, q.shape[1])
 
 
-def rtn(w: torch.Tensor, bits: int, g: int, symmetric: bool, clip_search: bool = False, fp16_scales: bool = False) -> Quantized:
-    """Round to nearest per group (min/max range; `clip_search` shrinks ranges by weight MSE)."""
-    q, s, z = quantize_groups(w, bits, g, symmetric, clip_search=clip_search, fp16_scales=fp16_scales)
+def rtn(w: torch.Tensor, bits: int, g: int, symmetric: bool, clip_search: bool = False, fp16_scales: bool = False,
+        importance: torch.Tensor | None = None) -> Quantized:
+    """Round to nearest per group (min/max range; `clip_search` shrinks ranges by weight MSE, each
+    column weighted by `importance` f32[K] when given, e.g. the Hessian diagonal)."""
+    q, s, z = quantize_groups(w, bits, g, symmetric, clip_search=clip_search, fp16_scales=fp16_scales,
+                              importance=importance)
     return _pack(q, s, z, bits, g)
 
 
@@ -245,6 +248,7 @@ class GPTQFactor:
     input (q/k/v, gate/up) and the row chunks of a large weight share one (`gptq_factor`)."""
     hinv: torch.Tensor
     dead: torch.Tensor
+    diag: torch.Tensor | None = None   # diag(H): column importance of `clip_search`
 
 
 def gptq_factor(hessian: torch.Tensor, damp: float = 0.01) -> GPTQFactor:
@@ -258,7 +262,8 @@ def gptq_factor(hessian: torch.Tensor, damp: float = 0.01) -> GPTQFactor:
     h = h.clone() if h is hessian else h
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    return GPTQFactor(_inverse_hessian_factor(h, damp), dead)
+    diag = torch.diag(h).clone()
+    return GPTQFactor(_inverse_hessian_factor(h, damp), dead, diag)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -299,7 +304,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
     Hessian diagonal (the most sensitive first, while there are many columns left to absorb
     their error), but the groups stay the contiguous groups of the ORIGINAL column order (the
     kernel's layout), so their scales are fixed up front from the float weights ("static
-    groups"); `clip_search` then shrinks each group's range by weight MSE first.
+    groups"). `clip_search` (both modes) chooses each group's range, when the group is reached
+    (or up front with `act_order`), by the smallest error weighted by the Hessian diagonal
+    (`kernels.quant.search_group_params`): min/max ranges waste levels on one outlier weight.
     The Hessian is computed in float64 by the caller; the elimination runs in float64 too,
     because at K >= 1536 float32 Cholesky of a nearly singular H loses the small columns.
     `factor`: a precomputed `gptq_factor(hessian, damp)` shared by the weights that read the same
@@ -316,13 +323,16 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
         h[dead, dead] = 1.0
     else:
         h, dead = None, factor.dead
+    hdiag = (torch.diag(h) if h is not None else factor.diag)
+    hdiag = hdiag.clone().to(torch.float64) if (clip_search and hdiag is not None) else None
     w[:, dead] = 0.0
     scales = torch.zeros(n, k // g, dtype=torch.float64)
     zeros = torch.zeros(n, k // g, dtype=torch.float64)
     perm = torch.arange(k)
     if act_order:
         from rewrite.kernels.quant import quantize_groups
-        _, s0, z0 = quantize_groups(w.float(), bits, g, symmetric, clip_search=clip_search)
+        _, s0, z0 = quantize_groups(w.float(), bits, g, symmetric, clip_search=clip_search,
+                                    importance=None if hdiag is None else hdiag.float())
         scales, zeros = s0.double(), z0.double()
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
@@ -343,7 +353,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
                 scale, zero = scales[:, orig // g], zeros[:, orig // g]
             elif col % g == 0:
                 grp = w1[:, i:i + g] if i + g <= i2 - i1 else torch.cat([w1[:, i:], w[:, i2:col + g]], 1)
-                scale, zero = group_params(grp, bits, symmetric)
+                if clip_search:
+                    imp = hdiag[col:col + g] if hdiag is not None else None
+                    scale, zero = search_group_params(grp, bits, symmetric, imp)
+                else:
+                    scale, zero = group_params(grp, bits, symmetric)
                 scales[:, col // g], zeros[:, col // g] = scale, zero
             wc = w1[:, i]
             q = quantize_with(wc.unsqueeze(-1), scale, zero, bits).squeeze(-1)
