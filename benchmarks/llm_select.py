@@ -37,23 +37,37 @@ def quant(bits: int, method: str, **gptq) -> dict:
             "method": method, "exclude": ["lm_head"], **({"gptq": gptq} if gptq else {})}
 
 
-def variants(bits: int) -> dict[str, list[dict]]:
-    """name -> passes. seq: GPTQ sequential (each layer's Hessian on the quantized prefix, true-sequential
-    inside a block); norm: normalized token weights; ao: act-order (static groups); clip: per-group range
-    by Hessian-diagonal-weighted MSE; rot: residual stream rotated by a randomised Hadamard first."""
-    out: dict[str, list[dict]] = {"fp32": [], "rtn": [quant(bits, "rtn")]}
-    for seq in (True, False):
-        for tw in ("uniform", "normalized"):
-            for ao in (False, True):
-                for clip in (False, True):
-                    name = "_".join(x for x in ("seq" if seq else "oneshot", "norm" if tw == "normalized" else "",
-                                                "ao" if ao else "", "clip" if clip else "") if x)
-                    out[name] = [quant(bits, "gptq", sequential=seq, token_weight=tw, act_order=ao, clip_search=clip)]
-    for name in list(out):
-        if name not in ("fp32",):
-            out["rot_" + name] = [{"kind": "rotate"}, *out[name]]
-    out["rot"] = [{"kind": "rotate"}]
-    return out
+def variant(bits: int, name: str) -> list[dict]:
+    """Passes of a variant name: fp32 | rot | [rot_]rtn | [rot_](seq|oneshot)[_norm][_ao][_clip][_float][_dampX].
+    seq: GPTQ sequential (each layer's Hessian on the quantized prefix, true-sequential inside a block);
+    norm: normalized token weights; ao: act-order (static groups); clip: per-group range by
+    Hessian-diagonal-weighted error; float: each layer fitted to the float model's output (drift
+    corrected); dampX: damping X; rot: residual stream rotated by a randomised Hadamard first."""
+    parts = name.split("_")
+    passes: list[dict] = []
+    if parts[0] == "rot":
+        passes.append({"kind": "rotate"})
+        parts = parts[1:]
+    if not parts or parts == ["fp32"]:
+        return passes
+    if parts == ["rtn"]:
+        return passes + [quant(bits, "rtn")]
+    assert parts[0] in ("seq", "oneshot"), f"unknown variant {name!r}"
+    opts: dict = {"sequential": parts[0] == "seq"}
+    for p in parts[1:]:
+        if p == "norm":
+            opts["token_weight"] = "normalized"
+        elif p == "ao":
+            opts["act_order"] = True
+        elif p == "clip":
+            opts["clip_search"] = True
+        elif p == "float":
+            opts["target"] = "float"
+        elif p.startswith("damp"):
+            opts["damp"] = float(p[4:])
+        else:
+            raise ValueError(f"unknown variant part {p!r} in {name!r}")
+    return passes + [quant(bits, "gptq", **opts)]
 
 
 def held_back(tok, n: int, calib_n: int) -> torch.Tensor:
@@ -84,7 +98,6 @@ def main() -> None:
     ex = {"input_ids": calib[:1, :64], "attention_mask": torch.ones(1, 64, dtype=torch.long)}
     prog = Program.capture(model, ex)
     batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(4)]
-    table = variants(args.bits)
 
     def ppl(p) -> float:
         tot = n = 0
@@ -99,7 +112,7 @@ def main() -> None:
           flush=True)
     for name in args.variants.split(","):
         t = time.time()
-        spec = {"calibration": {"samples": len(calib), "batch_size": 4, "holdout": 0.125}, "passes": table[name],
+        spec = {"calibration": {"samples": len(calib), "batch_size": 4, "holdout": 0.125}, "passes": variant(args.bits, name),
                 "verify": {"max_cosine_drop": 2.0}}
         c = rcompile(prog, spec, example_inputs=ex, calibration=batches, task=None, progress=False)
         secs = time.time() - t

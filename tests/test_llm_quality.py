@@ -325,3 +325,44 @@ def test_gptq_range_search_reaches_the_pass_on_a_zoo_decoder():
     x = z.batch(3)
     leaves = torch.utils._pytree.tree_leaves(searched.program(*x.args, **x.kwargs))
     assert leaves and all(torch.isfinite(t).all() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def test_drift_corrected_weight_maps_drifted_inputs_to_the_float_output():
+    """A systematic drift of a layer's inputs (what quantized earlier layers cause): the float-target
+    weight W' brings W' X_drifted back to the float output W X_float, on rows it was not fitted on too."""
+    g = torch.Generator().manual_seed(0)
+    k, n = 32, 16
+    drift = torch.eye(k) + 0.1 * torch.randn(k, k, generator=g)
+    xf = torch.randn(2048, k, generator=g) * torch.linspace(0.5, 2.0, k)
+    xq = xf @ drift + 0.01 * torch.randn(2048, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    st = qm.InputStats(k)
+    st.update(xq[:1024], want_gram=True)
+    st.update_cross(xf[:1024], xq[:1024])
+    w2 = qm.drift_corrected(w, st)
+    err = lambda m, rows: float(((xq[rows] @ m.T - xf[rows] @ w.T) ** 2).sum())  # noqa: E731
+    held = slice(1024, 2048)
+    assert err(w2, held) < 0.05 * err(w, held)
+    assert torch.equal(qm.drift_corrected(w, qm.InputStats(k)), w)   # no float statistics: unchanged
+
+
+def test_float_target_needs_sequential_and_changes_the_fit():
+    import rewrite
+    from rewrite import zoo
+    from rewrite.errors import PassError
+
+    z = zoo.load("llama")
+
+    def run(**gptq):
+        spec = {"calibration": {"holdout": 0.0},
+                "passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": 3, "group_size": 16},
+                            "gptq": gptq, "exclude": ["lm_head"]}]}
+        return rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, progress=False)
+
+    with pytest.raises(PassError, match="sequential"):
+        run(target="float")
+    plain, drift = run(sequential=True), run(sequential=True, target="float")
+    q0, q1 = plain.program.params(), drift.program.params()
+    codes = [k for k in q1 if k.endswith("_q")]
+    assert codes and torch.equal(q0[codes[0]], q1[codes[0]])          # the first layer sees no drift
+    assert any(not torch.equal(q0[k], q1[k]) for k in codes[1:])      # later layers are refitted

@@ -348,6 +348,11 @@ class GPTQSpec(StrictModel):
     """Choose each group's range (shrunk from min/max by 1.0 .. 0.5) by the smallest quantization error
     weighted by the Hessian diagonal (the inputs' second moment per column), when the sweep reaches the
     group (with act_order: up front, from the float weights)."""
+    target: Literal["quantized", "float"] = "quantized"
+    """With sequential: what each layer is fitted to reproduce on the inputs the quantized prefix gives it.
+    quantized (the GPTQ paper): its own output on those inputs (W X); float: the float model's output
+    (W X_float), so each layer also corrects the drift of the layers before it (the float graph runs
+    alongside the calibration, twice the forward work; `quantize_methods.drift_corrected`)."""
     token_weight: Literal["uniform", "normalized", "clipped"] = "uniform"
     """How each calibration token counts in X^T X: uniform (plain GPTQ); normalized: every token by
     (median norm / its norm)^2, so GPTQ minimises relative output error per token (decoders' large
@@ -413,6 +418,9 @@ class QuantizePass(Pass):
                             "(weights: null), or use activations.mode: dynamic to run low-bit weights in int8")
         if s.activations is not None and s.activations.granularity == "group":
             self._check_group_activations()
+        if s.method == "gptq" and s.gptq.target == "float" and not s.gptq.sequential:
+            raise PassError("gptq.target 'float' fits each layer to the float model's output on the inputs the "
+                            "quantized prefix produces: set gptq.sequential: true, or target: quantized")
         if s.activations is not None and s.activations.smoothquant is not None and w is not None and s.method == "awq":
             raise PassError("smoothquant and method 'awq' both rescale input channels: choose one "
                             "(method: rtn or gptq with smoothquant, or drop smoothquant)")
@@ -766,13 +774,16 @@ class QuantizePass(Pass):
 
         def requantize(node: fx.Node, st: qm.InputStats) -> torch.Tensor:
             t = by_node[node]
-            qz = qm.gptq(float_weight(program, t), st.hessian, t.bits, t.group_size, symmetric, **self._gptq_options())
+            w = float_weight(program, t)
+            if self.spec.gptq.target == "float":
+                w = qm.drift_corrected(w, st, self.spec.gptq.damp)
+            qz = qm.gptq(w, st.hessian, t.bits, t.group_size, symmetric, **self._gptq_options())
             pre[node] = qz
             w_hat = qz.weight()
             return w_hat.T.contiguous() if t.kind == "addmm" else w_hat
 
         stats = qm.sequential_input_stats(program, list(ctx.calibration.batches), targets, requantize,
-                                          token_weight=self._token_weight())
+                                          token_weight=self._token_weight(), float_inputs=self.spec.gptq.target == "float")
         return stats, pre
 
     def _token_weight(self) -> str:

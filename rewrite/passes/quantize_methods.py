@@ -58,6 +58,7 @@ class InputStats:
     abs_sum: torch.Tensor | None = None       # sum |x| per channel (AWQ saliency)
     abs_max: torch.Tensor | None = None       # max |x| per channel (SmoothQuant)
     gram: torch.Tensor | None = None          # X^T X (GPTQ Hessian / output error)
+    cross: torch.Tensor | None = None         # X_float^T X (float-target GPTQ: see `drift_corrected`)
     lo: float = float("inf")                  # per-tensor range (static int8 activations)
     hi: float = float("-inf")
     sample: list[torch.Tensor] = field(default_factory=list)
@@ -79,6 +80,15 @@ class InputStats:
             step = max(1, x.shape[0] // max(1, SAMPLE_ROWS // 4))
             self.sample.append(x[::step][: SAMPLE_ROWS - kept].clone())
         self.rows += x.shape[0]
+
+    def update_cross(self, x_float: torch.Tensor, x: torch.Tensor) -> None:
+        """Accumulate X_float^T X over the same rows (each weighted like X^T X), `x_float` being what
+        the float model feeds this input where the quantized prefix feeds `x`."""
+        xf = x_float.detach().reshape(-1, self.k).double()
+        xq = x.detach().reshape(-1, self.k).double()
+        wts = token_weights(xq, self.token_weight)
+        c = (xf * wts[:, None]).T @ xq if wts is not None else xf.T @ xq
+        self.cross = c if self.cross is None else self.cross + c
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -124,7 +134,7 @@ def _valid_rows(x: torch.Tensor, batch: Inputs) -> torch.Tensor:
 
 def sequential_input_stats(program: Program, batches: list[Inputs], targets: dict[fx.Node, tuple[fx.Node, fx.Node, int]],
                            requantize: Callable[[fx.Node, InputStats], torch.Tensor],
-                           token_weight: str = "uniform") -> dict[fx.Node, InputStats]:
+                           token_weight: str = "uniform", float_inputs: bool = False) -> dict[fx.Node, InputStats]:
     """Statistics of each target's input measured on the ALREADY-QUANTIZED prefix of the graph.
 
     GPTQ corrects a layer's rounding error for the inputs it will really see. Measured on the
@@ -135,6 +145,9 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
     its input statistics are complete, `requantize(node, stats)` quantizes it and returns the
     weight it stores (dequantized, in the stored layout), and that weight is used from then on.
     Only the ancestors of the targets run (not the lm_head's logits); padded tokens are dropped.
+    `float_inputs`: the float graph runs alongside, and each input's statistics also hold
+    X_float^T X (`InputStats.cross`), which `drift_corrected` turns into the weight that maps the
+    quantized prefix's inputs back onto the float model's outputs.
 
     `targets`: linear node -> (input node, weight get_attr node, K).
     """
@@ -151,12 +164,17 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
         if n in needed:
             for a in n.all_input_nodes:
                 last_use[a] = n
-    interps = []
-    for b in batches:
-        it = fx.Interpreter(program.module, garbage_collect_values=False)
-        it.args_iter = iter(program.flat_inputs(b))
-        it.env = {}
-        interps.append(it)
+    def interpreters() -> list[fx.Interpreter]:
+        out = []
+        for b in batches:
+            it = fx.Interpreter(program.module, garbage_collect_values=False)
+            it.args_iter = iter(program.flat_inputs(b))
+            it.env = {}
+            out.append(it)
+        return out
+
+    interps = interpreters()
+    floats = interpreters() if float_inputs else []
     stats: dict[fx.Node, InputStats] = {}
     with torch.no_grad():
         for n in order:
@@ -168,17 +186,43 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
                     st = InputStats(k, token_weight=token_weight)
                     for it, b in zip(interps, batches):
                         st.update(_valid_rows(it.env[x], b), want_gram=True)
+                    for it, fl, b in zip(interps, floats, batches):
+                        st.update_cross(_valid_rows(fl.env[x], b), _valid_rows(it.env[x], b))
                     stats[x] = st
                 w_new = requantize(n, stats[x])
                 for it in interps:
                     it.env[w_node] = w_new
-            for it in interps:
+            for it in interps + floats:
                 it.env[n] = it.run_node(n)
             for a in n.all_input_nodes:
                 if last_use.get(a) is n:
-                    for it in interps:
+                    for it in interps + floats:
                         it.env.pop(a, None)
     return stats
+
+
+def drift_corrected(w: torch.Tensor, stats: InputStats, damp: float = 0.01) -> torch.Tensor:
+    """The weight W' that best maps the inputs X the quantized prefix produces onto the float layer's
+    outputs W X_float: W' = W + W (C - H) (H + d I)^-1 (C = X_float^T X, H = X^T X), the least-squares
+    solution with the CHANGE W' - W damped (ridge), so inputs without drift (C = H) give W exactly.
+
+    Why: sequential GPTQ fits each layer to reproduce W X on its drifted inputs X, so every layer
+    inherits the error of all layers before it. The float model's output is the real target:
+    ||W X_f - Q X||^2 = ||W X_f - W' X||^2 + ||(W' - Q) X||^2 (W' is the least-squares solution, its
+    residual is orthogonal to X), so GPTQ of W' with the same H minimises the error to the float
+    model (GPTAQ's "asymmetric calibration"). Without the float statistics (stats.cross None): W.
+    """
+    if stats.cross is None or stats.gram is None:
+        return w
+    h = stats.gram.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diag(h).mean()))
+    wd = w.double()
+    rhs = wd @ (stats.cross - stats.gram)                # W (X_f - X)^T X  [N, K]
+    delta = torch.linalg.solve(h, rhs.T).T                # H symmetric: (H^-1 rhs^T)^T = rhs H^-1
+    delta[:, dead] = 0.0
+    return (wd + delta).to(w.dtype)
 
 
 # ----------------------------------------------------------------------------- results
