@@ -142,6 +142,20 @@ def onnx_forward(compiled: object, example: dict, threads: int, tmp: Path):
     return fwd, rec
 
 
+def window_nlls(forward, windows: torch.Tensor, batch_size: int = 4) -> list[tuple[float, int]]:
+    """(summed NLL, predicted tokens) per batch of windows, the recipe's arithmetic (`llm_data.window_nll`),
+    so the perplexity of any prefix of the windows comes out of one run."""
+    out = []
+    with torch.inference_mode():
+        for b in windows.split(batch_size):
+            out.append(llm_data.window_nll(forward(b), b))
+    return out
+
+
+def ppl_of(parts: list[tuple[float, int]]) -> float:
+    return math.exp(sum(s for s, _ in parts) / sum(c for _, c in parts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
@@ -153,8 +167,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python")
     ap.add_argument("--json", help="append each row as a JSON line here")
-    ap.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
-                    help="also export each spec row to ONNX and measure its perplexity in onnxruntime")
+    ap.add_argument("--onnx-tokens", type=int, default=llm_data.PPL_TOKENS,
+                    help="export each spec row to ONNX and measure the perplexity of the first this many dev tokens "
+                         "in onnxruntime, beside the torch graph's on the same tokens (0: no ONNX)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     all_rows = _rows()
@@ -179,12 +194,14 @@ def main() -> None:
 
             def fwd(ids: torch.Tensor, program=compiled.program) -> torch.Tensor:
                 return llm_data.logits_of(program(input_ids=ids, attention_mask=torch.ones_like(ids)))
-            ppl = llm_data.perplexity(None, tok, n_tokens=args.tokens, batch_size=4, forward=fwd)
-            if args.onnx:
+            parts = window_nlls(fwd, windows)
+            ppl = ppl_of(parts)
+            if args.onnx_tokens:
+                n_on = args.onnx_tokens // 512 // 4
                 with tempfile.TemporaryDirectory() as tmp:
                     ofwd, _ = onnx_forward(compiled, {"input_ids": windows[:1], "attention_mask": torch.ones_like(windows[:1])},
                                            args.threads, Path(tmp))
-                    onnx_ppl = llm_data.perplexity(None, tok, n_tokens=args.tokens, batch_size=4, forward=ofwd)
+                    onnx_ppl = (ppl_of(window_nlls(ofwd, windows[:n_on * 4])), ppl_of(parts[:n_on]))
             del compiled
         elif cfg.get("peer") == "llmc":
             # llm-compressor refuses a group size that does not divide K (SmolLM2: K = 576, g = 128);
@@ -208,7 +225,12 @@ def main() -> None:
         if row == "fp32":
             fp32_ppl = ppl
         rel = f"{100 * (ppl / fp32_ppl - 1):+.1f}%" if fp32_ppl else ""
-        ox = f"{onnx_ppl:.3f}" if onnx_ppl is not None else "-"
+        if onnx_ppl is None:
+            ox = "-"
+        elif args.onnx_tokens >= args.tokens:
+            ox = f"{onnx_ppl[0]:.3f}"
+        else:
+            ox = f"{onnx_ppl[0]:.3f} (torch {onnx_ppl[1]:.3f}, first {args.onnx_tokens} tokens)"
         print(f"| {row} | {ppl:.3f} | {ox} | {rel} | {size / 1e6:.1f} | {secs:.0f} |", flush=True)
         if args.json:
             with open(args.json, "a") as f:

@@ -112,6 +112,9 @@ def main() -> None:
           flush=True)
     for name in args.variants.split(","):
         t = time.time()
+        if name == "fp32":
+            print(f"fp32 {ppl(prog):.3f}", flush=True)
+            continue
         spec = {"calibration": {"samples": len(calib), "batch_size": 4, "holdout": 0.125}, "passes": variant(args.bits, name),
                 "verify": {"max_cosine_drop": 2.0}}
         c = rcompile(prog, spec, example_inputs=ex, calibration=batches, task=None, progress=False)
