@@ -13,8 +13,10 @@ Rows (every decoder-block linear quantized; lm_head and embeddings left in float
 - GPTQ sequential and with act-order; GPTQ with normalized token weights (`gptq_norm_*`, one-shot;
   `gptq_seq_norm_*`, sequential): each token counts by (median/|x|)^2 in X^T X;
 - `spec:PATH` rows: the compiler itself (`rewrite.compile` of the captured full-sequence graph,
-  task=None) with that spec, e.g. `spec:specs/llm-w4.yaml`; scored on the compiled graph; size =
-  the quantize pass's bytes after + the float rest; time = the whole compile;
+  task=None) with that spec, e.g. `spec:specs/llm-w4.yaml`; scored on the compiled torch graph AND
+  on its ONNX export in onnxruntime (`--onnx-tokens`: the first that many dev tokens, shown beside
+  the torch graph's perplexity on the same tokens; the two must agree); size = the compiled
+  program's parameter bytes (packed weights, scales, zeros, the float rest); time = the whole compile;
 - llm-compressor's `GPTQModifier` (symmetric int, group 128, `lm_head` ignored) run in its own
   venv (`--llmc-python`, default /work/venvs/llmc/bin/python) on the same calibration chunks and
   scored on the same windows by `benchmarks/llmc_gptq.py`; "not available" with the reason when
@@ -25,7 +27,8 @@ The "ours" rows apply the compiler's quantizers (`passes.quantize_methods`) to t
 block by block (`benchmarks/llm_sim.py`): it is the quantize pass's arithmetic without capture
 and export, which on 2 shared cores would cost more than the whole table.
 
-    python benchmarks/llm_quality.py --model smollm2 --rows fp32,rtn_w4,gptq_w4 --tokens 32768
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/llm_quality.py --model smollm2 --threads 1 \
+        --rows fp32,rtn_w4,spec:specs/llm-w4.yaml,llmc_gptq_w4,rtn_w3,spec:specs/llm-w3.yaml,llmc_gptq_w3
 """
 from __future__ import annotations
 
@@ -159,8 +162,8 @@ def ppl_of(parts: list[tuple[float, int]]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=list(MODELS), default="smollm2")
-    ap.add_argument("--rows", default="fp32,rtn_w4,gptq_norm_w4,spec:specs/llm-w4.yaml,llmc_gptq_w4,"
-                                      "rtn_w3,gptq_norm_w3,spec:specs/llm-w3.yaml,llmc_gptq_w3")
+    ap.add_argument("--rows", default="fp32,rtn_w4,spec:specs/llm-w4.yaml,llmc_gptq_w4,"
+                                      "rtn_w3,spec:specs/llm-w3.yaml,llmc_gptq_w3")
     ap.add_argument("--tokens", type=int, default=llm_data.PPL_TOKENS)
     ap.add_argument("--calib", type=int, default=llm_data.CALIB_CHUNKS, help="calibration chunks of 512 tokens")
     ap.add_argument("--group", type=int, default=128)
