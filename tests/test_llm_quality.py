@@ -311,8 +311,7 @@ def test_gptq_range_search_reaches_the_pass_on_a_zoo_decoder():
     z = zoo.load("llama")
 
     def run(clip: bool):
-        spec = {"calibration": {"holdout": 0.0},
-                "passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": 3, "group_size": 16},
+        spec = {"passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": 3, "group_size": 16},
                             "gptq": {"sequential": True, "act_order": True, "clip_search": clip}, "exclude": ["lm_head"]}]}
         return rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, progress=False)
 
@@ -354,8 +353,7 @@ def test_float_target_needs_sequential_and_changes_the_fit():
     z = zoo.load("llama")
 
     def run(**gptq):
-        spec = {"calibration": {"holdout": 0.0},
-                "passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": 3, "group_size": 16},
+        spec = {"passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": 3, "group_size": 16},
                             "gptq": gptq, "exclude": ["lm_head"]}]}
         return rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, progress=False)
 
@@ -364,5 +362,35 @@ def test_float_target_needs_sequential_and_changes_the_fit():
     plain, drift = run(sequential=True), run(sequential=True, target="float")
     q0, q1 = plain.program.params(), drift.program.params()
     codes = [k for k in q1 if k.endswith("_q")]
-    assert codes and torch.equal(q0[codes[0]], q1[codes[0]])          # the first layer sees no drift
+    first = drift.report.passes[-1].details["layers"][0]
+    if first["method"] == "gptq":                                      # the first layer sees no drift
+        assert codes and torch.equal(q0[codes[0]], q1[codes[0]])
     assert any(not torch.equal(q0[k], q1[k]) for k in codes[1:])      # later layers are refitted
+
+
+def test_sequential_gptq_is_checked_on_held_back_batches():
+    """With held-back batches the sequential fit is checked per layer on tokens it never saw (RTN and,
+    for the float target, the own-output fit are the alternatives); the report says what was kept."""
+    import rewrite
+    from rewrite import zoo
+
+    z = zoo.load("llama", calibration_batches=8)
+    spec = {"calibration": {"holdout": 0.25},
+            "passes": [{"kind": "quantize", "method": "gptq", "weights": {"bits": 3, "group_size": 16},
+                        "gptq": {"sequential": True, "target": "float"}, "exclude": ["lm_head"]}]}
+    out = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration, progress=False)
+    rec = out.report.passes[-1]
+    rows = [r for r in rec.details["layers"] if r["op"] == "linear"]
+    allowed = {"gptq", "gptq (own-output target: the float target lost on held-back batches)",
+               "rtn (gptq lost on held-back batches)"}
+    assert rows and {r["method"] for r in rows} <= allowed and any(r["method"] == "gptq" for r in rows)
+    assert any("checked on the held-back batches" in n for n in rec.notes)
+
+
+def test_target_error_ranks_like_the_output_error():
+    w, x, st = _correlated_layer(seed=5)
+    a, b = qm.rtn(w, 3, 16, False).weight(), qm.gptq(w, st.hessian, 3, 16, False).weight()
+    true = lambda q: float(((x @ (q - w).T) ** 2).sum())  # noqa: E731
+    const = float(((x @ w.T) ** 2).sum())
+    for q in (a, b):
+        assert abs(qm.target_error(w, q, st) + const - true(q)) < 1e-3 * const

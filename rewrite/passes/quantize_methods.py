@@ -134,7 +134,8 @@ def _valid_rows(x: torch.Tensor, batch: Inputs) -> torch.Tensor:
 
 def sequential_input_stats(program: Program, batches: list[Inputs], targets: dict[fx.Node, tuple[fx.Node, fx.Node, int]],
                            requantize: Callable[[fx.Node, InputStats], torch.Tensor],
-                           token_weight: str = "uniform", float_inputs: bool = False) -> dict[fx.Node, InputStats]:
+                           token_weight: str = "uniform", float_inputs: bool = False,
+                           holdout: list[Inputs] | None = None) -> dict[fx.Node, InputStats]:
     """Statistics of each target's input measured on the ALREADY-QUANTIZED prefix of the graph.
 
     GPTQ corrects a layer's rounding error for the inputs it will really see. Measured on the
@@ -148,6 +149,9 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
     `float_inputs`: the float graph runs alongside, and each input's statistics also hold
     X_float^T X (`InputStats.cross`), which `drift_corrected` turns into the weight that maps the
     quantized prefix's inputs back onto the float model's outputs.
+    `holdout`: batches that run alongside (on the same quantized prefix) but are not fitted on:
+    their statistics go to `requantize(node, stats, held_back_stats)` as a third argument, so each
+    fit can be checked against its unfitted alternative on tokens it never saw.
 
     `targets`: linear node -> (input node, weight get_attr node, K).
     """
@@ -173,9 +177,12 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
             out.append(it)
         return out
 
+    n_fit = len(batches)
+    batches = list(batches) + list(holdout or [])
     interps = interpreters()
     floats = interpreters() if float_inputs else []
     stats: dict[fx.Node, InputStats] = {}
+    held: dict[fx.Node, InputStats] = {}
     with torch.no_grad():
         for n in order:
             if n not in needed:
@@ -183,13 +190,13 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
             if n in targets:
                 x, w_node, k = targets[n]
                 if x not in stats:
-                    st = InputStats(k, token_weight=token_weight)
-                    for it, b in zip(interps, batches):
-                        st.update(_valid_rows(it.env[x], b), want_gram=True)
-                    for it, fl, b in zip(interps, floats, batches):
-                        st.update_cross(_valid_rows(fl.env[x], b), _valid_rows(it.env[x], b))
-                    stats[x] = st
-                w_new = requantize(n, stats[x])
+                    st, hs = InputStats(k, token_weight=token_weight), InputStats(k, token_weight=token_weight)
+                    for i, (it, b) in enumerate(zip(interps, batches)):
+                        (st if i < n_fit else hs).update(_valid_rows(it.env[x], b), want_gram=True)
+                    for i, (it, fl, b) in enumerate(zip(interps, floats, batches)):
+                        (st if i < n_fit else hs).update_cross(_valid_rows(fl.env[x], b), _valid_rows(it.env[x], b))
+                    stats[x], held[x] = st, hs
+                w_new = requantize(n, stats[x], held[x]) if holdout else requantize(n, stats[x])
                 for it in interps:
                     it.env[w_node] = w_new
             for it in interps + floats:
@@ -223,6 +230,18 @@ def drift_corrected(w: torch.Tensor, stats: InputStats, damp: float = 0.01) -> t
     delta = torch.linalg.solve(h, rhs.T).T                # H symmetric: (H^-1 rhs^T)^T = rhs H^-1
     delta[:, dead] = 0.0
     return (wd + delta).to(w.dtype)
+
+
+def target_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats) -> float:
+    """||W X_target - W_hat X||^2 up to a term that does not depend on W_hat: tr(W_hat H W_hat^T) -
+    2 tr(W C W_hat^T), C = X_float^T X when the statistics carry it (float target), else H (own output).
+    Lower is better; compares candidate quantizations of one weight on one set of tokens."""
+    if stats.gram is None:
+        return float((w_hat - w).norm())
+    h = stats.gram
+    c = stats.cross if stats.cross is not None else h
+    wh, wd = w_hat.double(), w.double()
+    return float(((wh @ h) * wh).sum() - 2.0 * ((wd @ c) * wh).sum())
 
 
 # ----------------------------------------------------------------------------- results
