@@ -588,6 +588,8 @@ def unsupported_features(s: QuantizeSpec) -> list[str]:
         unsupported.append("embeddings")
     if s.method == "gptq" and s.gptq.token_weight != "uniform":
         unsupported.append(f"gptq.token_weight: {s.gptq.token_weight}")
+    if s.method == "gptq" and s.gptq.target != "quantized":
+        unsupported.append(f"gptq.target: {s.gptq.target}")
     return unsupported
 
 

@@ -136,12 +136,40 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return torch.clamp(torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, (1 << bits) - 1)
 
 
+def search_group_params(wg: torch.Tensor, bits: int, symmetric: bool, importance: torch.Tensor | None = None,
+                        steps: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per group of `wg` [..., g], the group's range shrunk by the ratio in 1.0 .. 0.5
+    (`steps` + 1 candidates) with the smallest error sum_j importance_j (w_j - dequant(q_j))^2.
+
+    Why: min/max ranges spend levels on the one outlier of a group; shrinking clips it and rounds
+    the other weights finer. `importance` (broadcastable to `wg`, e.g. the inputs' second moment
+    diag(X^T X) per column) makes the error the expected OUTPUT error of the group under independent
+    inputs, so columns that see large activations are rounded more carefully; None: plain weight MSE.
+    """
+    def err(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        d = (wg - (quantize_with(wg, s, z, bits) - z.unsqueeze(-1)) * s.unsqueeze(-1)) ** 2
+        return (d * importance if importance is not None else d).sum(-1)
+
+    scale, zero = group_params(wg, bits, symmetric)
+    best = err(scale, zero)
+    for ratio in torch.linspace(1.0, 0.5, steps + 1)[1:].tolist():
+        s, z = group_params(wg, bits, symmetric, ratio)
+        e = err(s, z)
+        better = e < best
+        best = torch.where(better, e, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                    clip_search: bool = False, fp16_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    clip_search: bool = False, fp16_scales: bool = False,
+                    importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: f32[N, K] -> (q u8[N, K], scales f32[N, K//g], zeros u8[N, K//g]).
 
     `clip_search` tries shrinking each group's range (1.0 down to 0.5) and keeps the ratio
-    with the smallest squared weight error (helps at 2-3 bits, where outliers waste levels).
+    with the smallest squared weight error (helps at 2-3 bits, where outliers waste levels),
+    each column's error weighted by `importance` f32[K] when given (`search_group_params`).
     `fp16_scales` rounds scales to float16-representable values (still f32 tensors) so that a
     backend may store them in half the bytes with identical numerics.
     """
@@ -149,16 +177,11 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
     if k % group_size:
         raise ValueError(f"group_size {group_size} does not divide K={k}")
     wg = w.detach().to(torch.float32).reshape(n, k // group_size, group_size)
-    scale, zero = group_params(wg, bits, symmetric)
     if clip_search:
-        best = ((wg - (quantize_with(wg, scale, zero, bits) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)) ** 2).sum(-1)
-        for ratio in torch.linspace(0.95, 0.5, 10).tolist():
-            s, z = group_params(wg, bits, symmetric, ratio)
-            err = ((wg - (quantize_with(wg, s, z, bits) - z.unsqueeze(-1)) * s.unsqueeze(-1)) ** 2).sum(-1)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale = torch.where(better, s, scale)
-            zero = torch.where(better, z, zero)
+        imp = importance.detach().to(torch.float32).reshape(1, k // group_size, group_size) if importance is not None else None
+        scale, zero = search_group_params(wg, bits, symmetric, imp)
+    else:
+        scale, zero = group_params(wg, bits, symmetric)
     if fp16_scales:
         scale = scale.clamp(6.2e-5, 6.0e4).half().float()
     q = quantize_with(wg, scale, zero, bits).reshape(n, k)

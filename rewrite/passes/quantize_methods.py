@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from rewrite.kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with
+from rewrite.kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with, search_group_params
 from rewrite.calibration import observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -59,6 +59,7 @@ class InputStats:
     abs_sum: torch.Tensor | None = None       # sum |x| per channel (AWQ saliency)
     abs_max: torch.Tensor | None = None       # max |x| per channel (SmoothQuant)
     gram: torch.Tensor | None = None          # X^T X (GPTQ Hessian / output error)
+    cross: torch.Tensor | None = None         # X_float^T X (float-target GPTQ: see `drift_corrected`)
     lo: float = float("inf")                  # per-tensor range (static int8 activations)
     hi: float = float("-inf")
     sample: list[torch.Tensor] = field(default_factory=list)
@@ -85,6 +86,15 @@ class InputStats:
             step = max(1, x.shape[0] // max(1, SAMPLE_ROWS // 4))
             self.sample.append(x[::step][: SAMPLE_ROWS - kept].clone())
         self.rows += x.shape[0]
+
+    def update_cross(self, x_float: torch.Tensor, x: torch.Tensor) -> None:
+        """Accumulate X_float^T X over the same rows (each weighted like X^T X), `x_float` being what
+        the float model feeds this input where the quantized prefix feeds `x`."""
+        xf = x_float.detach().reshape(-1, self.k).double()
+        xq = x.detach().reshape(-1, self.k).double()
+        wts = token_weights(xq, self.token_weight)
+        c = (xf * wts[:, None]).T @ xq if wts is not None else xf.T @ xq
+        self.cross = c if self.cross is None else self.cross + c
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -137,7 +147,8 @@ def _valid_rows(x: torch.Tensor, batch: Inputs) -> torch.Tensor:
 
 def sequential_input_stats(program: Program, batches: list[Inputs], targets: dict[fx.Node, tuple[fx.Node, fx.Node, int]],
                            requantize: Callable[[fx.Node, InputStats], torch.Tensor],
-                           token_weight: str = "uniform") -> dict[fx.Node, InputStats]:
+                           token_weight: str = "uniform", float_inputs: bool = False,
+                           holdout: list[Inputs] | None = None) -> dict[fx.Node, InputStats]:
     """Statistics of each target's input measured on the ALREADY-QUANTIZED prefix of the graph.
 
     GPTQ corrects a layer's rounding error for the inputs it will really see. Measured on the
@@ -148,6 +159,12 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
     its input statistics are complete, `requantize(node, stats)` quantizes it and returns the
     weight it stores (dequantized, in the stored layout), and that weight is used from then on.
     Only the ancestors of the targets run (not the lm_head's logits); padded tokens are dropped.
+    `float_inputs`: the float graph runs alongside, and each input's statistics also hold
+    X_float^T X (`InputStats.cross`), which `drift_corrected` turns into the weight that maps the
+    quantized prefix's inputs back onto the float model's outputs.
+    `holdout`: batches that run alongside (on the same quantized prefix) but are not fitted on:
+    their statistics go to `requantize(node, stats, held_back_stats)` as a third argument, so each
+    fit can be checked against its unfitted alternative on tokens it never saw.
 
     `targets`: linear node -> (input node, weight get_attr node, K).
     """
@@ -164,13 +181,21 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
         if n in needed:
             for a in n.all_input_nodes:
                 last_use[a] = n
-    interps = []
-    for b in batches:
-        it = fx.Interpreter(program.module, garbage_collect_values=False)
-        it.args_iter = iter(program.flat_inputs(b))
-        it.env = {}
-        interps.append(it)
+    def interpreters() -> list[fx.Interpreter]:
+        out = []
+        for b in batches:
+            it = fx.Interpreter(program.module, garbage_collect_values=False)
+            it.args_iter = iter(program.flat_inputs(b))
+            it.env = {}
+            out.append(it)
+        return out
+
+    n_fit = len(batches)
+    batches = list(batches) + list(holdout or [])
+    interps = interpreters()
+    floats = interpreters() if float_inputs else []
     stats: dict[fx.Node, InputStats] = {}
+    held: dict[fx.Node, InputStats] = {}
     with torch.no_grad():
         for n in order:
             if n not in needed:
@@ -178,20 +203,58 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
             if n in targets:
                 x, w_node, k = targets[n]
                 if x not in stats:
-                    st = InputStats(k, token_weight=token_weight)
-                    for it, b in zip(interps, batches):
-                        st.update(_valid_rows(it.env[x], b), want_gram=True)
-                    stats[x] = st
-                w_new = requantize(n, stats[x])
+                    st, hs = InputStats(k, token_weight=token_weight), InputStats(k, token_weight=token_weight)
+                    for i, (it, b) in enumerate(zip(interps, batches)):
+                        (st if i < n_fit else hs).update(_valid_rows(it.env[x], b), want_gram=True)
+                    for i, (it, fl, b) in enumerate(zip(interps, floats, batches)):
+                        (st if i < n_fit else hs).update_cross(_valid_rows(fl.env[x], b), _valid_rows(it.env[x], b))
+                    stats[x], held[x] = st, hs
+                w_new = requantize(n, stats[x], held[x]) if holdout else requantize(n, stats[x])
                 for it in interps:
                     it.env[w_node] = w_new
-            for it in interps:
+            for it in interps + floats:
                 it.env[n] = it.run_node(n)
             for a in n.all_input_nodes:
                 if last_use.get(a) is n:
-                    for it in interps:
+                    for it in interps + floats:
                         it.env.pop(a, None)
     return stats
+
+
+def drift_corrected(w: torch.Tensor, stats: InputStats, damp: float = 0.01) -> torch.Tensor:
+    """The weight W' that best maps the inputs X the quantized prefix produces onto the float layer's
+    outputs W X_float: W' = W + W (C - H) (H + d I)^-1 (C = X_float^T X, H = X^T X), the least-squares
+    solution with the CHANGE W' - W damped (ridge), so inputs without drift (C = H) give W exactly.
+
+    Why: sequential GPTQ fits each layer to reproduce W X on its drifted inputs X, so every layer
+    inherits the error of all layers before it. The float model's output is the real target:
+    ||W X_f - Q X||^2 = ||W X_f - W' X||^2 + ||(W' - Q) X||^2 (W' is the least-squares solution, its
+    residual is orthogonal to X), so GPTQ of W' with the same H minimises the error to the float
+    model (GPTAQ's "asymmetric calibration"). Without the float statistics (stats.cross None): W.
+    """
+    if stats.cross is None or stats.gram is None:
+        return w
+    h = stats.gram.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diag(h).mean()))
+    wd = w.double()
+    rhs = wd @ (stats.cross - stats.gram)                # W (X_f - X)^T X  [N, K]
+    delta = torch.linalg.solve(h, rhs.T).T                # H symmetric: (H^-1 rhs^T)^T = rhs H^-1
+    delta[:, dead] = 0.0
+    return (wd + delta).to(w.dtype)
+
+
+def target_error(w: torch.Tensor, w_hat: torch.Tensor, stats: InputStats) -> float:
+    """||W X_target - W_hat X||^2 up to a term that does not depend on W_hat: tr(W_hat H W_hat^T) -
+    2 tr(W C W_hat^T), C = X_float^T X when the statistics carry it (float target), else H (own output).
+    Lower is better; compares candidate quantizations of one weight on one set of tokens."""
+    if stats.gram is None:
+        return float((w_hat - w).norm())
+    h = stats.gram
+    c = stats.cross if stats.cross is not None else h
+    wh, wd = w_hat.double(), w.double()
+    return float(((wh @ h) * wh).sum() - 2.0 * ((wd @ c) * wh).sum())
 
 
 # ----------------------------------------------------------------------------- results
@@ -215,9 +278,12 @@ def _pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                      zeros.to(torch.uint8).contiguous(), bits, g, q.shape[1])
 
 
-def rtn(w: torch.Tensor, bits: int, g: int, symmetric: bool, clip_search: bool = False, fp16_scales: bool = False) -> Quantized:
-    """Round to nearest per group (min/max range; `clip_search` shrinks ranges by weight MSE)."""
-    q, s, z = quantize_groups(w, bits, g, symmetric, clip_search=clip_search, fp16_scales=fp16_scales)
+def rtn(w: torch.Tensor, bits: int, g: int, symmetric: bool, clip_search: bool = False, fp16_scales: bool = False,
+        importance: torch.Tensor | None = None) -> Quantized:
+    """Round to nearest per group (min/max range; `clip_search` shrinks ranges by weight MSE, each
+    column weighted by `importance` f32[K] when given, e.g. the Hessian diagonal)."""
+    q, s, z = quantize_groups(w, bits, g, symmetric, clip_search=clip_search, fp16_scales=fp16_scales,
+                              importance=importance)
     return _pack(q, s, z, bits, g)
 
 
@@ -258,6 +324,7 @@ class GPTQFactor:
     input (q/k/v, gate/up) and the row chunks of a large weight share one (`gptq_factor`)."""
     hinv: torch.Tensor
     dead: torch.Tensor
+    diag: torch.Tensor | None = None   # diag(H): column importance of `clip_search`
 
 
 def gptq_factor(hessian: torch.Tensor, damp: float = 0.01) -> GPTQFactor:
@@ -274,7 +341,9 @@ def gptq_factor(hessian: torch.Tensor, damp: float = 0.01) -> GPTQFactor:
         h[dead, dead] = 1.0
         return h
 
-    return GPTQFactor(_inverse_hessian_factor(fresh, damp), dead)
+    diag = torch.diag(hessian).detach().to(torch.float64, copy=True)
+    diag[dead] = 1.0
+    return GPTQFactor(_inverse_hessian_factor(fresh, damp), dead, diag)
 
 
 def _factor_in_place(h: torch.Tensor, info: torch.Tensor) -> bool:
@@ -343,7 +412,9 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
     Hessian diagonal (the most sensitive first, while there are many columns left to absorb
     their error), but the groups stay the contiguous groups of the ORIGINAL column order (the
     kernel's layout), so their scales are fixed up front from the float weights ("static
-    groups"); `clip_search` then shrinks each group's range by weight MSE first.
+    groups"). `clip_search` (both modes) chooses each group's range, when the group is reached
+    (or up front with `act_order`), by the smallest error weighted by the Hessian diagonal
+    (`kernels.quant.search_group_params`): min/max ranges waste levels on one outlier weight.
     The Hessian is computed in float64 by the caller; the elimination runs in float64 too,
     because at K >= 1536 float32 Cholesky of a nearly singular H loses the small columns.
     `factor`: a precomputed `gptq_factor(hessian, damp)` shared by the weights that read the same
@@ -358,13 +429,21 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
         dead = torch.diag(hessian) == 0
     else:
         dead = factor.dead
+    hdiag = None  # diag(H) (dead channels 1): the column importance of `clip_search`
+    if clip_search:
+        if factor is not None:
+            hdiag = None if factor.diag is None else factor.diag.clone().to(torch.float64)
+        else:
+            hdiag = torch.diag(hessian).detach().to(torch.float64, copy=True)
+            hdiag[dead] = 1.0
     w[:, dead] = 0.0
     scales = torch.zeros(n, k // g, dtype=torch.float64)
     zeros = torch.zeros(n, k // g, dtype=torch.float64)
     perm = torch.arange(k)
     if act_order:
         from rewrite.kernels.quant import quantize_groups
-        _, s0, z0 = quantize_groups(w.float(), bits, g, symmetric, clip_search=clip_search)
+        _, s0, z0 = quantize_groups(w.float(), bits, g, symmetric, clip_search=clip_search,
+                                    importance=None if hdiag is None else hdiag.float())
         scales, zeros = s0.double(), z0.double()
         hd = torch.diag(hessian).to(torch.float64)
         hd[dead] = 1.0
@@ -392,7 +471,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor | None, bits: int, g: int, symme
                 scale, zero = scales[:, orig // g], zeros[:, orig // g]
             elif col % g == 0:
                 grp = w1[:, i:i + g] if i + g <= i2 - i1 else torch.cat([w1[:, i:], w[:, i2:col + g]], 1)
-                scale, zero = group_params(grp, bits, symmetric)
+                if clip_search:
+                    imp = hdiag[col:col + g] if hdiag is not None else None
+                    scale, zero = search_group_params(grp, bits, symmetric, imp)
+                else:
+                    scale, zero = group_params(grp, bits, symmetric)
                 scales[:, col // g], zeros[:, col // g] = scale, zero
             wc = w1[:, i]
             q = quantize_with(wc.unsqueeze(-1), scale, zero, bits).squeeze(-1)
