@@ -3,8 +3,9 @@
 Rows (each an ONNX generation graph with the same interface, driven by the same stepper):
 - `fp32`, `W4 g128`, `W4A8 g128 per-tensor`, `W4A8 g128 group + E4`, `deploy` (specs/llm-deploy.yaml): the real model
   (`rewrite.models`, offline GGUF weights) compiled as a text-generation graph and exported
-  by rewrite, each verified on export (32 greedy tokens with the cache in onnxruntime equal
-  the torch module's);
+  by rewrite at opset 23 (the generation default: `Attention` with the KV cache, RMSNormalization,
+  RotaryEmbedding, merged sibling MatMulNBits; `backends.onnx_fusions`), each verified on export
+  (32 greedy tokens with the cache in onnxruntime equal the torch module's);
 - peer `HF OnnxExporter fp32`: the fp32 model exported by transformers' own ONNX exporter
   (`transformers.exporters.exporter_onnx.OnnxExporter`, transformers 5; torch.onnx.export with
   dynamo inside, HF's DynamicCache registered as a pytree) with the cache, dynamic shapes; no
@@ -92,7 +93,8 @@ def export_ours(model: Any, tok: Any, spec: Any, path: Path) -> dict:
     compiled = rewrite.compile(model, spec, example_inputs=example, calibration=calib)
     rec = compiled.export(path, tokenizer=tok)
     note = next((n for n in rec.notes if "generation verified" in n), "")
-    return {"verified": bool(rec.verified), "note": note}
+    fusions = next((n for n in rec.notes if n.startswith("ONNX fusions")), "")
+    return {"verified": bool(rec.verified), "note": note, "fusions": fusions}
 
 
 def export_peer_fp32(model: Any, tok: Any, path: Path) -> dict:

@@ -16,7 +16,7 @@ from .passmanager import PassContext, check_needs, pass_for, run_passes
 from .progress import showing, stage
 from .program import Program
 from .report import ExportRecord, LatencyRecord, PassRecord, Report
-from .spec import Spec
+from .spec import GENERATION_OPSET, Spec
 
 log = logging.getLogger("rewrite")
 
@@ -93,7 +93,9 @@ class Compiled:
         onnx_spec = self.spec.export.onnx
         rtol, quantile, why = self.backend_check()
         prompts = self.verification_batches() if self.calibration is not None and not self.calibration.from_example else []
-        record = export_generation(self.program, path, opset=opset or onnx_spec.opset, external_data=onnx_spec.external_data,
+        if opset is None:  # generation graphs default to opset 23 (Attention with the KV cache) unless the spec sets one
+            opset = onnx_spec.opset if "opset" in onnx_spec.model_fields_set else GENERATION_OPSET
+        record = export_generation(self.program, path, opset=opset, external_data=onnx_spec.external_data,
                                    debug_metadata=onnx_spec.debug_metadata, verify=verify, prompts=prompts,
                                    rtol=rtol, quantile=quantile, tokenizer=tokenizer, options=onnx_spec)
         if why and verify:

@@ -251,7 +251,8 @@ def keep_tables_narrow(proto: Any, ckpt: Checkpoint, pending: dict[str, tuple[to
         step = max(1, TABLE_CHUNK_ELEMENTS // shape[1])
         for t in transposes:
             mm = matmul_of(t)
-            x, y, base = mm.input[0], mm.output[0], mm.name or (y + "_mm")
+            x, y = mm.input[0], mm.output[0]
+            base = mm.name or (y + "_mm")
             nodes, parts = [], []
             for c, a in enumerate(range(0, shape[0], step)):
                 b = min(a + step, shape[0])

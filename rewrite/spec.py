@@ -53,8 +53,15 @@ class VerifySpec(StrictModel):
     """Fraction of output values that must be within backend_rtol (1.0: all; default 1.0, or the int8 default)."""
 
 
+GENERATION_OPSET = 23
+"""The opset a text-generation graph exports at when the spec does not set one: at 23 torch's exporter
+lowers SDPA to the standard `Attention` op (and folds RMSNorm / rotary into `RMSNormalization` /
+`RotaryEmbedding`), and `backends.onnx_fusions` hands it the KV cache (past/present, grouped heads)."""
+
+
 class OnnxExportSpec(StrictModel):
     opset: Annotated[int, Field(ge=18, le=23)] = 21
+    """Default 21; text-generation graphs default to `GENERATION_OPSET` (23) unless set here."""
     dynamic: bool = True
     """Keep batch and sequence dimensions dynamic in the exported model."""
     external_data: Literal["auto", True, False] = "auto"

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rewrite.backends.onnx_fusions import apply_onnx_rules
 from rewrite.backends.onnx import session, staged_onnx_file, strip_debug_metadata, to_onnx_proto
 from rewrite.compare import compare
 from rewrite.decode_loop import GenerationError, Past, TorchStepper, check_step, generate_ids
@@ -203,6 +204,7 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
     if not debug_metadata:
         strip_debug_metadata(proto)
     rename_interface(proto, layout)
+    fusions = apply_onnx_rules(proto)
     with staged_onnx_file(proto, path, program, external_data) as tmp_model:
         tmpdir = tmp_model.parent
         record = ExportRecord(backend="onnx", path=str(path), bytes=sum(f.stat().st_size for f in tmpdir.iterdir()),
@@ -210,6 +212,7 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
         record.notes.append(f"text-generation graph: inputs {', '.join(layout.input_names()[:2 + layout.position_ids])}, "
                             f"past_key_values.{{0..{layout.num_layers - 1}}}.key/.value; outputs logits, "
                             f"present.{{0..{layout.num_layers - 1}}}.key/.value")
+        record.notes.append(fusion_note(fusions))
         if layout.layer_map is not None:
             record.notes.append("skipped layers have no cache entry: entry i is model layer "
                                 + ", ".join(f"{i}<-{src}" for i, src in enumerate(layout.layer_map))
@@ -236,6 +239,14 @@ def export_generation(program: Program, path: Path, *, opset: int = 21, external
             tokenizer.save_pretrained(str(tmpdir))
     record.seconds = time.perf_counter() - start
     return record
+
+
+def fusion_note(outcome: Any) -> str:
+    """One line for the record: which KV-cache fusions applied, and why the others refused."""
+    counts = outcome.counts()
+    done = ", ".join(f"{rule} x{n}" for rule, n in counts.items()) or "none applied"
+    refused = "; ".join(outcome.reasons())
+    return f"ONNX fusions: {done}" + (f"; refused: {refused}" if refused else "")
 
 
 def _is_prefill(batch: Inputs) -> bool:
