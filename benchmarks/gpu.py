@@ -146,7 +146,7 @@ def kernel_bytes(rows: int, k: int, n: int, bits: int) -> int:
 def dry_run(args: argparse.Namespace) -> None:
     """Everything that needs no GPU: generate and compile every kernel, show its launches, save plans."""
     from rewrite.kernels.cuda_runtime import evaluate, generate, plan_key, save_plans
-    from rewrite.kernels.tvm_quant import dequant_matmul_primfunc
+    from rewrite.kernels.quant.tvm_kernel import dequant_matmul_primfunc
 
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     plans = {}

@@ -174,7 +174,7 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
     import tvm
 
     from rewrite.kernels import quant
-    from rewrite.kernels.tvm_quant import dequant_matmul_primfunc
+    from rewrite.kernels.quant.tvm_kernel import dequant_matmul_primfunc
     from rewrite.kernels.tvm_schedule import build_kernel
 
     dev = tvm.cpu(0)

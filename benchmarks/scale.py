@@ -189,7 +189,7 @@ def depth_worker(args: argparse.Namespace) -> None:
             ep = export_program(model, example, True)
         with _quiet():
             onnx_program = torch.onnx.export(ep, dynamo=True, opset_version=21, verbose=False, optimize=False,
-                                             custom_translation_table=dict(registry.ONNX_TRANSLATIONS) or None)
+                                             custom_translation_table=registry.onnx_translations() or None)
         onnx_nodes = len(onnx_program.model.graph)
     print(json.dumps({"depth": args.depth_worker, "fx_nodes": nodes, "onnx_nodes": onnx_nodes,
                       "phases": [p.__dict__ for p in meter.phases]}))

@@ -12,7 +12,7 @@ weights never meet in memory:
    the graph is exact, its initializers have no bytes. Floating weights are declared float32
    (the precision the graph computes in), integer ones (packed codes, zero points) keep
    their dtype, so packed weights stay packed.
-2. placeholders: the quantized-op placeholders are expanded by `kernels.quant_onnx.expand_placeholders`
+2. placeholders: the quantized-op placeholders are expanded by `kernels.quant.onnx_lowering.expand_placeholders`
    with a lazy constant source (each packed tensor read from the checkpoint when its node
    asks), and the initializers each expansion makes (MatMulNBits' B, scales, zero points)
    are appended to the external-data file at once: one linear's tensors in memory at a time.
@@ -166,7 +166,7 @@ def capture_graph(ckpt: Checkpoint, example: Inputs, opset: int) -> tuple[Any, d
         with _quiet():
             # optimize=False: the optimizer folds constants, which fake weights do not have
             program = torch.onnx.export(ep, dynamo=True, opset_version=opset, verbose=False, optimize=False,
-                                        custom_translation_table=dict(registry.ONNX_TRANSLATIONS) or None)
+                                        custom_translation_table=registry.onnx_translations() or None)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(explain_export_failure(exc, ep)) from exc
     graph = program.model.graph
@@ -546,7 +546,7 @@ def export_checkpoint(directory: str | Path, path: str | Path, *, opset: int = 2
             note(f"captured {len(proto.graph.node)} ONNX nodes; {len(pending)} weights to stream")
             tmp_model = tmpdir / path.name
             with meter.phase("write ONNX (streamed)"):
-                from rewrite.kernels.quant_onnx import expand_placeholders
+                from rewrite.kernels.quant.onnx_lowering import expand_placeholders
 
                 data = DataFile(tmpdir / (path.name + ".data"))
                 try:

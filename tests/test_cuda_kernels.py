@@ -12,8 +12,8 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from rewrite.kernels.cuda_runtime import CudaKernelError, compile_ptx, evaluate, generate, kernel_param_types, nvcc_path  # noqa: E402
-from rewrite.kernels.tvm_quant import dequant_matmul_primfunc  # noqa: E402
-from rewrite.kernels.tvm_token import token_select_primfunc  # noqa: E402
+from rewrite.kernels.quant.tvm_kernel import dequant_matmul_primfunc  # noqa: E402
+from rewrite.kernels.token.tvm_kernel import token_select_primfunc  # noqa: E402
 
 KERNELS = {
     **{f"w{b}_gemv": (lambda b=b: dequant_matmul_primfunc(1, 512, 64, bits=b, group_size=128)) for b in (2, 3, 4, 8)},

@@ -139,9 +139,9 @@ def _lower(m: torch.nn.Module, ids: torch.Tensor, options=None):
     ep = torch.export.export(m, (ids,))
     with contextlib.redirect_stdout(io.StringIO()):
         prog = torch.onnx.export(ep, dynamo=True, opset_version=21, optimize=True,
-                                 custom_translation_table=dict(registry.ONNX_TRANSLATIONS))
+                                 custom_translation_table=registry.onnx_translations())
     proto = prog.model_proto
-    for post in registry.ONNX_POSTPROCESS:
+    for post in registry.onnx_postprocess():
         post(proto, options or OnnxExportSpec())
     return proto
 

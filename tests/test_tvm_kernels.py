@@ -9,9 +9,9 @@ tvm = pytest.importorskip("tvm")
 
 from rewrite.kernels import quant  # noqa: E402
 from rewrite.kernels.token import keep_count, token_select  # noqa: E402
-from rewrite.kernels.tvm_quant import dequant_matmul_primfunc  # noqa: E402
+from rewrite.kernels.quant.tvm_kernel import dequant_matmul_primfunc  # noqa: E402
 from rewrite.kernels.tvm_schedule import build_kernel, kernel_source, schedule_llvm  # noqa: E402
-from rewrite.kernels.tvm_token import token_select_primfunc  # noqa: E402
+from rewrite.kernels.token.tvm_kernel import token_select_primfunc  # noqa: E402
 
 
 def _np_dequant(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, g: int, k: int) -> np.ndarray:

@@ -47,12 +47,12 @@ def to_onnx_proto(program: Program, *, opset: int = 21, dynamic: bool = True, op
         with _quiet():
             onnx_program = torch.onnx.export(
                 ep, dynamo=True, opset_version=opset, verbose=False, optimize=True,
-                custom_translation_table=dict(registry.ONNX_TRANSLATIONS) or None,
+                custom_translation_table=registry.onnx_translations() or None,
             )
     except Exception as exc:  # noqa: BLE001
         raise ExportError(explain_export_failure(exc, ep)) from exc
     proto = onnx_program.model_proto
-    for post in registry.ONNX_POSTPROCESS:
+    for post in registry.onnx_postprocess():
         post(proto, options or OnnxExportSpec())
     inputs, outputs, dims = interface_names(program)
     if len(proto.graph.input) != len(inputs):
@@ -292,7 +292,7 @@ def explain_export_failure(exc: BaseException, ep: Any) -> str:
         where = f" at node %{node.name} ({node.target}" + (f", from {line})" if line else ")")
         causes = [c for c in causes if "Error when translating node" not in c] or causes
     if "No ONNX function found" in text or "has no ONNX lowering" in text:
-        fix = ("the operator has no ONNX lowering: register one in kernels.registry.ONNX_TRANSLATIONS, or replace "
+        fix = ("the operator has no ONNX lowering: register one next to the op with kernels.registry.lowering(op, 'onnx'), or replace "
                "it in the model with torch operators")
     elif "view" in text.lower() and "stride" in text.lower():
         fix = "a view of a non-contiguous tensor: use reshape (or .contiguous()) before the view in the model"

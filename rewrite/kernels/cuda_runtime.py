@@ -449,7 +449,7 @@ def dequant_kernel(bits: int, group_size: int, k: int, n: int, bias: bool, gemv:
     if key in PRECOMPILED:
         _GENERATED.append(PRECOMPILED[key])
         return PRECOMPILED[key]
-    from .tvm_quant import dequant_matmul_primfunc
+    from .quant.tvm_kernel import dequant_matmul_primfunc
 
     kern = generate(dequant_matmul_primfunc(1 if gemv else None, k, n, bits=bits, group_size=group_size, bias=bias),
                     arch).compile()

@@ -1,7 +1,7 @@
 """Schedules for the generated TensorIR kernels (PrimFuncs with attr "rewrite.kernel").
 
 - llvm, one row (GEMV, 1/2/4/8 bits; `_grouped_gemv`): the kernel is swapped for its grouped
-  form (`tvm_quant.grouped_gemv_te`, same parameters): per group, codes times activations are
+  form (`quant.tvm_kernel.grouped_gemv_te`, same parameters): per group, codes times activations are
   summed in registers (one vector load of V packed bytes, P code vectors by shift + mask, no
   subtract or scale per code), the scale multiplies the group's partial sums once and the zero
   point enters as scale * zero * sum(x over the group); 8 output channels per step (AVX-512;
@@ -32,13 +32,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from .tvm_attrs import BITS_ATTR, GROUP_ATTR, KERNEL_ATTR
 from .tvm_target import configure_cpu_threads, make_target, vector_lanes
 
 log = logging.getLogger("rewrite.tvm")
 
-KERNEL_ATTR = "rewrite.kernel"
-BITS_ATTR = "rewrite.bits"
-GROUP_ATTR = "rewrite.group_size"
 SCHEDULED_ATTR = "tirx.is_scheduled"
 SCHEDULE_ATTR = "rewrite.schedule"  # the rule that scheduled a non-kernel PrimFunc (dlight's or ours)
 # rows sharing one decoded weight vector: that many V-lane accumulators stay in registers
@@ -103,7 +101,7 @@ def schedule_llvm(func: Any, target: Any = "llvm") -> Any:
         bits, group = int(func.attrs[BITS_ATTR]), int(func.attrs[GROUP_ATTR])
         v, per = lanes_for(bits, group, vector_lanes(target))
         if v >= 4 and 8 % bits == 0:
-            from .tvm_quant import grouped_gemv_like
+            from .quant.tvm_kernel import grouped_gemv_like
 
             sch = s_tir.Schedule(grouped_gemv_like(func, v))
             _grouped_gemv(sch, _gemv_channels(_static(func.params[1].shape[0]), vector_lanes(target)))
@@ -211,7 +209,7 @@ def _gemv_channels(n: int | None, lanes: int = 16) -> int:
 
 
 def _grouped_gemv(sch: Any, channels: int) -> None:
-    """Schedule `tvm_quant.grouped_gemv_te` for one row: parallel over blocks of `channels` output
+    """Schedule `quant.tvm_kernel.grouped_gemv_te` for one row: parallel over blocks of `channels` output
     channels; per group, `channels` x lanes partial sums in registers (codes unpacked from one
     vector load of packed bytes by shift + mask), then one scale FMA per group and channel; the
     x copy and group sums run once, serially, before the parallel loop (they are tiny, and every

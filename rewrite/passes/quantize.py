@@ -1,6 +1,6 @@
 """`quantize`: group-wise int2..int8 weights (RTN / AWQ / GPTQ), layer-wise mixed precision, embeddings, int8 activations.
 
-What it rewrites (ops from `kernels.quant`, lowered to ONNX by `kernels.quant_onnx`):
+What it rewrites (ops from `kernels.quant`, lowered by `kernels.quant.onnx_lowering` and `kernels.quant.tvm_kernel`):
 - `aten.linear` (and GPT-2's `addmm` Conv1D) -> `rewrite::linear_q` with packed weights;
 - `aten.conv1d/2d` -> `rewrite::dequantize_q` + reshape feeding the same conv (weight-only);
 - `aten.embedding` -> `rewrite::embedding_q` (`embeddings: 2 | 3 | 4 | 8`);

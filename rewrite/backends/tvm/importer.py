@@ -2,7 +2,7 @@
 
 The graph is re-exported (`rewrite.capture.export_program`) and imported with
 `tvm.relax.frontend.torch.from_exported_program(..., custom_convert_map=...)`: every `rewrite::`
-custom op goes through a converter from `kernels.registry.TVM_CONVERTERS`, which emits a
+custom op goes through its converter (`kernels.registry.tvm_converters()`), which emits a
 TensorIR kernel generated for that op instance. Dynamic batch/sequence dims stay symbolic.
 
 One converter of our own replaces TVM's `slice.Tensor` through the same public map: where
@@ -179,7 +179,7 @@ def import_program(program: Program, *, dynamic: bool | None = None,
 
     registry.load_all()
     ep = export_for_tvm(program, dynamic)
-    converters = {SLICE: exact_slice, **registry.TVM_CONVERTERS, **(extra_converters or {})}
+    converters = {SLICE: exact_slice, **registry.tvm_converters(), **(extra_converters or {})}
     _check_supported(ep, {**ExportedProgramImporter().convert_map, **converters})
     try:
         return from_exported_program(ep, custom_convert_map=converters, run_ep_decomposition=False)
@@ -200,8 +200,8 @@ def _check_supported(ep: torch.export.ExportedProgram, convert_map: dict[str, Ca
         for name, where in missing.items():
             ns = _namespace(name, ep)
             parts.append(f"{ns}{name} (from module '{where}')")
-        hint = ("register a converter in kernels.registry.TVM_CONVERTERS (key: the op's overload name, "
-                "e.g. 'linear_q.default') next to the op")
+        hint = ("register a converter next to the op with kernels.registry.lowering(op, 'tvm') "
+                "(e.g. @lowering('rewrite::linear_q', 'tvm'))")
         raise ExportError(f"TVM cannot import operator(s): {', '.join(parts)}; {hint}")
 
 

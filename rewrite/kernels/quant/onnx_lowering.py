@@ -1,4 +1,4 @@
-"""ONNX lowering of the quantized ops in `kernels/quant.py`.
+"""ONNX lowering of the quantized ops defined in `kernels/quant`.
 
 Two steps, because the best lowering (onnxruntime's MatMulNBits) has no onnx schema and
 needs its weights re-laid out:
@@ -6,7 +6,7 @@ needs its weights re-laid out:
 1. The exporter's custom translation table turns each `rewrite::*` op into one placeholder
    node in the private domain `rewrite.quant` (schemas registered here), carrying the packed
    initializers and `bits` / `group_size` attributes.
-2. `expand_placeholders` (an ONNX_POSTPROCESS step) replaces every placeholder by real ops:
+2. `expand_placeholders` (an ONNX post-export step, `registry.postprocess`) replaces every placeholder by real ops:
 
    - linear_q, 4 or 8 bits, block size a power of two >= 16: `com.microsoft::MatMulNBits`
      (the packed rows are its B input as they are: our bit stream is its nibble order);
@@ -38,10 +38,10 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from . import quant  # noqa: F401  (registers the torch ops)
+from .. import quant  # the ops this module lowers (importing it registers them)
 from rewrite.spec import OnnxExportSpec
 
-from .registry import ONNX_POSTPROCESS, ONNX_TRANSLATIONS
+from ..registry import lowering, postprocess
 
 DOMAIN = "rewrite.quant"
 MS_DOMAIN = "com.microsoft"
@@ -81,40 +81,46 @@ def _register_schemas() -> None:
                               ("x_zero", u8, False), ("bias", f, True)], [])
 
 
-def _register_translations() -> None:
+def _placeholder_opset() -> Any:
     from onnxscript.values import Opset
 
-    rq = Opset(DOMAIN, 1)
+    return Opset(DOMAIN, 1)
 
-    def linear_q(x, qweight, scales, zeros, bias=None, bits: int = 4, group_size: int = 128):
-        return rq.LinearQ(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size)
 
-    def embedding_q(ids, qweight, scales, zeros, bits: int = 4, group_size: int = 128):
-        return rq.EmbeddingQ(ids, qweight, scales, zeros, bits=bits, group_size=group_size)
+@lowering("rewrite::linear_q", "onnx")
+def linear_q(x, qweight, scales, zeros, bias=None, bits: int = 4, group_size: int = 128):
+    return _placeholder_opset().LinearQ(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size)
 
-    def dequantize_q(qweight, scales, zeros, bits: int = 4, group_size: int = 128):
-        return rq.DequantizeQ(qweight, scales, zeros, bits=bits, group_size=group_size)
 
-    def linear_a8_dynamic(x, qweight, w_scale, bias=None):
-        return rq.LinearA8Dynamic(x, qweight, w_scale, bias)
+@lowering("rewrite::embedding_q", "onnx")
+def embedding_q(ids, qweight, scales, zeros, bits: int = 4, group_size: int = 128):
+    return _placeholder_opset().EmbeddingQ(ids, qweight, scales, zeros, bits=bits, group_size=group_size)
 
-    def linear_a8_static(x, qweight, w_scale, x_scale, x_zero, bias=None):
-        return rq.LinearA8Static(x, qweight, w_scale, x_scale, x_zero, bias)
 
-    def linear_qa8_dynamic(x, qweight, scales, zeros, w_scale, bias=None, bits: int = 4, group_size: int = 128):
-        return rq.LinearQA8Dynamic(x, qweight, scales, zeros, w_scale, bias, bits=bits, group_size=group_size)
+@lowering("rewrite::dequantize_q", "onnx")
+def dequantize_q(qweight, scales, zeros, bits: int = 4, group_size: int = 128):
+    return _placeholder_opset().DequantizeQ(qweight, scales, zeros, bits=bits, group_size=group_size)
 
-    def linear_qa8_group(x, qweight, scales, zeros, bias=None, bits: int = 4, group_size: int = 128):
-        return rq.LinearQA8Group(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size)
 
-    ops = torch.ops.rewrite
-    ONNX_TRANSLATIONS[ops.linear_qa8_group.default] = linear_qa8_group
-    ONNX_TRANSLATIONS[ops.linear_q.default] = linear_q
-    ONNX_TRANSLATIONS[ops.embedding_q.default] = embedding_q
-    ONNX_TRANSLATIONS[ops.dequantize_q.default] = dequantize_q
-    ONNX_TRANSLATIONS[ops.linear_a8_dynamic.default] = linear_a8_dynamic
-    ONNX_TRANSLATIONS[ops.linear_a8_static.default] = linear_a8_static
-    ONNX_TRANSLATIONS[ops.linear_qa8_dynamic.default] = linear_qa8_dynamic
+@lowering("rewrite::linear_a8_dynamic", "onnx")
+def linear_a8_dynamic(x, qweight, w_scale, bias=None):
+    return _placeholder_opset().LinearA8Dynamic(x, qweight, w_scale, bias)
+
+
+@lowering("rewrite::linear_a8_static", "onnx")
+def linear_a8_static(x, qweight, w_scale, x_scale, x_zero, bias=None):
+    return _placeholder_opset().LinearA8Static(x, qweight, w_scale, x_scale, x_zero, bias)
+
+
+@lowering("rewrite::linear_qa8_dynamic", "onnx")
+def linear_qa8_dynamic(x, qweight, scales, zeros, w_scale, bias=None, bits: int = 4, group_size: int = 128):
+    return _placeholder_opset().LinearQA8Dynamic(x, qweight, scales, zeros, w_scale, bias, bits=bits,
+                                                 group_size=group_size)
+
+
+@lowering("rewrite::linear_qa8_group", "onnx")
+def linear_qa8_group(x, qweight, scales, zeros, bias=None, bits: int = 4, group_size: int = 128):
+    return _placeholder_opset().LinearQA8Group(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size)
 
 
 # ------------------------------------------------------------------------ 2. expansion
@@ -194,9 +200,7 @@ def _pack_nibbles(values: np.ndarray) -> bytes:
 
 
 def _unpack_rows(qweight: np.ndarray, bits: int, k: int) -> np.ndarray:
-    from .quant import unpack
-
-    return unpack(torch.from_numpy(np.ascontiguousarray(qweight)), bits, k).numpy()
+    return quant.unpack(torch.from_numpy(np.ascontiguousarray(qweight)), bits, k).numpy()
 
 
 def _symmetric(zeros: np.ndarray, bits: int) -> bool:
@@ -435,9 +439,10 @@ _EXPANDERS = {
 }
 
 
+@postprocess("onnx")
 def expand_placeholders(model: Any, options: OnnxExportSpec | None = None, consts: Mapping[str, np.ndarray] | None = None,
                         emit: Callable[[list[Any]], None] | None = None) -> None:
-    """ONNX_POSTPROCESS step: replace `rewrite.quant` placeholders by runnable ops, in place.
+    """Post-export step: replace `rewrite.quant` placeholders by runnable ops, in place.
 
     `consts`: where the placeholders' constant inputs are read (default: every initializer and
     Constant of the model, decoded at once). A streamed export of a model larger than memory
@@ -493,6 +498,3 @@ def _drop_unused_initializers(model: Any) -> None:
 
 
 _register_schemas()
-_register_translations()
-if expand_placeholders not in ONNX_POSTPROCESS:
-    ONNX_POSTPROCESS.append(expand_placeholders)

@@ -33,7 +33,10 @@ straddle two bytes. Symmetric quantization stores zeros = 2**(bits-1). g divides
   only the float order of the block sums differs. No requantized int8 weight: the packed codes
   are the compute weight, so the runtime keeps 4 bits in memory as well as on disk.
 
-The ONNX lowering lives in `kernels/quant_onnx.py`.
+This package is the ops' definition (reference and fake implementations, FLOP formulas); their
+lowerings sit next to it: `onnx_lowering` (ONNX placeholders and their expansion) and `tvm_kernel`
+(generated TensorIR kernels and Relax converters), each registered per op with
+`kernels.registry.lowering`.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ the integer form gives 7 in torch, in the fake (symbolic) shape, in ONNX and in 
 Forced positions: they are scored +inf, and every other score is first clamped to at most
 the largest finite float32, so forced positions always win (a caller's +inf score does not
 displace them).
+
+This package is the op's definition (reference and fake implementations); its lowerings sit next
+to it, `onnx_lowering` and `tvm_kernel`, each registered with `kernels.registry.lowering`.
 """
 from __future__ import annotations
 
@@ -23,8 +26,6 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-
-from . import registry
 
 MAX_DENOMINATOR = 10**6
 FLOAT_MAX = float(torch.finfo(torch.float32).max)
@@ -77,34 +78,6 @@ def _token_select_fake(scores: torch.Tensor, keep: float, keep_first: int, keep_
 
 def _flops(scores_shape: Any, *args: Any, **kwargs: Any) -> int:
     return 0
-
-
-# ----------------------------------------------------------------------------- ONNX
-def token_select_onnx(scores: Any, keep: float, keep_first: int, keep_last: int) -> Any:
-    """ONNX lowering: forced positions -> +inf, TopK(largest) for the kept set, TopK(smallest) to sort it.
-
-    ONNX TopK returns equal values lower index first, matching the reference's stable sort.
-    k is computed in the graph from the runtime length S with integer arithmetic.
-    """
-    from onnxscript import opset18 as op
-
-    p, q = keep_fraction(keep)
-    shape = op.Shape(scores)
-    S = op.Gather(shape, op.Constant(value_ints=[1]))  # [1] int64
-    ceil = op.Div(op.Add(op.Mul(S, op.Constant(value_ints=[p])), op.Constant(value_ints=[q - 1])), op.Constant(value_ints=[q]))
-    k = op.Min(S, op.Max(op.Constant(value_ints=[keep_first + keep_last]), ceil))
-    pos = op.Range(op.Constant(value_int=0), op.Squeeze(S), op.Constant(value_int=1))  # [S]
-    first = op.Less(pos, op.Constant(value_int=keep_first))
-    last = op.GreaterOrEqual(pos, op.Sub(op.Squeeze(S), op.Constant(value_int=keep_last)))
-    forced = op.Unsqueeze(op.Or(first, last), op.Constant(value_ints=[0]))  # [1, S]
-    s = op.Min(op.Cast(scores, to=1), op.Constant(value_float=FLOAT_MAX))
-    s = op.Where(forced, op.Constant(value_float=float("inf")), s)
-    _, idx = op.TopK(s, k, axis=1, largest=1, sorted=1)
-    kept, _ = op.TopK(idx, k, axis=1, largest=0, sorted=1)
-    return kept
-
-
-registry.ONNX_TRANSLATIONS[torch.ops.rewrite.token_select.default] = token_select_onnx
 
 
 def _register_flops() -> None:

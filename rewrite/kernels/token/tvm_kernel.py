@@ -1,6 +1,6 @@
 """TensorIR kernel generated per `rewrite::token_select` instance (keep ratio, forced ends).
 
-Definition (kernels/token.py): k = min(S, max(keep_first + keep_last, ceil(keep * S))) with
+Definition (kernels/token): k = min(S, max(keep_first + keep_last, ceil(keep * S))) with
 ceil(keep*S) = (S*p + q - 1) // q for keep = p/q exactly; the first keep_first and last
 keep_last positions always kept, the rest by largest score (ties: lower index); result
 sorted ascending.
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import registry
-from .tvm_quant import KERNEL_ATTR
+from ..registry import lowering
+from ..tvm_attrs import KERNEL_ATTR
 
 FLOAT_MAX = 3.4028234663852886e38
 
@@ -28,7 +28,7 @@ def keep_count_expr(S: Any, keep: float, keep_first: int, keep_last: int) -> Any
     """k as a TIR expression (or int) of the length S, exactly as kernels.token.keep_count."""
     from tvm import tirx
 
-    from .token import keep_fraction
+    from . import keep_fraction
 
     p, q = keep_fraction(keep)
     if isinstance(S, int):
@@ -95,6 +95,7 @@ def token_select_primfunc(B: Any, S: Any, *, keep: float, keep_first: int = 0, k
     return te.create_prim_func([scores, out]).with_attr(KERNEL_ATTR, "token_select")
 
 
+@lowering("rewrite::token_select", "tvm")
 def convert_token_select(node: Any, importer: Any) -> Any:
     """token_select(scores, keep, keep_first, keep_last) -> call_tir of the generated kernel."""
     from tvm import relax
@@ -111,5 +112,3 @@ def convert_token_select(node: Any, importer: Any) -> Any:
         primfunc_name_hint="token_select", primfunc_attrs={KERNEL_ATTR: "token_select", "op_pattern": 8},
     )
 
-
-registry.TVM_CONVERTERS["token_select.default"] = convert_token_select

@@ -2,7 +2,7 @@
 
 The kernel is generated from the op's parameters (bits, group size, K, N, bias or not, and
 the row count M: static 1 -> GEMV, anything else -> GEMM) and follows exactly the op's
-definition in `kernels/quant.py`:
+definition in `kernels/quant` (the package's reference):
 
     W[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g];  y = x @ W.T + bias
     q: little-endian bit stream per row, value k at bits [k*bits, (k+1)*bits)
@@ -16,18 +16,16 @@ group's scale and zero point cost O(1) instead of O(group size) (same parameters
 call is unchanged).
 
 Relax converters for the quantized ops (`linear_q`, `dequantize_q`, `embedding_q`,
-`linear_a8_dynamic`, `linear_a8_static`) register in `kernels.registry.TVM_CONVERTERS`.
+`linear_a8_dynamic`, `linear_a8_static`, `linear_qa8_dynamic`) register as each op's `tvm`
+lowering (`kernels.registry.lowering`); `linear_qa8_group` has no TVM kernel yet.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from . import registry
-
-KERNEL_ATTR = "rewrite.kernel"
-BITS_ATTR = "rewrite.bits"
-GROUP_ATTR = "rewrite.group_size"
+from ..registry import lowering
+from ..tvm_attrs import BITS_ATTR, GROUP_ATTR, KERNEL_ATTR
 
 
 # ------------------------------------------------------------------------ TE definitions
@@ -161,7 +159,7 @@ def dequant_matmul_primfunc(m: Any, k: int, n: int, *, bits: int, group_size: in
     """
     from tvm import te, tirx
 
-    from .quant import packed_width
+    from . import packed_width
 
     _check(k, bits, group_size)
     def i64(v: int) -> Any:  # Relax's index type: the standalone kernel is the one Relax builds
@@ -206,6 +204,7 @@ def _shape(expr: Any) -> list:
     return list(expr.ty.shape.values)
 
 
+@lowering("rewrite::linear_q", "tvm")
 def convert_linear_q(node: Any, importer: Any) -> Any:
     """linear_q(x, qweight, scales, zeros, bias, bits, group_size) -> call_tir of the generated kernel."""
     from tvm import relax
@@ -241,6 +240,7 @@ def convert_linear_q(node: Any, importer: Any) -> Any:
     return y
 
 
+@lowering("rewrite::dequantize_q", "tvm")
 def convert_dequantize_q(node: Any, importer: Any) -> Any:
     """dequantize_q(qweight, scales, zeros, bits, group_size) -> f32[N, K] via the decode kernel."""
     bb = importer.block_builder
@@ -252,6 +252,7 @@ def convert_dequantize_q(node: Any, importer: Any) -> Any:
                       primfunc_name_hint=name, primfunc_attrs={KERNEL_ATTR: name})
 
 
+@lowering("rewrite::embedding_q", "tvm")
 def convert_embedding_q(node: Any, importer: Any) -> Any:
     """embedding_q(ids, qweight, scales, zeros, bits, group_size): gather packed rows, then decode."""
     from tvm import relax
@@ -281,6 +282,7 @@ def _int8_linear(importer: Any, x: Any, xq: Any, zero: Any, qweight: Any, scale:
     return bb.emit(relax.op.add(y, bias)) if bias is not None else y
 
 
+@lowering("rewrite::linear_a8_dynamic", "tvm")
 def convert_linear_a8_dynamic(node: Any, importer: Any) -> Any:
     """int8 activations with a per-call range (ONNX DynamicQuantizeLinear semantics)."""
     x, qw, w_scale = (importer.env[a] for a in node.args[:3])
@@ -288,6 +290,7 @@ def convert_linear_a8_dynamic(node: Any, importer: Any) -> Any:
     return _a8_dynamic(importer, x, qw, w_scale, bias)
 
 
+@lowering("rewrite::linear_qa8_dynamic", "tvm")
 def convert_linear_qa8_dynamic(node: Any, importer: Any) -> Any:
     """Packed low-bit weight decoded and requantized to int8 per channel, then the int8 dynamic linear."""
     from tvm import relax
@@ -319,6 +322,7 @@ def _a8_dynamic(importer: Any, x: Any, qw: Any, w_scale: Any, bias: Any) -> Any:
     return _int8_linear(importer, x, xq, zero, qw, bb.emit(relax.op.multiply(scale, w_scale)), bias)
 
 
+@lowering("rewrite::linear_a8_static", "tvm")
 def convert_linear_a8_static(node: Any, importer: Any) -> Any:
     """int8 activations with a calibrated scale and zero point (ONNX QuantizeLinear semantics)."""
     from tvm import relax
@@ -336,13 +340,3 @@ def _prod(dims: list) -> Any:
     for d in dims[1:]:
         out = out * d
     return out
-
-
-registry.TVM_CONVERTERS.update({
-    "linear_q.default": convert_linear_q,
-    "dequantize_q.default": convert_dequantize_q,
-    "embedding_q.default": convert_embedding_q,
-    "linear_a8_dynamic.default": convert_linear_a8_dynamic,
-    "linear_a8_static.default": convert_linear_a8_static,
-    "linear_qa8_dynamic.default": convert_linear_qa8_dynamic,
-})
