@@ -74,6 +74,12 @@ class OnnxExportSpec(StrictModel):
     onnxruntime loads the model (the file stays packed, memory holds floats, a lookup is a plain
     Gather: decoding the gathered rows on every call cost MiniLM ~7% of its throughput); a larger
     one stays packed in memory too and each call decodes only its rows. 0: always packed."""
+    matmulnbits: bool = True
+    """Lower 4- and 8-bit weight-only linears (block size a power of two >= 16) to onnxruntime's
+    `com.microsoft::MatMulNBits`, which keeps the codes packed and runs its own low-bit kernels.
+    Off: standard ONNX only (DequantizeLinear + MatMul, folded once at load), for runtimes without
+    onnxruntime's contrib ops. Int8-activation per-group linears (`linear_qa8_group`) need
+    MatMulNBits either way."""
 
 
 class ExportSpec(StrictModel):

@@ -199,6 +199,18 @@ def test_onnx_lowering_matches_reference(bits, g, expect, tmp_path):
     assert [n.input[1] in stored for n in proto.graph.node if n.op_type == "MatMulInteger"] == [True, True, False]
 
 
+def test_matmulnbits_export_option_off_lowers_with_standard_ops(tmp_path):
+    """`matmulnbits: false`: a 4-bit linear that would run on MatMulNBits is dequantized by standard ops."""
+    registry.load_all()
+    m = _AllOps(4, 32).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(4))
+    assert "MatMulNBits" in {n.op_type for n in _lower(m, ids).graph.node}
+    proto = _lower(m, ids, OnnxExportSpec(matmulnbits=False))
+    ops = {n.op_type for n in proto.graph.node}
+    assert "MatMulNBits" not in ops and "DequantizeLinear" in ops
+    _assert_onnxruntime_matches(proto, m, ids, tmp_path / "standard.onnx")
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_embedding_tables_decode_at_load_or_per_call(bits, tmp_path):
     """Small tables decode once (folded: a float Gather per call); above the limit, packed rows are gathered first."""

@@ -9,7 +9,8 @@ needs its weights re-laid out:
 2. `expand_placeholders` (an ONNX post-export step, `registry.postprocess`) replaces every placeholder by real ops:
 
    - linear_q, 4 or 8 bits, block size a power of two >= 16: `com.microsoft::MatMulNBits`
-     (the packed rows are its B input as they are: our bit stream is its nibble order);
+     (the packed rows are its B input as they are: our bit stream is its nibble order), unless
+     the export option `matmulnbits` is off (standard ops only, for runtimes other than onnxruntime);
    - otherwise the weight is dequantized in the graph and fed to MatMul: 4 and 8 bits by a
      standard DequantizeLinear (opset 21, uint4 / uint8 with `block_size`); 2 and 3 bits from
      the packed bytes by Gather + BitShift + BitwiseAnd (+ BitwiseOr for values that straddle
@@ -45,8 +46,9 @@ from ..registry import lowering, postprocess
 
 DOMAIN = "rewrite.quant"
 MS_DOMAIN = "com.microsoft"
-USE_MATMULNBITS = {4, 8}
-"""Bit widths lowered to MatMulNBits (module-level switch: tests and benchmarks compare paths)."""
+MATMULNBITS_BITS = (4, 8)  # the weight widths this lowering sends to MatMulNBits (what it packs as its B input)
+
+
 # -------------------------------------------------------------------- 1. placeholders
 def _register_schemas() -> None:
     from onnx import defs
@@ -286,8 +288,8 @@ def _dequantized_weight(b: _Builder, qweight: np.ndarray, scales: np.ndarray, ze
     return b.op("Reshape", [w, b.const("flat", np.array([n, k], np.int64))])
 
 
-def _matmulnbits_ok(bits: int, g: int) -> bool:
-    return bits in USE_MATMULNBITS and g >= 16 and (g & (g - 1)) == 0
+def _matmulnbits_ok(bits: int, g: int, options: OnnxExportSpec) -> bool:
+    return options.matmulnbits and bits in MATMULNBITS_BITS and g >= 16 and (g & (g - 1)) == 0
 
 
 def _matmulnbits(b: _Builder, node: Any, consts: dict[str, np.ndarray], accuracy_level: int) -> str:
@@ -318,7 +320,7 @@ def _expand_linear_q(b: _Builder, node: Any, consts: dict[str, np.ndarray]) -> N
     n, ngroups = scales.shape
     k = ngroups * g
     bias = node.input[4] if len(node.input) > 4 and node.input[4] else ""
-    if _matmulnbits_ok(bits, g):
+    if _matmulnbits_ok(bits, g, b.options):
         y = _matmulnbits(b, node, consts, accuracy_level=0)
     else:
         w = _dequantized_weight(b, qweight, scales, zeros, bits, g)
