@@ -164,6 +164,22 @@ def test_static_activations_smoothquant_awq_errors():
                         example_inputs=zoo.load("mlp").example)
 
 
+def test_gptq_clip_norms_is_the_cap_of_clipped_token_weights():
+    """`gptq.clip_norms` reaches the statistics: rows above clip_norms x the median norm are scaled down
+    to count like one at the cap, the others count fully; a cap no row reaches is the plain X^T X."""
+    x = torch.ones(8, 4)
+    x[0] *= 10.0  # one row at 10x the median norm
+    spec = qp.QuantizeSpec(method="gptq", gptq={"token_weight": "clipped", "clip_norms": 2.0})
+    stats = qm.InputStats(4, **qp.QuantizePass(spec)._token_weighting())
+    stats.update(x, want_gram=True)
+    w = torch.tensor([0.2**2] + [1.0] * 7, dtype=torch.float64)  # (2 x median / 10 x median)^2 for row 0
+    assert torch.allclose(stats.gram, (x.double() * w[:, None]).T @ x.double())
+    never = qm.InputStats(4, token_weight="clipped", clip_norms=1e9)
+    never.update(x, want_gram=True)
+    assert torch.equal(never.gram, x.double().T @ x.double())
+    assert qp.QuantizeSpec().gptq.clip_norms == qm.DEFAULT_CLIP_NORMS == 4.0  # the default did not change
+
+
 COVERAGE = {"kind": "quantize", "weights": {"bits": [4, 8], "average": 6.0, "group_size": 16},
             "allocate": "layerwise", "embeddings": 4}
 

@@ -247,9 +247,11 @@ class _InputCollector:
     (`rewrite.statistics.token_rows`), so GPTQ's X^T X, AWQ's saliency and sample, SmoothQuant's
     abs-max and static ranges never count padding."""
 
-    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool, token_weight: str = "uniform"):
+    def __init__(self, program: Program, inputs: dict[fx.Node, int], want_gram: bool, token_weight: str = "uniform",
+                 clip_norms: float = qm.DEFAULT_CLIP_NORMS):
         self.program, self.want_gram = program, want_gram
-        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k, token_weight=token_weight) for n, k in inputs.items()}
+        self.stats: dict[fx.Node, qm.InputStats] = {n: qm.InputStats(k, token_weight=token_weight, clip_norms=clip_norms)
+                                                    for n, k in inputs.items()}
 
     def nodes(self, program: Program) -> list[fx.Node]:
         return list(self.stats)
@@ -262,9 +264,10 @@ class _InputCollector:
 
 
 def input_statistics(program: Program, batches: list[Any], inputs: dict[fx.Node, int], *,
-                     want_gram: bool, token_weight: str = "uniform") -> dict[fx.Node, qm.InputStats]:
+                     want_gram: bool, token_weight: str = "uniform",
+                     clip_norms: float = qm.DEFAULT_CLIP_NORMS) -> dict[fx.Node, qm.InputStats]:
     """One calibration run: `qm.InputStats` per linear input node (node -> its last-dim size K)."""
-    col = _InputCollector(program, inputs, want_gram, token_weight)
+    col = _InputCollector(program, inputs, want_gram, token_weight, clip_norms)
     observe(program, batches, [col], desc="quantize: calibrating")
     return col.stats
 
@@ -359,7 +362,11 @@ class GPTQSpec(StrictModel):
     token_weight: Literal["uniform", "normalized", "clipped"] = "uniform"
     """How each calibration token counts in X^T X: uniform (plain GPTQ); normalized: every token by
     (median norm / its norm)^2, so GPTQ minimises relative output error per token (decoders' large
-    tokens otherwise dominate the fit); clipped: only tokens above 4x the median norm are scaled down."""
+    tokens otherwise dominate the fit); clipped: only tokens above `clip_norms` x the median norm are
+    scaled down."""
+    clip_norms: Annotated[float, Field(gt=0.0)] = qm.DEFAULT_CLIP_NORMS
+    """With token_weight clipped: a token counts at most like one at this many times the median token
+    norm (its row weight is (clip_norms x median / norm)^2 above that, 1 below)."""
 
 
 class QuantizeSpec(StrictModel):
@@ -518,7 +525,7 @@ class QuantizePass(Pass):
                                  f"{sum(m.startswith('rtn') for m in kept)} RTN")
             else:
                 stats = input_statistics(program, list(ctx.calibration.batches), inputs, want_gram=s.weights is not None,
-                                         token_weight=self._token_weight())
+                                         **self._token_weighting())
         for t in layers:
             if t.kind in ("linear", "addmm"):
                 t.stats_of = self._input(t)
@@ -636,7 +643,7 @@ class QuantizePass(Pass):
                          f"{self.spec.method}: no held-back batches, so the fit was not checked against RTN")
             return {}
         inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
-        return input_statistics(program, hold, inputs, want_gram=True, token_weight=self._token_weight())
+        return input_statistics(program, hold, inputs, want_gram=True, **self._token_weighting())
 
     def _checked(self, qz: qm.Quantized, method: str, w: torch.Tensor, t: Target, symmetric: bool,
                  fit_check: dict[str, Any]) -> tuple[qm.Quantized, str]:
@@ -812,13 +819,16 @@ class QuantizePass(Pass):
             return w_hat.T.contiguous() if t.kind == "addmm" else w_hat
 
         stats = qm.sequential_input_stats(program, list(ctx.calibration.batches), targets, requantize,
-                                          token_weight=self._token_weight(), float_inputs=self.spec.gptq.target == "float",
+                                          **self._token_weighting(), float_inputs=self.spec.gptq.target == "float",
                                           holdout=hold or None)
         return stats, pre
 
-    def _token_weight(self) -> str:
-        """How GPTQ counts each token in X^T X (`qm.token_weights`); AWQ and activations use plain statistics."""
-        return self.spec.gptq.token_weight if self.spec.method == "gptq" else "uniform"
+    def _token_weighting(self) -> dict[str, Any]:
+        """How GPTQ counts each token in X^T X (`qm.token_weights`: `token_weight`, `clip_norms` keywords of the
+        statistics); AWQ and activations use plain statistics."""
+        if self.spec.method != "gptq":
+            return {"token_weight": "uniform"}
+        return {"token_weight": self.spec.gptq.token_weight, "clip_norms": self.spec.gptq.clip_norms}
 
     def _awq(self) -> bool:
         return self.spec.weights is not None and self.spec.method == "awq"

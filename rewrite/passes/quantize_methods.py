@@ -24,10 +24,10 @@ SAMPLE_ROWS = 1024  # activation rows kept per input for AWQ's search
 
 
 TOKEN_WEIGHTS = ("uniform", "normalized", "clipped")
-CLIP_NORMS = 4.0  # "clipped": a token counts at most like one at 4x the median norm
+DEFAULT_CLIP_NORMS = 4.0  # the default of the gptq spec's `clip_norms` (a token counts at most like one at 4x the median norm)
 
 
-def token_weights(x: torch.Tensor, mode: str) -> torch.Tensor | None:
+def token_weights(x: torch.Tensor, mode: str, clip_norms: float = DEFAULT_CLIP_NORMS) -> torch.Tensor | None:
     """Per-row weights of GPTQ's X^T X (None: uniform, the plain X^T X).
 
     Why: in decoder LLMs the token norms at a linear's input spread over orders of magnitude
@@ -36,7 +36,7 @@ def token_weights(x: torch.Tensor, mode: str) -> torch.Tensor | None:
     GPTQ lost to RTN end to end although its per-layer error was lower (the error measure was
     dominated by the same tokens). "normalized" weights each token by (median / |x_t|)^2, so
     GPTQ minimises every token's RELATIVE output error alike; "clipped" only caps tokens above
-    CLIP_NORMS x the median norm (a robust, Huber-like X^T X).
+    `clip_norms` x the median norm (a robust, Huber-like X^T X).
     """
     if mode == "uniform" or x.shape[0] == 0:
         return None
@@ -45,7 +45,7 @@ def token_weights(x: torch.Tensor, mode: str) -> torch.Tensor | None:
     if mode == "normalized":
         return (med / norms) ** 2
     if mode == "clipped":
-        return (CLIP_NORMS * med / norms).clamp(max=1.0) ** 2
+        return (clip_norms * med / norms).clamp(max=1.0) ** 2
     raise ValueError(f"token weighting must be one of {TOKEN_WEIGHTS}, got {mode!r}")
 
 
@@ -55,6 +55,7 @@ class InputStats:
 
     k: int
     token_weight: str = "uniform"              # see `token_weights`: how each token counts in X^T X
+    clip_norms: float = DEFAULT_CLIP_NORMS     # the cap of token_weight "clipped", in median norms
     rows: int = 0
     abs_sum: torch.Tensor | None = None       # sum |x| per channel (AWQ saliency)
     abs_max: torch.Tensor | None = None       # max |x| per channel (SmoothQuant)
@@ -71,7 +72,7 @@ class InputStats:
         self.abs_max = a.amax(0) if self.abs_max is None else torch.maximum(self.abs_max, a.amax(0))
         if want_gram:
             xd = x.double()
-            wts = token_weights(xd, self.token_weight)
+            wts = token_weights(xd, self.token_weight, self.clip_norms)
             xt = (xd * wts[:, None]).T if wts is not None else xd.T
             # accumulated in place: `gram + xt @ xd` held two more K x K float64 matrices at once
             # (3 GB at K = 11008, the down_proj of a 7B Llama)
@@ -92,7 +93,7 @@ class InputStats:
         the float model feeds this input where the quantized prefix feeds `x`."""
         xf = x_float.detach().reshape(-1, self.k).double()
         xq = x.detach().reshape(-1, self.k).double()
-        wts = token_weights(xq, self.token_weight)
+        wts = token_weights(xq, self.token_weight, self.clip_norms)
         c = (xf * wts[:, None]).T @ xq if wts is not None else xf.T @ xq
         self.cross = c if self.cross is None else self.cross + c
 
@@ -147,7 +148,8 @@ def _valid_rows(x: torch.Tensor, batch: Inputs) -> torch.Tensor:
 
 def sequential_input_stats(program: Program, batches: list[Inputs], targets: dict[fx.Node, tuple[fx.Node, fx.Node, int]],
                            requantize: Callable[[fx.Node, InputStats], torch.Tensor],
-                           token_weight: str = "uniform", float_inputs: bool = False,
+                           token_weight: str = "uniform", clip_norms: float = DEFAULT_CLIP_NORMS,
+                           float_inputs: bool = False,
                            holdout: list[Inputs] | None = None) -> dict[fx.Node, InputStats]:
     """Statistics of each target's input measured on the ALREADY-QUANTIZED prefix of the graph.
 
@@ -203,7 +205,7 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
             if n in targets:
                 x, w_node, k = targets[n]
                 if x not in stats:
-                    st, hs = InputStats(k, token_weight=token_weight), InputStats(k, token_weight=token_weight)
+                    st, hs = (InputStats(k, token_weight=token_weight, clip_norms=clip_norms) for _ in range(2))
                     for i, (it, b) in enumerate(zip(interps, batches)):
                         (st if i < n_fit else hs).update(_valid_rows(it.env[x], b), want_gram=True)
                     for i, (it, fl, b) in enumerate(zip(interps, floats, batches)):
