@@ -322,3 +322,15 @@ def test_data_free_pruning_without_calibration_skips_the_default_refit_and_says_
     assert out.report.after.params < out.report.before.params
     with pytest.raises(rewrite.CalibrationError, match="needs calibration data"):
         rewrite.compile(z.model, {"passes": [dict(prune, compensate="lstsq")]}, example_inputs=z.example)
+
+
+def test_refit_cross_validation_folds_and_shrinkage_grid_are_spec_options():
+    """`refit_folds` and `refit_shrinkage` reach every sequential refit: the report names the fold count
+    and a strength from the grid (or the unfitted weights, always a candidate)."""
+    z = zoo.load("mlp")
+    spec = {"kind": "prune", "granularity": "neuron", "amount": 0.5, "importance": "wanda", "compensate": "lstsq",
+            "refit_folds": 2, "refit_shrinkage": [5.0]}
+    out = rewrite.compile(z.model, {"passes": [spec]}, example_inputs=z.example, calibration=z.calibration)
+    methods = [r["method"] for r in out.report.passes[0].details["compensation"]]
+    assert methods and all(m.endswith(("shrinkage 5 by 2-fold cross-validation",
+                                       "shrinkage none chosen: unfitted weights kept")) for m in methods), methods

@@ -26,6 +26,7 @@ from rewrite.program import Program
 from rewrite.passes.importance import WeightImportance
 from rewrite.spec import StrictModel
 
+from .prune_compensate import DEFAULT_CV_FOLDS, DEFAULT_SHRINKAGE_GRID
 from .prune_shapes import patch_shape_constants
 from .prune_plan import (DEFAULT_ALLOCATION, DEFAULT_COMPENSATE, DEFAULT_IMPORTANCE, allocate_global, allocate_uniform, candidates, counts_from_curves,
                          op_positions, rounding_notes, uniform_counts, unit_flops, unit_scores)
@@ -98,6 +99,13 @@ class PruneSpec(StrictModel):
     """Ridge of the least-squares refits (and OBS's curves), relative to the mean diagonal of the input
     second moment. (MiniLM 50%: 0.01 -> drop 2.88, 0.1 -> 2.57, 0.3 -> 3.30; 0.1 loses to the one-shot
     refit on the gpt2 zoo model, so 0.01 is the default.)"""
+    refit_folds: Annotated[int, Field(ge=2)] = DEFAULT_CV_FOLDS
+    """Sequential lstsq / obs refits: calibration batches are dealt round-robin into this many folds, and
+    each refit's shrinkage towards the unfitted weights is chosen by cross-validation over them (fewer
+    batches than folds: one fold per batch; one batch: a data-size rule instead)."""
+    refit_shrinkage: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=1)] = list(DEFAULT_SHRINKAGE_GRID)
+    """The shrinkage strengths the cross-validation tries, relative to the mean diagonal of the input second
+    moment; keeping the unfitted weights (infinite shrinkage) is always a candidate too."""
     n: Annotated[int | None, Field(ge=1)] = None
     m: Annotated[int | None, Field(ge=2)] = None
 
@@ -229,7 +237,7 @@ class PrunePass(Pass):
             entry = program.clone()
             if comp == "lstsq" and s.lstsq == "sequential":
                 comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
-                                                          ridge=self.spec.ridge)
+                                                          ridge=self.spec.ridge, **self._refit_cv())
             else:
                 mode = "lstsq" if comp == "lstsq" else "bias"
                 comp_rows, cnotes = compensate(program, removal, batches, mode)
@@ -238,6 +246,10 @@ class PrunePass(Pass):
                                                  f"{comp if comp is not True else 'bias'} compensation")
         return self._apply(program, dg, groups, cands, scores, removed, removal, comp_rows, notes,
                            positions, before_params, before_flops)
+
+    def _refit_cv(self) -> dict[str, Any]:
+        """How the sequential refits cross-validate their shrinkage (`compensate_sequential` keywords)."""
+        return {"cv_folds": self.spec.refit_folds, "shrinkage": tuple(self.spec.refit_shrinkage)}
 
     def _obs(self, program: Program, ctx: PassContext, dg, groups, cands, batches, readers) -> PassResult:
         """importance `obs`: the sequential least-squares refit picks the removed units itself,
@@ -268,7 +280,7 @@ class PrunePass(Pass):
             sel.remove = counts[sel.group]
         entry = program.clone()
         comp_rows, cnotes = compensate_sequential(program, removal, batches, reference=refit_reference(program, ctx),
-                                                  ridge=self.spec.ridge, select=select)
+                                                  ridge=self.spec.ridge, select=select, **self._refit_cv())
         notes += cnotes
         program, removal = self._keep_better(program, entry, removal, comp_rows, notes, ctx, "the obs refit")
         removed = {sel.group: sorted(sel.removed) for sel in select.values() if sel.removed}

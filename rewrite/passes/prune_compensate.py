@@ -212,10 +212,12 @@ def _add_bias(program: Program, op: ConsumerOp, bias: torch.Tensor) -> str:
 
 
 # ----------------------------------------------------------------------------- regularised refits
-CV_FOLDS = 4
-"""Calibration batches are dealt round-robin into this many folds to choose each refit's shrinkage."""
-SHRINKAGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, math.inf)
-"""Shrinkage strengths tried (relative to the mean diagonal of the input second moment); inf = unfitted."""
+DEFAULT_CV_FOLDS = 4
+"""Default of the prune spec's `refit_folds`: calibration batches are dealt round-robin into this many
+folds to choose each refit's shrinkage."""
+DEFAULT_SHRINKAGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+"""Default of the prune spec's `refit_shrinkage`: strengths tried, relative to the mean diagonal of the input
+second moment; the unfitted layer (infinite shrinkage) is always a candidate too."""
 CV_MIN_TOKENS_PER_INPUT = 4
 """A refit with fewer real tokens per refit input than this gets a note saying how many more would help."""
 
@@ -242,10 +244,11 @@ def _fold_error(f: Fold, theta: torch.Tensor) -> float:
     return float(((theta * (f.a @ theta)).sum() - 2 * (theta * f.c).sum()) / max(f.n, 1))
 
 
-def shrinkage_fit(folds: list[Fold], theta0: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, float, str]:
+def shrinkage_fit(folds: list[Fold], theta0: torch.Tensor, ridge: float = 1e-2,
+                  grid: Iterable[float] = DEFAULT_SHRINKAGE_GRID) -> tuple[torch.Tensor, float, str]:
     """The refit, shrunk towards the unfitted weights `theta0` by a strength chosen by cross-validation.
 
-    Each strength in `SHRINKAGE_GRID` (inf: keep `theta0`, i.e. do not fit) is fit on all folds but one
+    Each strength in `grid`, and inf (keep `theta0`, i.e. do not fit), is fit on all folds but one
     and scored on the one left out; the best total wins and is refit on every fold. The less data,
     the stronger the chosen shrinkage: with too few tokens the refit is the unfitted layer. With one
     fold (one calibration batch) the strength grows with inputs per token (`selection_shrinkage`).
@@ -258,15 +261,16 @@ def shrinkage_fit(folds: list[Fold], theta0: torch.Tensor, ridge: float = 1e-2) 
         lam = selection_shrinkage(width - 1, n, ridge)
         how = f"{lam:.3g} (from {n} tokens for {width - 1} inputs)"
     else:
-        err = {lam: 0.0 for lam in SHRINKAGE_GRID}
+        strengths = tuple(sorted(set(grid) | {math.inf}))
+        err = {lam: 0.0 for lam in strengths}
         for f in folds:
             a_tr = (n * a_all - f.a) / max(n - f.n, 1)
             c_tr = (n * c_all - f.c) / max(n - f.n, 1)
             evals, evecs = torch.linalg.eigh(a_tr)
             d = float(a_tr.diagonal().mean())
-            for lam in SHRINKAGE_GRID:
+            for lam in strengths:
                 err[lam] += _fold_error(f, _shrunk(evals, evecs, c_tr, theta0, lam, d)) * f.n
-        lam = min(SHRINKAGE_GRID, key=lambda v: (err[v], -v))
+        lam = min(strengths, key=lambda v: (err[v], -v))
         how = ("none chosen: unfitted weights kept" if math.isinf(lam)
                else f"{lam:g} by {len(folds)}-fold cross-validation")
     evals, evecs = torch.linalg.eigh(a_all)
@@ -418,7 +422,8 @@ def _obs_curves_of(program: Program, ops: list[ConsumerOp], select: dict[str, Un
 
 def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[int]], batches: list[Inputs],
                           reference: Program | None = None, ridge: float = 1e-2, residual: bool = True,
-                          select: dict[str, UnitSelection] | None = None,
+                          select: dict[str, UnitSelection] | None = None, cv_folds: int = DEFAULT_CV_FOLDS,
+                          shrinkage: Iterable[float] = DEFAULT_SHRINKAGE_GRID,
                           ) -> tuple[list[dict[str, Any]], list[str]]:
     """Layer-by-layer refit: each consumer, in graph order, is refit on its input in the
     current program (where the earlier consumers are already refit and their removed inputs
@@ -431,7 +436,8 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
 
     `select` (consumer weight -> `UnitSelection`): for those consumers the removed inputs are not
     given but chosen here, on the same statistics, by `obs_select` (their `removal` entry, empty
-    on entry, is filled in before the refit)."""
+    on entry, is filled in before the refit). `cv_folds`, `shrinkage`: how each refit's shrinkage is
+    cross-validated (`shrinkage_fit`)."""
     select = select or {}
     ops = consumer_ops(program, removal)
     if not ops:
@@ -474,7 +480,7 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
                     y = y + got[rres]
                 targets[i].append(_rows(ref, rnode, y, op.kind, batch).float())
     rows = []
-    n_folds = min(CV_FOLDS, len(batches))
+    n_folds = min(cv_folds, len(batches))
     for i, (op, ref, rnode, res_cur, _) in enumerate(bar(plan, "prune: refit layer by layer", unit="layer")):
         w, keep, gone, b0 = _consumer_weights(program, op, removal)
         out_features = b0.shape[0]
@@ -530,7 +536,7 @@ def compensate_sequential(program: Program, removal: dict[tuple[str, int], set[i
                 folds = [Fold(f.a[sub][:, sub], f.c[sub], f.n) for f in folds]
                 method = "obs + " + method
             sub = torch.cat([kk, torch.tensor([theta_full.shape[0] - 1])])
-            theta, lam, how = shrinkage_fit(folds, theta_full[sub], ridge)
+            theta, lam, how = shrinkage_fit(folds, theta_full[sub], ridge, shrinkage)
             method += f", shrinkage {how}"
             wt = (w if op.kind == "matmul" else w.T).clone()  # [in, out]
             wt[kk] = theta[:-1]
