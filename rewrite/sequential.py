@@ -49,6 +49,7 @@ from .checkpoint import Checkpoint, load_hf
 from .errors import CalibrationError, PassError
 from .inputs import Inputs
 from .progress import note, showing
+from .statistics import shape_token_rows
 
 SHARD_BYTES = 1 << 28          # output shard size (at most; every block also ends its shard)
 ROW_CHUNK_ELEMENTS = 1 << 21
@@ -532,7 +533,7 @@ def group_stats(first: Linear, run_batch: Callable[[int], Any], batches: list[In
     current: list[Inputs] = []
 
     def hook(m: nn.Module, args: tuple) -> None:
-        st.update(qm._valid_rows(args[0].to(torch.float32), current[-1]), want_gram=True)
+        st.update(shape_token_rows(current[-1], args[0].to(torch.float32)), want_gram=True)
         raise _Stop
 
     handle = first.module.register_forward_pre_hook(hook, prepend=True)

@@ -27,7 +27,7 @@ from .inputs import Inputs
 from .program import Program
 
 SAMPLE_ROWS = 1024
-"""Rows kept per value by `RowStats(sample=True)` (evenly strided across batches)."""
+"""Rows kept per value by `extend_sample` (`RowStats(keep_sample=True)`, AWQ's search sample)."""
 
 
 # ----------------------------------------------------------------------------- where the tokens are
@@ -122,18 +122,44 @@ def token_weights(program: Program, node: fx.Node, value: torch.Tensor, batch: I
     return None if keep is None else keep.to(torch.float64)
 
 
-def output_token_weights(batch: Inputs | None, value: torch.Tensor, feature_dim: int = -1) -> torch.Tensor | None:
-    """Float 0/1 weights over the tokens of a value known only by its shape (a program's final
-    output compared outside the graph): the batch's padding mask (its [B, S] integer input named
-    like a mask) when `value`'s leading dims are [B, S] and its features run along `feature_dim`;
-    None when every row counts (no mask, or another layout, e.g. after token selection)."""
-    if batch is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or feature_dim % 3 != 2:
+def _batch_mask(batch: Inputs | None, value: torch.Tensor) -> torch.Tensor | None:
+    """The batch's padding mask (its one [B, S] integer input named like a mask) when `value` is
+    [B, S, features]; None when every row counts (no mask, or another layout)."""
+    if batch is None or not isinstance(value, torch.Tensor) or value.dim() != 3:
         return None
     masks = [t for k, t in batch.kwargs.items() if "mask" in k and isinstance(t, torch.Tensor) and t.dim() == 2
              and not t.is_floating_point()]
     if len(masks) != 1 or tuple(value.shape[:2]) != tuple(masks[0].shape):
         return None
-    return masks[0].to(torch.float64)
+    return masks[0]
+
+
+def output_token_weights(batch: Inputs | None, value: torch.Tensor, feature_dim: int = -1) -> torch.Tensor | None:
+    """Float 0/1 weights over the tokens of a value known only by its shape (a program's final
+    output compared outside the graph): the batch's padding mask (its [B, S] integer input named
+    like a mask) when `value`'s leading dims are [B, S] and its features run along `feature_dim`;
+    None when every row counts (no mask, or another layout, e.g. after token selection)."""
+    mask = _batch_mask(batch, value) if feature_dim % 3 == 2 else None
+    return None if mask is None else mask.to(torch.float64)
+
+
+def shape_token_rows(batch: Inputs | None, value: torch.Tensor) -> torch.Tensor:
+    """`value` as [real tokens, features], for a value known only by its shape (a module hook's
+    input, outside any graph): the rows of a [B, S, features] value whose padding-mask entry is 0
+    are dropped, as `token_rows` drops them in a graph; other layouts keep every row."""
+    rows = value.detach().reshape(-1, value.shape[-1])
+    mask = _batch_mask(batch, value)
+    return rows if mask is None else rows[mask.reshape(-1).bool()]
+
+
+def extend_sample(sample: list[torch.Tensor], rows: torch.Tensor, limit: int = SAMPLE_ROWS) -> None:
+    """Append to `sample` (float32 row blocks) a strided subset of `rows` (real tokens only, as
+    `token_rows` gives them) until it holds `limit` rows: every call contributes about limit / 4
+    rows spread over its tokens, so a sample drawn over several batches is not only the first one."""
+    kept = sum(s.shape[0] for s in sample)
+    if kept < limit and rows.shape[0]:
+        step = max(1, rows.shape[0] // max(1, limit // 4))
+        sample.append(rows.detach()[::step][: limit - kept].float().clone())
 
 
 # ----------------------------------------------------------------------------- streaming sums
@@ -166,10 +192,7 @@ class RowStats:
             self.xtx = add(self.xtx, r.T @ r)
         self.lo, self.hi = min(self.lo, float(r.min())), max(self.hi, float(r.max()))
         if keep_sample:
-            kept = sum(s.shape[0] for s in self.sample)
-            if kept < SAMPLE_ROWS:
-                step = max(1, r.shape[0] // max(1, SAMPLE_ROWS // 4))
-                self.sample.append(rows.detach()[::step][: SAMPLE_ROWS - kept].float().clone())
+            extend_sample(self.sample, rows)
         self.n += r.shape[0]
 
     @property

@@ -62,6 +62,8 @@ PADDING_CASES = [
     ("llama", [{"kind": "prune", "granularity": "neuron", "amount": 0.5, "importance": "obs", "allocation": "global"}]),
     ("bert", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "gptq"}]),
     ("gpt2", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "gptq"}]),
+    # sequential GPTQ reads GPT-2's flattened [B*S, K] inputs: padding dropped by the same `token_rows`
+    ("gpt2", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "gptq", "gptq": {"sequential": True}}]),
     ("llama", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "awq"}]),
     ("bert", [{"kind": "quantize", "weights": {"bits": 4, "group_size": 32}, "method": "awq"}]),
     ("bert", [{"kind": "quantize", "weights": None, "activations": {"mode": "static", "smoothquant": 0.5}}]),
@@ -98,6 +100,29 @@ def test_token_rows_masks_flattened_tokens():
     value = capture(p, batch, [op.input])[op.input]
     rows = token_rows(p, op.input, value, batch)
     assert rows.shape[0] == int(batch.kwargs["attention_mask"].sum()) < value.shape[0]
+
+
+def test_shape_token_rows_and_the_one_row_sampler():
+    """Outside a graph (a module hook) a [B, S, K] value drops its padded rows by the batch's mask; the
+    row sample AWQ searches on and the statistics service's sample are one sampler (real rows only)."""
+    from rewrite.passes import quantize_methods as qm
+    from rewrite.statistics import SAMPLE_ROWS, RowStats, extend_sample, shape_token_rows
+
+    batch = _batches(_sentences(4, 3), 4, 32)[0]
+    mask = batch.kwargs["attention_mask"]
+    value = torch.randn(*mask.shape, 8)
+    rows = shape_token_rows(batch, value)
+    assert torch.equal(rows, value[mask.bool()])
+    assert shape_token_rows(batch, value[:, :5]).shape[0] == 4 * 5  # not [B, S]: every row counts
+    stats, inputs = RowStats(), qm.InputStats(8)
+    for _ in range(6):
+        x = torch.randn(700, 8)
+        stats.update(x, keep_sample=True)
+        inputs.update(x, want_gram=False)
+    assert torch.equal(torch.cat(stats.sample), inputs.x_sample()) and inputs.x_sample().shape[0] == SAMPLE_ROWS
+    sample: list[torch.Tensor] = []
+    extend_sample(sample, torch.zeros(0, 8))  # a batch of padding only adds nothing
+    assert sample == []
 
 
 @pytest.mark.parametrize("kind", ["block_influence", "fidelity_drop"])

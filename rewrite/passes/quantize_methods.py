@@ -19,9 +19,7 @@ from rewrite.kernels.quant import dequantize, group_params, pack, quantize_group
 from rewrite.calibration import observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
-
-SAMPLE_ROWS = 1024  # activation rows kept per input for AWQ's search
-
+from rewrite.statistics import extend_sample, token_rows
 
 TOKEN_WEIGHTS = ("uniform", "normalized", "clipped")
 DEFAULT_CLIP_NORMS = 4.0  # the default of the gptq spec's `clip_norms` (a token counts at most like one at 4x the median norm)
@@ -82,10 +80,7 @@ class InputStats:
                 self.gram.addmm_(xt, xd)
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
-        kept = sum(s.shape[0] for s in self.sample)
-        if kept < SAMPLE_ROWS:
-            step = max(1, x.shape[0] // max(1, SAMPLE_ROWS // 4))
-            self.sample.append(x[::step][: SAMPLE_ROWS - kept].clone())
+        extend_sample(self.sample, x)  # AWQ's search sample: the statistics service's sampler
         self.rows += x.shape[0]
 
     def update_cross(self, x_float: torch.Tensor, x: torch.Tensor) -> None:
@@ -138,14 +133,6 @@ def collect_input_stats(program: Program, batches: list[Inputs], inputs: dict[fx
     return col.stats
 
 
-def _valid_rows(x: torch.Tensor, batch: Inputs) -> torch.Tensor:
-    """x[B, S, K] without the rows of padded tokens (attention_mask == 0), when the batch has such a mask."""
-    mask = batch.kwargs.get("attention_mask") if isinstance(batch.kwargs, dict) else None
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-        return x[mask.bool()]
-    return x
-
-
 def sequential_input_stats(program: Program, batches: list[Inputs], targets: dict[fx.Node, tuple[fx.Node, fx.Node, int]],
                            requantize: Callable[[fx.Node, InputStats], torch.Tensor],
                            token_weight: str = "uniform", clip_norms: float = DEFAULT_CLIP_NORMS,
@@ -160,7 +147,8 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
     calibration batches at once (one forward's work in total): when a target linear is reached,
     its input statistics are complete, `requantize(node, stats)` quantizes it and returns the
     weight it stores (dequantized, in the stored layout), and that weight is used from then on.
-    Only the ancestors of the targets run (not the lm_head's logits); padded tokens are dropped.
+    Only the ancestors of the targets run (not the lm_head's logits); padded tokens are dropped
+    (`statistics.token_rows`, the one padding policy).
     `float_inputs`: the float graph runs alongside, and each input's statistics also hold
     X_float^T X (`InputStats.cross`), which `drift_corrected` turns into the weight that maps the
     quantized prefix's inputs back onto the float model's outputs.
@@ -207,9 +195,10 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
                 if x not in stats:
                     st, hs = (InputStats(k, token_weight=token_weight, clip_norms=clip_norms) for _ in range(2))
                     for i, (it, b) in enumerate(zip(interps, batches)):
-                        (st if i < n_fit else hs).update(_valid_rows(it.env[x], b), want_gram=True)
+                        (st if i < n_fit else hs).update(token_rows(program, x, it.env[x], b), want_gram=True)
                     for i, (it, fl, b) in enumerate(zip(interps, floats, batches)):
-                        (st if i < n_fit else hs).update_cross(_valid_rows(fl.env[x], b), _valid_rows(it.env[x], b))
+                        (st if i < n_fit else hs).update_cross(token_rows(program, x, fl.env[x], b),
+                                                               token_rows(program, x, it.env[x], b))
                     stats[x], held[x] = st, hs
                 w_new = requantize(n, stats[x], held[x]) if holdout else requantize(n, stats[x])
                 for it in interps:
