@@ -79,16 +79,24 @@ def apply_rules(graph: fx.Graph, rules: Iterable[Rule[Ctx]], ctx: Ctx) -> RuleOu
     out = RuleOutcome()
     rules = list(rules)
     for node in list(graph.nodes):
-        for rule in rules:
-            if getattr(node, "_erased", False):  # erased by an earlier rule (fx marks erased nodes)
-                break
-            if not any(r in rule.roots for r in _roots_of(node)) or not rule.match(node, ctx):
-                continue
-            reason = rule.check(node, ctx)
-            if reason is not None:
-                out.refused.append({"rule": rule.name, "node": node.name, "reason": reason})
-                continue
-            name = node.name
-            record = rule.replace(node, ctx)
-            out.applied.append({"rule": rule.name, "node": name, **record})
+        apply_rules_at(node, rules, ctx, out)
+    return out
+
+
+def apply_rules_at(node: fx.Node, rules: Iterable[Rule[Ctx]], ctx: Ctx, out: RuleOutcome | None = None) -> RuleOutcome:
+    """Apply the rules (in the order given) to one node, recording into `out` (a new outcome by
+    default): for a pass that visits its targets in an order of its own rather than the graph's."""
+    out = RuleOutcome() if out is None else out
+    for rule in rules:
+        if getattr(node, "_erased", False):  # erased by an earlier rule (fx marks erased nodes)
+            break
+        if not any(r in rule.roots for r in _roots_of(node)) or not rule.match(node, ctx):
+            continue
+        reason = rule.check(node, ctx)
+        if reason is not None:
+            out.refused.append({"rule": rule.name, "node": node.name, "reason": reason})
+            continue
+        name = node.name
+        record = rule.replace(node, ctx)
+        out.applied.append({"rule": rule.name, "node": name, **record})
     return out

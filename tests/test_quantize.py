@@ -180,6 +180,30 @@ def test_gptq_clip_norms_is_the_cap_of_clipped_token_weights():
     assert qp.QuantizeSpec().gptq.clip_norms == qm.DEFAULT_CLIP_NORMS == 4.0  # the default did not change
 
 
+def test_quantized_linear_replacement_is_a_rule_with_a_reason():
+    """The replacement of a linear by `rewrite::linear_q` is a rule: applied, the program computes with the
+    dequantized weight; where the op does not read the weight it was quantized from, it refuses with the reason."""
+    import dataclasses
+
+    from rewrite.program import Program
+    from rewrite.rules import apply_rules_at
+
+    z = zoo.load("mlp")
+    program = Program.capture(z.model, z.example)
+    t = next(t for t in qp.find_targets(program, None, [], False) if t.kind == "linear")
+    qz = qm.rtn(qp.float_weight(program, t), 4, 16, False)
+    ctx = qp.RewriteContext(program)
+    moved = dataclasses.replace(t, weight="elsewhere.weight")
+    ctx.at[t.node] = qp.Replacement(moved, torch.ops.rewrite.linear_q.default, qp.packed_tensors(qz), (4, 16))
+    refused = apply_rules_at(t.node, qp.RULES, ctx)
+    assert not refused.applied and "no longer reads its weight elsewhere.weight" in refused.reasons()[0]
+    ctx.at[t.node] = qp.Replacement(t, torch.ops.rewrite.linear_q.default, qp.packed_tensors(qz), (4, 16))
+    done = apply_rules_at(t.node, qp.RULES, ctx)
+    assert done.counts() == {"quantized op": 1} and done.applied[0]["bytes"] == qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel()
+    program.graph.lint()
+    assert any(n.target is torch.ops.rewrite.linear_q.default for n in program.graph.nodes)
+
+
 COVERAGE = {"kind": "quantize", "weights": {"bits": [4, 8], "average": 6.0, "group_size": 16},
             "allocate": "layerwise", "embeddings": 4}
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import fnmatch
 import random
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import Field, model_validator
 import torch
@@ -41,6 +41,7 @@ from rewrite.errors import PassError
 from rewrite.pass_base import Need, Pass, PassContext, PassResult, Property, register
 from rewrite.calibration import observe
 from rewrite.program import Program
+from rewrite.rules import Rule, RuleOutcome, apply_rules_at
 from rewrite.statistics import token_rows
 from rewrite.passes.importance import LayerImportance
 from rewrite.spec import StrictModel
@@ -97,7 +98,7 @@ def find_targets(program: Program, scope: list[str] | None, exclude: list[str], 
     tables = {id(t.node) for t in out if t.kind == "embedding"}
     keep = []
     for t in out:
-        w = t.node.args[2] if t.kind == "addmm" else t.node.args[0] if t.kind == "embedding" else t.node.args[1]
+        w = weight_arg(t)
         tied_table = all(id(u) in chosen for u in w.users) and any(id(u) in tables for u in w.users)
         if len(w.users) == 1 or tied_table:
             keep.append(t)
@@ -396,6 +397,125 @@ class QuantizeSpec(StrictModel):
         return self
 
 
+# ----------------------------------------------------------------------------- the replacements, as rules
+@dataclass
+class Replacement:
+    """What one target op becomes: the `rewrite::` op `op`, reading `tensors` (stored as buffers next to
+    the weight, by suffix, in the op's argument order) after the op's input, then (linears) the bias,
+    then `literals` (bits, group size)."""
+
+    target: Target
+    op: Any
+    tensors: dict[str, torch.Tensor]
+    literals: tuple[Any, ...] = ()
+
+    @property
+    def stored_bytes(self) -> int:
+        """What the rewritten op stores in place of the weight."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def packed_tensors(qz: qm.Quantized, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A packed weight's stored tensors (codes, scales, zero points), then `extra` (e.g. an int8 weight scale)."""
+    return {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros, **extra}
+
+
+def weight_arg(t: Target) -> Any:
+    """The argument through which `t`'s op reads its weight."""
+    return t.node.args[2] if t.kind == "addmm" else t.node.args[0] if t.kind == "embedding" else t.node.args[1]
+
+
+def op_input(t: Target) -> Any:
+    """The activation (linear, conv) or the ids (embedding) the op reads."""
+    return t.node.args[1] if t.kind in ("addmm", "embedding") else t.node.args[0]
+
+
+def op_bias(t: Target) -> Any:
+    """A linear's bias argument (None without one)."""
+    args = t.node.args
+    return (args[2] if len(args) > 2 else None) if t.kind == "linear" else args[0]
+
+
+def register_tensors(program: Program, t: Target, tensors: dict[str, torch.Tensor]) -> dict[str, fx.Node]:
+    """Register the quantized tensors next to the weight (same module) and read them with get_attr."""
+    owner_path = t.weight.rsplit(".", 1)[0] if "." in t.weight else ""
+    owner = program.module.get_submodule(owner_path) if owner_path else program.module
+    base = t.weight.rsplit(".", 1)[-1]
+    nodes = {}
+    for suffix, value in tensors.items():
+        name = f"{base}_{suffix}"
+        while hasattr(owner, name):  # a tied weight's second reader gets its own buffers
+            name += "_"
+        owner.register_buffer(name, value.detach().contiguous())
+        target = f"{owner_path}.{name}" if owner_path else name
+        with program.graph.inserting_before(t.node):
+            node = program.graph.get_attr(target)
+        node.meta["val"] = value
+        nodes[suffix] = node
+        program.notes.setdefault("logical_numel", {})[target] = t.numel if suffix == "q" else 0
+    return nodes
+
+
+@dataclass
+class RewriteContext:
+    """The rules' context: the program and what each target node becomes."""
+
+    program: Program
+    at: dict[fx.Node, Replacement] = field(default_factory=dict)
+
+
+def _reads_its_weight(node: fx.Node, ctx: RewriteContext) -> str | None:
+    t = ctx.at[node].target
+    w = weight_arg(t)
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and w.target == t.weight):
+        return f"the op no longer reads its weight {t.weight} directly (an earlier rewrite changed it)"
+    return None
+
+
+def _replace_op(node: fx.Node, ctx: RewriteContext) -> dict[str, Any]:
+    """A linear or embedding becomes one `rewrite::` op: (input, *tensors, [bias], *literals)."""
+    r = ctx.at[node]
+    nodes = register_tensors(ctx.program, r.target, r.tensors)
+    bias = (op_bias(r.target),) if r.target.kind in ("linear", "addmm") else ()
+    with ctx.program.graph.inserting_before(node):
+        new = ctx.program.graph.call_function(r.op, (op_input(r.target), *nodes.values(), *bias, *r.literals))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    ctx.program.graph.erase_node(node)
+    return {"op": str(r.op), "bytes": r.stored_bytes}
+
+
+def _replace_conv_weight(node: fx.Node, ctx: RewriteContext) -> dict[str, Any]:
+    """A conv keeps its op and reads its weight dequantized in the graph (`rewrite::dequantize_q`)."""
+    r = ctx.at[node]
+    graph = ctx.program.graph
+    nodes = register_tensors(ctx.program, r.target, r.tensors)
+    shape = list(ctx.program.param(r.target.weight).shape)
+    with graph.inserting_before(node):
+        deq = graph.call_function(r.op, (*nodes.values(), *r.literals))
+        deq.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        w = graph.call_function(aten.reshape.default, (deq, shape))
+        w.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    old_w = node.args[1]
+    node.args = (node.args[0], w, *node.args[2:])
+    if not old_w.users:
+        graph.erase_node(old_w)
+    return {"op": str(r.op), "bytes": r.stored_bytes}
+
+
+def _targeted(kinds: tuple[str, ...]) -> Callable[[fx.Node, RewriteContext], bool]:
+    return lambda node, ctx: node in ctx.at and ctx.at[node].target.kind in kinds
+
+
+QUANTIZED_OP: Rule[RewriteContext] = Rule(
+    "quantized op", (aten.linear.default, aten.addmm.default, aten.embedding.default),
+    match=_targeted(("linear", "addmm", "embedding")), check=_reads_its_weight, replace=_replace_op)
+QUANTIZED_CONV_WEIGHT: Rule[RewriteContext] = Rule(
+    "quantized conv weight", tuple(CONV_OPS), match=_targeted(("conv",)), check=_reads_its_weight,
+    replace=_replace_conv_weight)
+RULES = (QUANTIZED_OP, QUANTIZED_CONV_WEIGHT)
+
+
 @register
 class QuantizePass(Pass):
     spec_class = QuantizeSpec
@@ -512,7 +632,7 @@ class QuantizePass(Pass):
         pre: dict[fx.Node, qm.Quantized] = {}   # GPTQ results computed during the sequential calibration run
         want_stats = (s.weights is not None and s.method in ("awq", "gptq")) or s.activations is not None
         if want_stats and not ctx.calibration.from_example:
-            inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
+            inputs = {op_input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
             if s.weights is not None and s.method == "gptq" and s.gptq.sequential and not self._smoothquant():
                 stats, pre = self._sequential_gptq(program, ctx, layers, symmetric)
                 notes.append("GPTQ sequential: each layer's Hessian measured on the outputs of the already-quantized layers"
@@ -528,7 +648,7 @@ class QuantizePass(Pass):
                                          **self._token_weighting())
         for t in layers:
             if t.kind in ("linear", "addmm"):
-                t.stats_of = self._input(t)
+                t.stats_of = op_input(t)
         if s.weights is not None and s.method in ("awq", "gptq") and any(t.kind == "conv" for t in layers):
             notes.append(f"convolutions use RTN ({s.method} statistics are collected for linear inputs only)")
 
@@ -548,7 +668,16 @@ class QuantizePass(Pass):
             notes.append(f"{'AWQ' if self._awq() else 'SmoothQuant'} scales: {fold_counts['folded']} inputs folded into "
                          f"the preceding layer_norm/linear, {fold_counts['inserted']} by an inserted mul")
 
-        # -- quantize and rewrite each layer
+        # -- quantize and rewrite each layer (the replacements are rules: `RULES`, refusals named in the notes)
+        rule_ctx, outcome = RewriteContext(program), RuleOutcome()
+
+        def apply_replacement(replacement: Replacement) -> int | None:
+            """Apply the replacement to its node; the bytes it stores, or None where a rule refused."""
+            rule_ctx.at[replacement.target.node] = replacement
+            applied = len(outcome.applied)
+            apply_rules_at(replacement.target.node, RULES, rule_ctx, outcome)
+            return replacement.stored_bytes if len(outcome.applied) > applied else None
+
         for t in layers:
             w = float_weight(program, t)
             st = stats.get(t.stats_of) if t.stats_of is not None else None
@@ -563,7 +692,7 @@ class QuantizePass(Pass):
                 # plain W8A8 (8-bit RTN weights stored per channel directly: same bytes, one rounding)
                 qw, ws = kq.quantize_int8_channel(w_eff)
                 w_hat = (qw.float() * ws.unsqueeze(1))
-                after = self._rewrite_a8(program, t, qw, ws, st, s.activations.mode)
+                replacement = self._a8_replacement(t, qw, ws, st, s.activations.mode)
                 method = f"int8 per-channel, activations {s.activations.mode}"
             else:
                 if t.node in pre:
@@ -581,16 +710,26 @@ class QuantizePass(Pass):
                     qz = qm.rtn(w_eff, t.bits, t.group_size, symmetric)
                     method = "rtn"
                 w_hat = qz.weight()
+                codes = (qz.bits, qz.group_size)
                 if group_a8:  # stored and run at t.bits, activations int8 per token and group
-                    after = self._rewrite_qa8_group(program, t, qz)
+                    replacement = Replacement(t, torch.ops.rewrite.linear_qa8_group.default, packed_tensors(qz), codes)
                     method += ", int8 compute (activations per token and group)"
                 elif int8_compute:  # stored at t.bits, run as int8 x int8 (the weight requantized per channel)
                     _, ws = kq.quantize_int8_channel(w_hat)
                     w_hat = kq.requantize_int8(w_hat, ws).float() * ws.unsqueeze(1)
-                    after = self._rewrite_qa8(program, t, qz, ws)
+                    replacement = Replacement(t, torch.ops.rewrite.linear_qa8_dynamic.default,
+                                              packed_tensors(qz, wscale=ws), codes)
                     method += ", int8 compute (activations dynamic)"
-                else:
-                    after = self._rewrite_weight(program, t, qz)
+                elif t.kind in ("linear", "addmm"):
+                    replacement = Replacement(t, torch.ops.rewrite.linear_q.default, packed_tensors(qz), codes)
+                else:  # conv: the same conv reads its weight dequantized in the graph
+                    replacement = Replacement(t, torch.ops.rewrite.dequantize_q.default, packed_tensors(qz), codes)
+            after = apply_replacement(replacement)
+            if after is None:  # refused (the reason goes to the notes): the layer stays float
+                method, after, w_hat = f"{method} not applied: kept float", before, w_eff
+                if t.module in scaled:  # its input is scaled by 1/s already: the float weight takes s
+                    program.set_param(t.weight, (w_eff.T if t.kind == "addmm" else w_eff).reshape(
+                        program.param(t.weight).shape).to(program.param(t.weight).dtype))
             if t.module in scaled:
                 w_hat = w_hat / scaled[t.module]
             rows.append({"module": t.module, "op": t.kind, "bits": t.bits, "group": t.group_size, "method": method,
@@ -603,10 +742,13 @@ class QuantizePass(Pass):
             # fp16-exact scales: the ONNX table stores them as float16 (DequantizeLinear path)
             qz = qm.rtn(w, int(s.embeddings), g, symmetric, clip_search=True, fp16_scales=True)
             before = program.param(t.weight).numel() * program.param(t.weight).element_size()
-            after = self._rewrite_embedding(program, t, qz)
-            rows.append({"module": t.module, "op": "embedding", "bits": int(s.embeddings), "group": g, "method": "rtn",
-                         "bytes_before": before, "bytes_after": after,
-                         "rel_error": round(float((qz.weight() - w).norm() / w.norm().clamp_min(1e-12)), 5)})
+            after = apply_replacement(Replacement(t, torch.ops.rewrite.embedding_q.default, packed_tensors(qz), (qz.bits, qz.group_size)))
+            w_hat = qz.weight() if after is not None else w
+            rows.append({"module": t.module, "op": "embedding", "bits": int(s.embeddings), "group": g,
+                         "method": "rtn" if after is not None else "rtn not applied: kept float",
+                         "bytes_before": before, "bytes_after": before if after is None else after,
+                         "rel_error": round(float((w_hat - w).norm() / w.norm().clamp_min(1e-12)), 5)})
+        notes += [f"not quantized: {reason}" for reason in outcome.reasons()]
 
         program.graph.eliminate_dead_code()
         if any(r["bits"] in (2, 3) for r in rows):
@@ -642,7 +784,7 @@ class QuantizePass(Pass):
             notes.append(f"{what}: no held-back batches, so smoothing was not checked" if what else
                          f"{self.spec.method}: no held-back batches, so the fit was not checked against RTN")
             return {}
-        inputs = {self._input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
+        inputs = {op_input(t): t.k for t in layers if t.kind in ("linear", "addmm")}
         return input_statistics(program, hold, inputs, want_gram=True, **self._token_weighting())
 
     def _checked(self, qz: qm.Quantized, method: str, w: torch.Tensor, t: Target, symmetric: bool,
@@ -696,88 +838,6 @@ class QuantizePass(Pass):
         return holds
 
     # -- helpers --------------------------------------------------------------------------
-    @staticmethod
-    def _input(t: Target) -> fx.Node:
-        return t.node.args[1] if t.kind == "addmm" else t.node.args[0]
-
-    @staticmethod
-    def _bias(t: Target) -> fx.Node | None:
-        args = t.node.args
-        return (args[2] if len(args) > 2 else None) if t.kind == "linear" else args[0]
-
-    @staticmethod
-    def _buffers(program: Program, t: Target, tensors: dict[str, torch.Tensor], logical: dict[str, int]) -> dict[str, fx.Node]:
-        """Register the quantized tensors next to the weight (same module) and read them with get_attr."""
-        owner_path = t.weight.rsplit(".", 1)[0] if "." in t.weight else ""
-        owner = program.module.get_submodule(owner_path) if owner_path else program.module
-        base = t.weight.rsplit(".", 1)[-1]
-        nodes = {}
-        for suffix, value in tensors.items():
-            name = f"{base}_{suffix}"
-            while hasattr(owner, name):  # a tied weight's second reader gets its own buffers
-                name += "_"
-            owner.register_buffer(name, value.detach().contiguous())
-            target = f"{owner_path}.{name}" if owner_path else name
-            with program.graph.inserting_before(t.node):
-                node = program.graph.get_attr(target)
-            node.meta["val"] = value
-            nodes[suffix] = node
-            program.notes.setdefault("logical_numel", {})[target] = logical.get(suffix, 0)
-        return nodes
-
-    def _rewrite_weight(self, program: Program, t: Target, qz: qm.Quantized) -> int:
-        nodes = self._buffers(program, t, {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros}, {"q": t.numel})
-        node = t.node
-        graph = program.graph
-        with graph.inserting_before(node):
-            if t.kind in ("linear", "addmm"):
-                x = self._input(t)
-                bias = self._bias(t)
-                new = graph.call_function(torch.ops.rewrite.linear_q.default,
-                                          (x, nodes["q"], nodes["scales"], nodes["zeros"], bias, qz.bits, qz.group_size))
-                new.meta = dict(node.meta)
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-            else:  # conv: dequantize the weight in the graph, same conv
-                shape = list(program.param(t.weight).shape)
-                deq = graph.call_function(torch.ops.rewrite.dequantize_q.default,
-                                          (nodes["q"], nodes["scales"], nodes["zeros"], qz.bits, qz.group_size))
-                deq.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-                w = graph.call_function(aten.reshape.default, (deq, shape))
-                w.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-                old_w = node.args[1]
-                node.args = (node.args[0], w, *node.args[2:])
-                if not old_w.users:
-                    graph.erase_node(old_w)
-        return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel()
-
-    def _rewrite_qa8(self, program: Program, t: Target, qz: qm.Quantized, w_scale: torch.Tensor) -> int:
-        tensors = {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros, "wscale": w_scale}
-        nodes = self._buffers(program, t, tensors, {"q": t.numel})
-        node = t.node
-        bias = self._bias(t)
-        with program.graph.inserting_before(node):
-            new = program.graph.call_function(torch.ops.rewrite.linear_qa8_dynamic.default,
-                                              (self._input(t), nodes["q"], nodes["scales"], nodes["zeros"],
-                                               nodes["wscale"], bias, qz.bits, qz.group_size))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
-        return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel() + w_scale.numel() * 4
-
-    def _rewrite_qa8_group(self, program: Program, t: Target, qz: qm.Quantized) -> int:
-        nodes = self._buffers(program, t, {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros}, {"q": t.numel})
-        node = t.node
-        bias = self._bias(t)
-        with program.graph.inserting_before(node):
-            new = program.graph.call_function(torch.ops.rewrite.linear_qa8_group.default,
-                                              (self._input(t), nodes["q"], nodes["scales"], nodes["zeros"], bias,
-                                               qz.bits, qz.group_size))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
-        return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel()
-
     def _gptq_options(self) -> dict[str, Any]:
         g = self.spec.gptq
         return {"act_order": g.act_order, "damp": g.damp, "clip_search": g.clip_search}
@@ -786,7 +846,7 @@ class QuantizePass(Pass):
                          symmetric: bool) -> tuple[dict[fx.Node, qm.InputStats], dict[fx.Node, qm.Quantized]]:
         """GPTQ layer after layer on the quantized prefix (see `qm.sequential_input_stats`)."""
         by_node = {t.node: t for t in layers if t.kind in ("linear", "addmm")}
-        targets = {n: (self._input(t), n.args[2] if t.kind == "addmm" else n.args[1], t.k) for n, t in by_node.items()}
+        targets = {n: (op_input(t), weight_arg(t), t.k) for n, t in by_node.items()}
         pre: dict[fx.Node, qm.Quantized] = {}
         self._seq_methods: dict[fx.Node, str] = {}
         # the float target (a fit of the drift) is checked on held-back batches; plain sequential GPTQ is
@@ -836,42 +896,18 @@ class QuantizePass(Pass):
     def _smoothquant(self) -> bool:
         return self.spec.activations is not None and self.spec.activations.smoothquant is not None
 
-    def _rewrite_embedding(self, program: Program, t: Target, qz: qm.Quantized) -> int:
-        nodes = self._buffers(program, t, {"q": qz.qweight, "scales": qz.scales, "zeros": qz.zeros}, {"q": t.numel})
-        node = t.node
-        with program.graph.inserting_before(node):
-            new = program.graph.call_function(torch.ops.rewrite.embedding_q.default,
-                                              (node.args[1], nodes["q"], nodes["scales"], nodes["zeros"], qz.bits, qz.group_size))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
-        return qz.qweight.numel() + qz.scales.numel() * 4 + qz.zeros.numel()
-
-    def _rewrite_a8(self, program: Program, t: Target, qw: torch.Tensor, ws: torch.Tensor,
-                    st: qm.InputStats | None, mode: str) -> int:
-        tensors = {"q": qw, "wscale": ws}
-        if mode == "static":
-            if st is None:
-                raise PassError(f"static activation ranges for {t.module} need calibration batches")
-            lo, hi = min(st.lo, 0.0), max(st.hi, 0.0)
-            scale = max((hi - lo) / 255.0, 1e-8)
-            tensors["xscale"] = torch.tensor(scale, dtype=torch.float32)
-            tensors["xzero"] = torch.tensor(int(min(max(round(-lo / scale), 0), 255)), dtype=torch.uint8)
-        nodes = self._buffers(program, t, tensors, {"q": t.numel})
-        node = t.node
-        x = self._input(t)
-        bias = self._bias(t)
-        with program.graph.inserting_before(node):
-            if mode == "static":
-                new = program.graph.call_function(torch.ops.rewrite.linear_a8_static.default,
-                                                  (x, nodes["q"], nodes["wscale"], nodes["xscale"], nodes["xzero"], bias))
-            else:
-                new = program.graph.call_function(torch.ops.rewrite.linear_a8_dynamic.default,
-                                                  (x, nodes["q"], nodes["wscale"], bias))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        program.graph.erase_node(node)
-        return qw.numel() + ws.numel() * 4
+    @staticmethod
+    def _a8_replacement(t: Target, qw: torch.Tensor, ws: torch.Tensor, st: qm.InputStats | None, mode: str) -> Replacement:
+        """W8A8: the int8 weight and its per-channel scale; static mode adds the calibrated activation range."""
+        if mode == "dynamic":
+            return Replacement(t, torch.ops.rewrite.linear_a8_dynamic.default, {"q": qw, "wscale": ws})
+        if st is None:
+            raise PassError(f"static activation ranges for {t.module} need calibration batches")
+        lo, hi = min(st.lo, 0.0), max(st.hi, 0.0)
+        scale = max((hi - lo) / 255.0, 1e-8)
+        return Replacement(t, torch.ops.rewrite.linear_a8_static.default, {
+            "q": qw, "wscale": ws, "xscale": torch.tensor(scale, dtype=torch.float32),
+            "xzero": torch.tensor(int(min(max(round(-lo / scale), 0), 255)), dtype=torch.uint8)})
 
     def _channel_scaling(self, program: Program, layers: list[Target], stats: dict[fx.Node, qm.InputStats],
                          notes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
