@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -110,13 +111,22 @@ def export_peer_fp32(model: Any, tok: Any, path: Path) -> dict:
     exported = OnnxExporter().export(model, sample, config=OnnxConfig(dynamic=True, opset_version=21))
     path.parent.mkdir(parents=True, exist_ok=True)
     exported.save_pretrained(str(path.parent))
-    layers = [((int(l.keys.shape[1]), int(l.keys.shape[3])), (int(l.values.shape[1]), int(l.values.shape[3])))
-              for l in cache.layers]
+    write_peer_layout(model, cache, path.parent / "layout.json")
+    return {"verified": False, "note": "transformers.exporters OnnxExporter (torch.onnx.export dynamo), DynamicCache"}
+
+
+def write_peer_layout(model: Any, cache: Any, path: Path) -> None:
+    """The peer file's cache layout, its names, and the cache's constant leaves: a sliding-window
+    layer (Gemma-3's local layers) is flattened with a scalar `_sliding_window_tensor` beside its
+    keys and values, a graph input that the stepper feeds back unchanged."""
     from rewrite.generation import CacheLayout
 
+    layers = [((int(l.keys.shape[1]), int(l.keys.shape[3])), (int(l.values.shape[1]), int(l.values.shape[3])))
+              for l in cache.layers]
+    constants = {HF_NAMES["past"].format(i=i, kv="_sliding_window_tensor"): int(l._sliding_window_tensor)
+                 for i, l in enumerate(cache.layers) if hasattr(l, "_sliding_window_tensor")}
     layout = CacheLayout(layers, position_ids=False, max_positions=None, vocab_size=int(model.config.get_text_config().vocab_size))
-    (path.parent / "layout.json").write_text(json.dumps({**layout.to_dict(), "io_names": HF_NAMES}))
-    return {"verified": False, "note": "transformers.exporters OnnxExporter (torch.onnx.export dynamo), DynamicCache"}
+    path.write_text(json.dumps({**layout.to_dict(), "io_names": {**HF_NAMES, "constants": constants}}))
 
 
 HF_NAMES = {"past": "input.cache.layers.{i}.{kv}", "present": "output.cache.layers.{i}.{kv}", "kv": ["keys", "values"]}
@@ -188,6 +198,7 @@ class NamedOrtStepper:
         from rewrite.generation import positions_from_mask
 
         feeds = {"input_ids": input_ids.long().numpy(), "attention_mask": attention_mask.long().numpy()}
+        feeds.update({k: np.asarray(v, np.int64) for k, v in self.names.get("constants", {}).items() if k in self.inputs})
         if "position_ids" in self.inputs:
             feeds["position_ids"] = positions_from_mask(attention_mask, input_ids.shape[1]).numpy()
         k_name, v_name = self.names["kv"]

@@ -68,20 +68,31 @@ def _tensor(x: Any) -> torch.Tensor:
     return x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
+CHUNK = 1 << 22
+"""Values converted to float64 at a time: the statistics are running sums and maxima, so the
+comparison holds one chunk in double precision, never the outputs concatenated (a decoder's
+logits over a 262k-token vocabulary are 0.5 GB per 512 positions in fp32; in float64,
+concatenated with their differences, verification needed several times that)."""
+
+
 def compare(pairs: Iterable[tuple[Any, Any]], *, rtol: float = 1e-4, quantile: float = 1.0,
             skip_mismatched_shapes: bool = False, what: str = "output") -> Agreement:
     """Compare (reference, got) pairs of tensors or arrays; see the module docstring.
 
+    `pairs` is consumed once, pair by pair (a generator keeps one pair alive at a time): every
+    number is a running maximum or sum, accumulated over float64 chunks of `CHUNK` values;
+    only `quantile` < 1 keeps the absolute differences, as float32.
+
     Raises VerificationError on a shape mismatch (unless `skip_mismatched_shapes`) or on
     integer values that differ; tolerance failures are reported by `Agreement.check`.
     """
-    diffs: list[torch.Tensor] = []
-    refs: list[torch.Tensor] = []
-    gots: list[torch.Tensor] = []
-    total = skipped = 0
-    for i, (r, g) in enumerate(pairs):
+    diffs: list[torch.Tensor] = []  # only for quantile < 1
+    total = skipped = values = 0
+    max_abs = max_ref = 0.0
+    diff_sq = ref_sq = got_sq = dot = 0.0
+    for r, g in pairs:  # not enumerate(): it keeps its last item, the previous pair, alive
+        i, total = total, total + 1
         r, g = _tensor(r), _tensor(g)
-        total += 1
         if tuple(r.shape) != tuple(g.shape):
             if skip_mismatched_shapes:
                 skipped += 1
@@ -93,24 +104,34 @@ def compare(pairs: Iterable[tuple[Any, Any]], *, rtol: float = 1e-4, quantile: f
             continue
         if not r.numel():
             continue
-        a, b = r.double().reshape(-1), g.double().reshape(-1)
-        refs.append(a)
-        gots.append(b)
-        diffs.append((a - b).abs())
+        r, g = r.reshape(-1), g.reshape(-1)
+        for lo in range(0, r.numel(), CHUNK):
+            a, b = r[lo:lo + CHUNK].double(), g[lo:lo + CHUNK].double()
+            d = (a - b).abs()
+            max_abs = max(max_abs, float(d.max()))
+            max_ref = max(max_ref, float(a.abs().max()))
+            diff_sq += float(d.square().sum())
+            ref_sq += float(a.square().sum())
+            got_sq += float(b.square().sum())
+            dot += float(a.dot(b))
+            if quantile < 1.0:
+                diffs.append(d.float())
+        values += r.numel()
+        del r, g, a, b, d  # before the next pair is computed (a generator of pairs then holds one)
     compared = f"all {what}s" if not skipped else f"{total - skipped} of {total} {what}s (others changed shape)"
-    if not diffs:
+    if not values:
         return Agreement(0.0, 0.0, 0.0, 1.0, 0.0, rtol, quantile, 0, compared)
-    diff = torch.cat(diffs)
-    x, y = torch.cat(refs), torch.cat(gots)
-    max_abs = float(diff.max())
-    scale = max(float(x.abs().max()), 1e-6)
+    scale = max(max_ref, 1e-6)
     checked = max_abs
     if quantile < 1.0:
+        diff = torch.cat(diffs)
+        del diffs
         sample = diff if diff.numel() <= 1 << 24 else diff[torch.randperm(diff.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
-        checked = float(torch.quantile(sample.float(), quantile))
-    l2 = float(diff.norm())
-    norm = max(float(x.norm()), float(y.norm()))
+        checked = float(torch.quantile(sample, quantile))
+    l2 = diff_sq ** 0.5
+    norm = max(ref_sq ** 0.5, got_sq ** 0.5)
     identical = l2 <= 1e-7 * max(norm, 1e-30) or norm < 1e-20
-    cosine = 1.0 if identical else float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+    # torch.nn.functional.cosine_similarity over the concatenation: dot / max(|x| |y|, eps)
+    cosine = 1.0 if identical else dot / max((ref_sq * got_sq) ** 0.5, 1e-8)
     rel_l2 = 0.0 if norm < 1e-20 else l2 / max(norm, 1e-12)
-    return Agreement(max_abs, max_abs / scale, checked / scale, cosine, rel_l2, rtol, quantile, int(diff.numel()), compared)
+    return Agreement(max_abs, max_abs / scale, checked / scale, cosine, rel_l2, rtol, quantile, values, compared)

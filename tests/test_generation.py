@@ -184,6 +184,36 @@ def _check_interface(path, layout):
     return m
 
 
+def test_export_check_holds_one_batch_of_outputs_at_a_time(tmp_path, monkeypatch):
+    """The onnxruntime check compares batch by batch: when a pair of outputs reaches the
+    comparison, the earlier ones (a batch's logits are positions x vocabulary: 0.5 GB per 512
+    positions at Gemma-3's 262k tokens) are already freed, in the check and in `compare`."""
+    import gc
+    import weakref
+
+    from rewrite.backends import onnx_generation as OG
+
+    _, out = plain_decoder("llama")
+    out.export(tmp_path / "model.onnx", verify=False)
+    real_compare, alive, seen = OG.compare, [], []
+
+    def watched(pairs, **kw):
+        def each():
+            for r, g in pairs:
+                gc.collect()
+                seen.append(all(w() is None for w in alive))
+                alive.extend([weakref.ref(r), weakref.ref(g)])
+                yield r, g
+                del r, g
+        return real_compare(each(), **kw)
+
+    monkeypatch.setattr(OG, "compare", watched)
+    layout = G.GenerationProgramInfo.of(out.program)
+    batches = [rewrite.inputs.Inputs((), {**tokens(300 + i), "past_key_values": layout.empty_past(3)}) for i in range(3)]
+    OG.verify_steps(out.program, tmp_path / "model.onnx", batches)
+    assert len(seen) == 3 * (1 + 2 * layout.num_layers) and all(seen)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_export_generation_verified_token_for_token(name, tmp_path):

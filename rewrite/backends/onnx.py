@@ -254,15 +254,19 @@ def verify_onnx(program: Program, model_path: Path, batches: Sequence[Inputs], *
     keeps the largest.
     """
     sess = session(model_path)
-    pairs: list[tuple[Any, Any]] = []
-    for batch in batches:
-        with torch.no_grad():
-            ref = [t for t in pytree.tree_leaves(program.run(batch)) if isinstance(t, torch.Tensor)]
-        got = sess.run(None, feeds_for(sess, program, batch))
-        if len(got) != len(ref):
-            raise VerificationError(f"onnxruntime returned {len(got)} outputs, the torch module {len(ref)}")
-        pairs += zip(ref, got)
-    agreement = compare(pairs, rtol=rtol, quantile=quantile).check("onnxruntime", consequence="; the ONNX file was not written")
+
+    def pairs() -> Iterator[tuple[Any, Any]]:
+        """Batch by batch, so `compare` never holds every batch's outputs at once."""
+        for batch in batches:
+            with torch.no_grad():
+                ref = [t for t in pytree.tree_leaves(program.run(batch)) if isinstance(t, torch.Tensor)]
+            got = sess.run(None, feeds_for(sess, program, batch))
+            if len(got) != len(ref):
+                raise VerificationError(f"onnxruntime returned {len(got)} outputs, the torch module {len(ref)}")
+            yield from zip(ref, got)
+            del ref, got
+
+    agreement = compare(pairs(), rtol=rtol, quantile=quantile).check("onnxruntime", consequence="; the ONNX file was not written")
     worst_abs, worst_rel, cos_min = agreement.max_abs, agreement.max_rel, agreement.cosine
     return worst_abs, worst_rel, cos_min, sess.get_providers()[0]
 

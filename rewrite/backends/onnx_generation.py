@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,21 +109,27 @@ def verify_steps(program: Program, model_path: Path, batches: Sequence[Inputs], 
     """
     layout = GenerationProgramInfo.of(program)
     torch_step, ort_step = TorchStepper(program.module, layout), OrtStepper(model_path, layout)
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for batch in batches:
-        batch = program.fit_inputs(batch)  # calibration prompts carry the captured cache entries
-        ids, mask = batch.kwargs["input_ids"], batch.kwargs["attention_mask"]
-        past = [tuple(kv) for kv in batch.kwargs["past_key_values"]]
-        want, want_present = torch_step(ids, mask, past)
-        got, got_present = ort_step(ids, mask, past)
-        real = mask.bool()
-        pairs.append((want[real[:, -ids.shape[1]:]], got[real[:, -ids.shape[1]:]]))
-        for (wk, wv), (gk, gv) in zip(want_present, got_present):
-            for w, g in ((wk, gk), (wv, gv)):
-                if w.shape != g.shape:
-                    raise VerificationError(f"onnxruntime present shape {tuple(g.shape)} != torch {tuple(w.shape)}")
-                pairs.append((w.transpose(1, 2)[real], g.transpose(1, 2)[real]))
-    agreement = compare(pairs, rtol=rtol, quantile=quantile).check("onnxruntime", consequence="; the ONNX file was not written")
+
+    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batch by batch, so `compare` holds one batch's outputs (logits: positions x vocabulary)."""
+        for batch in batches:
+            batch = program.fit_inputs(batch)  # calibration prompts carry the captured cache entries
+            ids, mask = batch.kwargs["input_ids"], batch.kwargs["attention_mask"]
+            past = [tuple(kv) for kv in batch.kwargs["past_key_values"]]
+            want, want_present = torch_step(ids, mask, past)
+            got, got_present = ort_step(ids, mask, past)
+            real = mask.bool()
+            rows = real[:, -ids.shape[1]:]
+            want, got = want[rows], got[rows]
+            yield want, got
+            del want, got
+            for (wk, wv), (gk, gv) in zip(want_present, got_present):
+                for w, g in ((wk, gk), (wv, gv)):
+                    if w.shape != g.shape:
+                        raise VerificationError(f"onnxruntime present shape {tuple(g.shape)} != torch {tuple(w.shape)}")
+                    yield w.transpose(1, 2)[real], g.transpose(1, 2)[real]
+
+    agreement = compare(pairs(), rtol=rtol, quantile=quantile).check("onnxruntime", consequence="; the ONNX file was not written")
     worst_abs, worst_rel, cos_min = agreement.max_abs, agreement.max_rel, agreement.cosine
     return worst_abs, worst_rel, cos_min, ort_step.session.get_providers()[0]
 
