@@ -119,6 +119,7 @@ def compile_row(model: torch.nn.Module, spec_path: str, calib: torch.Tensor) -> 
     batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(bs)]
     example = {"input_ids": calib[:1, :64], "attention_mask": torch.ones(1, 64, dtype=torch.long)}
     t0 = time.time()
+    model.config.use_cache = False  # the full-sequence graph: a DynamicCache output cannot be captured
     program = Program.capture(model, example)
     compiled = rcompile(program, spec, example_inputs=example, calibration=batches, task=None, progress=False)
     secs = time.time() - t0
