@@ -1,7 +1,7 @@
 """Decoder LLMs with the KV cache in onnxruntime (CPU): rewrite's fp32 / W4 / W4A8 / deploy exports and peers.
 
 Rows (each an ONNX generation graph with the same interface, driven by the same stepper):
-- `fp32`, `W4 g128`, `W4A8 g128 per-tensor`, `W4A8 g128 group + E4`, `deploy` (specs/llm-deploy.yaml): the real model
+- `fp32`, `W4 g128`, `W4 g128 + E4`, `W4A8 g128 per-tensor`, `W4A8 g128 group + E4`, `deploy` (specs/llm-deploy.yaml): the real model
   (`rewrite.models`, offline GGUF weights) compiled as a text-generation graph and exported
   by rewrite at opset 23 (the generation default: `Attention` with the KV cache, RMSNormalization,
   RotaryEmbedding, merged sibling MatMulNBits; `backends.onnx_fusions`), each verified on export
@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 OURS: dict[str, Any] = {
     "fp32": {"passes": []},
     "W4 g128": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128}}]},
+    "W4 g128 + E4": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128}, "embeddings": 4}]},
     "W4A8 g128 per-tensor": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128, "symmetric": True},
                                          "activations": {"mode": "dynamic"}}]},
     "W4A8 g128 group + E4": {"passes": [{"kind": "quantize", "weights": {"bits": 4, "group_size": 128},
@@ -60,7 +61,8 @@ OURS: dict[str, Any] = {
 }
 """`W4A8 ... per-tensor`: one uint8 range per call (DynamicQuantizeLinear + MatMulInteger on a folded int8
 weight); `W4A8 ... group`: int8 activations per token and K-group, MatMulNBits int8 compute on the packed
-codes (`activations.granularity: group`); `+ E4`: the token-embedding table stored at 4 bits as well (the
+codes (`activations.granularity: group`); `W4 g128 + E4`: weight-only, float activations (MatMulNBits float
+compute, so onnxruntime and torch agree to float rounding, no int8 near-ties); `+ E4`: the token-embedding table stored at 4 bits as well (the
 tied LM head is quantized as a linear; a float table alone is a fifth of SmolLM2's fp32 file)."""
 PEER_FP32 = "peer: HF OnnxExporter fp32"
 PEER_INT4 = "peer: ORT MatMulNBitsQuantizer int4 g128"

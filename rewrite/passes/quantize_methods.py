@@ -107,6 +107,16 @@ class InputStats:
         h, self.gram = self.gram.to(torch.float32), None
         return h
 
+    def compact(self) -> None:
+        """Drop what only a fit needs once the fit is done: X^T X kept as float32 (the reports' output
+        error reads it), the float-target cross term and the activation sample freed. Sequential GPTQ
+        holds one InputStats per input of the whole model; float64 grams and cross terms of every
+        input until the pass ended took SmolLM2's float-target run past 13 GB."""
+        if self.gram is not None:
+            self.gram = self.gram.to(torch.float32)
+        self.cross = None
+        self.sample = []
+
     def x_sample(self) -> torch.Tensor:
         return torch.cat(self.sample, 0)
 
@@ -186,6 +196,9 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
     floats = interpreters() if float_inputs else []
     stats: dict[fx.Node, InputStats] = {}
     held: dict[fx.Node, InputStats] = {}
+    unfitted: dict[fx.Node, int] = {}   # input -> its target linears not quantized yet
+    for x, _, _ in targets.values():
+        unfitted[x] = unfitted.get(x, 0) + 1
     with torch.no_grad():
         for n in order:
             if n not in needed:
@@ -203,6 +216,10 @@ def sequential_input_stats(program: Program, batches: list[Inputs], targets: dic
                 w_new = requantize(n, stats[x], held[x]) if holdout else requantize(n, stats[x])
                 for it in interps:
                     it.env[w_node] = w_new
+                unfitted[x] -= 1
+                if unfitted[x] == 0:  # every reader of x is quantized: keep only what the caller reports with
+                    stats[x].compact()
+                    del held[x]
             for it in interps + floats:
                 it.env[n] = it.run_node(n)
             for a in n.all_input_nodes:
