@@ -88,12 +88,16 @@ def _from_gguf(tf: Any, path: Path) -> Any:
     return model.eval()
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
+
+
 def converted_path(name: str) -> Path:
     """The cached safetensors folder of model `name`, converting its GGUF file on first use."""
     if name not in _SOURCES:
         raise RewriteError(f"unknown model {name!r}; known: {', '.join(_SOURCES)}")
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+    if _complete(target):
         return target
     tf = _require_transformers()
     tmp = target.parent / f".{name}.tmp{os.getpid()}"
@@ -106,8 +110,13 @@ def converted_path(name: str) -> Path:
         out = tmp / "out"
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(out, target)
+        if not _complete(target):  # another process may have finished first: keep its copy (it may be reading it)
+            shutil.rmtree(target, ignore_errors=True)   # a partial folder left by an interrupted older run
+            try:
+                os.replace(out, target)
+            except OSError:
+                if not _complete(target):
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
