@@ -388,6 +388,11 @@ def test_sequential_gptq_is_checked_on_held_back_batches():
     assert rows and {r["method"] for r in rows} <= allowed and any(r["method"] == "gptq" for r in rows)
     assert any("checked on the held-back batches" in n for n in rec.notes)
 
+    spec["passes"][0]["gptq"] = {"sequential": True}   # the own-output fit says it is not checked (no "kept for 0")
+    notes = rewrite.compile(z.model, spec, example_inputs=z.example, calibration=z.calibration,
+                            progress=False).report.passes[-1].notes
+    assert any("not checked against RTN" in n for n in notes) and not any("kept for" in n for n in notes)
+
 
 def test_target_error_ranks_like_the_output_error():
     w, x, st = _correlated_layer(seed=5)

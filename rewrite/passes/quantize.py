@@ -655,7 +655,12 @@ class QuantizePass(Pass):
         # -- fitting is checked, not trusted: held-back statistics to compare each fit with RTN
         fit_check: dict[str, Any] = {"fitted kept": 0, "unfitted kept": 0, "smoothed": 0, "unsmoothed": 0, "hold": {}}
         if stats and s.weights is not None and s.method in ("awq", "gptq"):
-            fit_check["hold"] = self._holdout_stats(program, ctx, layers, notes)
+            if pre:  # sequential GPTQ fitted every linear in its own run (and checked them there with target float)
+                if not self._seq_checked:
+                    notes.append("GPTQ sequential is not checked against RTN on held-back batches "
+                                 "(gptq.target: float is, on the same quantized prefix)")
+            else:
+                fit_check["hold"] = self._holdout_stats(program, ctx, layers, notes)
             notes += calibration_warnings(s.method, layers, stats)
         elif stats and self._smoothquant():
             fit_check["hold"] = self._holdout_stats(program, ctx, layers, notes, "smoothquant")
