@@ -26,7 +26,9 @@ def _onnx_heads(path) -> dict[str, int]:
             if v.name.startswith(("past_key_values.", "present."))}
 
 
-@pytest.mark.parametrize("name,before,after", [("llama", 2, 1), ("gpt2", 4, 2)])
+@pytest.mark.parametrize("name,before,after", [("llama", 2, 1), ("gpt2", 4, 2),
+                                                pytest.param("mistral", 2, 1, marks=pytest.mark.slow),
+                                                pytest.param("qwen2", 2, 1, marks=pytest.mark.slow)])
 def test_pruned_heads_narrow_the_cache(name, before, after, tmp_path):
     """llama: 2 KV heads (4 query heads) -> 1 with its 2 query heads; gpt2: 4 heads -> 2."""
     model, out = compile_decoder(name, {"passes": [HEADS]})
