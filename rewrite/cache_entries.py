@@ -1,4 +1,5 @@
-"""Dropping KV-cache entries from a generation graph's interface (after layers were skipped).
+"""Dropping KV-cache entries from a generation graph's interface (after layers were skipped), and
+narrowing them to the kept heads (after heads were pruned: `narrow_cache_heads`, at the end).
 
 A skipped block (or attention branch) leaves its cache update behind: the block's own
 key/value projections still feed its `present` outputs, and its `past` inputs still feed
@@ -21,10 +22,12 @@ The ONNX export then numbers the remaining entries 0..n-1 (`past_key_values.{i}.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -32,7 +35,7 @@ import torch.utils._pytree as pytree
 from .errors import PassError
 from .generation import NOTES_KEY, CacheLayout
 from .inputs import Inputs
-from .program import NARROWED_KEY, Program
+from .program import NARROWED_HEADS_KEY, NARROWED_KEY, Program
 
 PAST = "past_key_values"
 _PRESENT = re.compile(r"^present\.(\d+)\.(key|value)$")
@@ -167,3 +170,105 @@ def _reroute_size(user: fx.Node, node: fx.Node, keep: list[fx.Node]) -> None:
             return
     raise PassError(f"the dropped cache input {node.name} is still read by {user.name} ({user.target}, args {user.args}), "
                     f"which no kept input ({[tuple(k.meta['val'].shape) for k in keep]}) can stand in for")
+
+
+# ----------------------------------------------------------------------- pruned heads
+# Head pruning removes KV heads (with their query heads under grouped-query attention) from the
+# k/v projections; `rewrite.dims` ties the heads dim of each cache tensor at the boundary to them
+# (the new keys are concatenated with the past keys along the positions, every other dim equal,
+# and the result is the present output), leaving that dim unfrozen on a generation graph. So the
+# prune pass knows, per past placeholder, which heads go: the placeholders are narrowed to the
+# kept ones here, with no per-architecture code.
+def _past_nodes(program: Program, layout: CacheLayout) -> list[fx.Node] | None:
+    """The past placeholders, (key, value) per cache entry in order, or None when the graph's
+    inputs do not end with them."""
+    placeholders = program.placeholders()
+    n = 2 * layout.num_layers
+    if n == 0 or len(placeholders) < n or len(list(program.example.kwargs.get(PAST) or [])) != layout.num_layers:
+        return None
+    return placeholders[len(placeholders) - n:]
+
+
+def cache_tensors(program: Program) -> set[fx.Node]:
+    """A generation graph's KV-cache tensors at its boundary: the past placeholders and the nodes of
+    its present outputs (empty for any other graph)."""
+    d = program.notes.get(NOTES_KEY)
+    if not d:
+        return set()
+    past = _past_nodes(program, CacheLayout.from_dict(d))
+    if past is None:
+        return set()
+    try:
+        keys, leaves = _outputs(program)
+    except PassError:
+        return set()
+    present = {leaf for k, leaf in zip(keys, leaves) if isinstance(leaf, fx.Node) and _PRESENT.match(k)}
+    return set(past) | present
+
+
+def narrow_cache_heads(program: Program, removed: dict[tuple[object, int], np.ndarray]) -> list[str]:
+    """After head pruning, in place: narrow each past key/value placeholder whose heads (dim 1) lost
+    elements (`removed`: `rewrite.dims.removed_masks`) to the kept heads, with the example, the
+    cache layout and `Program.fit_inputs` (batches at the captured head count are sliced).
+
+    The present outputs follow from the pruned projections; the next recapture gives every node
+    its new shape. Returns one note per narrowed entry (empty when the graph has no cache or no
+    cache tensor changed: query heads pruned within their KV group leave the cache as it is).
+    """
+    d = program.notes.get(NOTES_KEY)
+    if not d:
+        return []
+    layout = CacheLayout.from_dict(d)
+    past_nodes = _past_nodes(program, layout)
+    if past_nodes is None:
+        raise PassError("head pruning on a generation graph: its inputs do not end with the "
+                        f"{2 * layout.num_layers} past key/value tensors of its cache layout")
+    source = layout.source_layers()
+    past = [list(kv) for kv in program.example.kwargs[PAST]]
+    layers = [list(map(list, kv)) for kv in layout.layers]
+    heads_note = program.notes.setdefault(NARROWED_HEADS_KEY, {})
+    rules = dict(heads_note.get(PAST) or {})
+    notes = []
+    keys, leaves = _outputs(program)
+    present = dict(zip(keys, leaves))
+    for p, layer in enumerate(source):
+        shapes = []
+        for j, kind in enumerate(("key", "value")):
+            node = past_nodes[2 * p + j]
+            gone = removed.get((node, 1))
+            out = present.get(f"present.{layer}.{kind}")
+            out_gone = removed.get((out, 1)) if isinstance(out, fx.Node) else None
+            if (gone is None) != (out_gone is None) or (gone is not None and not np.array_equal(gone, out_gone)):
+                raise PassError(f"head pruning on a generation graph: the heads removed from past_key_values "
+                                f"(layer {layer}, {kind}) differ from those removed from present.{layer}.{kind}")
+            if gone is None or not gone.any():
+                continue
+            keep = np.flatnonzero(~gone).tolist()
+            old = int(gone.size)
+            past[p][j] = past[p][j].index_select(1, torch.tensor(keep, dtype=torch.long)).contiguous()
+            _narrow_val(node, len(keep))
+            layers[p][j][0] = len(keep)
+            key = f"{layer}.{j}"
+            orig, before = rules.get(key, (old, list(range(old))))
+            rules[key] = [orig, [before[k] for k in keep]]
+            shapes.append(f"{kind} {old}->{len(keep)}")
+        if shapes:
+            notes.append(f"layer {layer}: " + ", ".join(shapes) + " heads")
+    if not notes:
+        return []
+    heads_note[PAST] = rules
+    program.example = Inputs(program.example.args, {**program.example.kwargs, PAST: [tuple(kv) for kv in past]})
+    new_layout = dataclasses.replace(layout, layers=[(tuple(k), tuple(v)) for k, v in layers])
+    program.notes[NOTES_KEY] = new_layout.to_dict()
+    return ["KV cache narrowed with the pruned KV heads (past/present per layer): " + "; ".join(notes)]
+
+
+def _narrow_val(node: fx.Node, heads: int) -> None:
+    """The placeholder's value (what the module's input check reads until the next recapture) at
+    `heads` heads."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return
+    mode = getattr(val, "fake_mode", None)
+    with mode if mode is not None else contextlib.nullcontext():
+        node.meta["val"] = val.narrow(1, 0, heads).contiguous()

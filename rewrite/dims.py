@@ -561,13 +561,14 @@ def _cat(b: _Builder, node: fx.Node, t: Any, shape: Any) -> None:
         for d in range(len(shape)):
             if d != dim:
                 b.link(x, d, node, d)
-        if isinstance(s[dim], int) and isinstance(shape[dim], int):
+        if off is not None and isinstance(s[dim], int) and isinstance(shape[dim], int):
             n = s[dim]
             b.link(x, dim, node, dim, np.arange(n), off + np.arange(n), how=f"cat+{off}")
             off += n
         else:
+            # a cat along a symbolic dim (a KV cache: past + new positions) still ties every other
+            # dim of every input to the output's (the new keys' heads to the cached keys')
             off = None  # type: ignore[assignment]
-            break
 
 
 @_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
@@ -770,6 +771,7 @@ def dim_graph(program: Program) -> DimGraph:
     from scipy.sparse.csgraph import connected_components
 
     b = _Builder(program)
+    cache = _cache_boundary(program)
     for node in program.graph.nodes:
         if node.op == "get_attr":
             shape = b.shape(node) or tuple(program.param(node).shape)
@@ -778,10 +780,16 @@ def dim_graph(program: Program) -> DimGraph:
             for d in range(len(shape)):
                 b.vertex(node, d)
         elif node.op == "placeholder":
-            b.freeze_node(node, "model input")
+            if node in cache:
+                _freeze_but_heads(b, node, "model input")
+            else:
+                b.freeze_node(node, "model input")
         elif node.op == "output":
             for a in node.all_input_nodes:
-                b.freeze_node(a, "model output")
+                if a in cache:
+                    _freeze_but_heads(b, a, "model output")
+                else:
+                    b.freeze_node(a, "model output")
         elif node.op == "call_function":
             _visit(b, node)
     for n in _residual_stream(program):
@@ -795,6 +803,24 @@ def dim_graph(program: Program) -> DimGraph:
     adj = coo_matrix((np.ones(len(a), dtype=np.int8), (a, c)), shape=(n, n))
     _, labels = connected_components(adj, directed=False)
     return DimGraph(b.nx, labels, b)
+
+
+def _cache_boundary(program: Program) -> set[fx.Node]:
+    """A generation graph's KV-cache tensors at its boundary: the past placeholders and the present
+    outputs ([batch, kv heads, positions, head dim]). Their heads dim is no fixed width of the
+    interface: pruning heads narrows the cache with them (`rewrite.cache_entries.narrow_cache_heads`)."""
+    from .cache_entries import cache_tensors
+
+    return cache_tensors(program)
+
+
+def _freeze_but_heads(b: _Builder, node: fx.Node, reason: str) -> None:
+    shape = b.shape(node)
+    if shape is None or len(shape) != 4:
+        b.freeze_node(node, reason)
+        return
+    for d in (0, 2, 3):
+        b.freeze(node, d, reason)
 
 
 def _residual_stream(program: Program) -> list[fx.Node]:

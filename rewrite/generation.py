@@ -351,19 +351,16 @@ class GenerationShapes:
 
 # ----------------------------------------------------------------------- pass compatibility
 def check_passes(passes: list[Any]) -> None:
-    """Refuse rewrites that cannot yet be carried into the KV cache, before any work."""
+    """Refuse rewrites that cannot be carried into the KV cache, before any work (token pruning).
+
+    Skipped layers drop their cache entries (`cache_entries.drop_cache_entries`) and pruned heads
+    narrow them (`cache_entries.narrow_cache_heads`)."""
     for p in passes:
-        cfg = getattr(p, "config", None) or getattr(p, "spec", None)
         kind = getattr(p, "kind", "")
         if kind == "token":
             raise PassError("token pruning cannot run on a text-generation graph: the KV cache must keep every prompt "
                             "token for decoding. Compile with task=None for a full-sequence (prefill-only) graph, or "
                             "drop the token pass")
-        granularity = getattr(cfg, "granularity", None)
-        if kind == "prune" and granularity == "head":
-            raise PassError("head pruning is not supported on a text-generation graph yet: the past/present cache "
-                            "tensors at the graph boundary would keep the old head count. Prune FFN neurons "
-                            "(granularity: neuron), or compile with task=None for a full-sequence graph")
 
 
 @dataclass

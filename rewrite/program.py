@@ -28,6 +28,12 @@ NARROWED_KEY = "narrowed_inputs"
 """Program.notes key: {list input name: (length it had at capture, indices the graph still takes)}.
 A rewrite that drops entries of a list input (a skipped layer's KV-cache entry) records them
 here, so batches shaped for the captured interface still run (`Program.fit_inputs`)."""
+NARROWED_HEADS_KEY = "narrowed_heads"
+"""Program.notes key: {list input name: {"<entry>.<j>": [heads it had at capture, heads the graph
+still takes]}}, <entry> the entry's index in the captured list, j the tensor's index within the
+entry. Head pruning narrows a generation graph's KV-cache inputs (dim 1) this way
+(`rewrite.cache_entries.narrow_cache_heads`); `Program.fit_inputs` slices such tensors when
+they come at their captured head count."""
 _INDEX = re.compile(r"^(?P<list>.+)\.(?P<index>\d+)$")
 
 
@@ -134,16 +140,26 @@ class Program:
 
     def fit_inputs(self, inputs: Inputs | Any) -> Inputs:
         """`inputs` for the current interface: list inputs given at their captured length lose the
-        entries a rewrite dropped (see NARROWED_KEY); anything else is returned as is."""
+        entries a rewrite dropped (see NARROWED_KEY), and their entries' tensors given at their
+        captured head count are sliced to the heads the graph still takes (NARROWED_HEADS_KEY);
+        anything else is returned as is."""
         inputs = Inputs.of(inputs)
         narrowed = self.notes.get(NARROWED_KEY) or {}
-        if not narrowed:
+        heads = self.notes.get(NARROWED_HEADS_KEY) or {}
+        if not narrowed and not heads:
             return inputs
         kwargs = dict(inputs.kwargs)
         for name, (length, keep) in narrowed.items():
             value = kwargs.get(name)
             if isinstance(value, (list, tuple)) and len(value) == length and len(keep) != length:
                 kwargs[name] = [value[i] for i in keep]
+        for name, rules in heads.items():
+            value = kwargs.get(name)
+            if not isinstance(value, (list, tuple)):
+                continue
+            keep = list(narrowed[name][1]) if name in narrowed else None
+            entries = keep if keep is not None and len(keep) == len(value) else range(len(value))
+            kwargs[name] = [_narrow_heads(item, i, rules) for i, item in zip(entries, value)]
         return Inputs(inputs.args, kwargs)
 
     def flat_inputs(self, inputs: Inputs | Any) -> list[Any]:
@@ -366,6 +382,20 @@ class Program:
 
     def __iter__(self) -> Iterator[fx.Node]:
         return iter(self.graph.nodes)
+
+
+def _narrow_heads(item: Any, entry: int, rules: dict[str, list]) -> Any:
+    """One list entry (a (key, value) pair) with each tensor given at its captured head count (dim 1)
+    sliced to the heads the graph still takes (NARROWED_HEADS_KEY)."""
+    if not isinstance(item, (list, tuple)):
+        return item
+    out = []
+    for j, t in enumerate(item):
+        rule = rules.get(f"{entry}.{j}")
+        if rule is not None and isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == rule[0] != len(rule[1]):
+            t = t.index_select(1, torch.tensor(rule[1], dtype=torch.long, device=t.device))
+        out.append(t)
+    return type(item)(out)
 
 
 def _hint(s: Any) -> int:

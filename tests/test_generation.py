@@ -366,7 +366,6 @@ def test_skip_then_quantize_on_a_generation_graph():
 # ----------------------------------------------------------------------- refusals, errors
 @pytest.mark.parametrize("passes,match", [
     ([{"kind": "token", "keep": 0.5, "after": [0]}], "token pruning"),
-    ([{"kind": "prune", "granularity": "head", "amount": 0.5}], "head pruning"),
 ])
 def test_rewrites_that_cannot_carry_into_the_cache_refuse(passes, match):
     with pytest.raises(PassError, match=match):

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 import torch
 
+from rewrite.cache_entries import narrow_cache_heads
 from rewrite.dims import analyse, removed_masks
 from rewrite.errors import PassError
 from rewrite.measure import count_flops
@@ -340,6 +341,7 @@ class PrunePass(Pass):
         if unpatchable:
             raise PassError(f"prune: a shape constant cannot follow the pruned widths: {unpatchable[0]}; "
                             "prune another granularity or exclude that layer (scope/exclude)")
+        notes = notes + narrow_cache_heads(program, removed_idx)  # a generation graph's KV cache follows its heads
         rows = self._rows(program, cands, scores, removed, positions)
         after_params = sum(t.numel() for t in program.params().values() if t.is_floating_point())
         after_flops = count_flops(program)
