@@ -38,11 +38,11 @@ def quant(bits: int, method: str, **gptq) -> dict:
 
 
 def variant(bits: int, name: str) -> list[dict]:
-    """Passes of a variant name: fp32 | rot | [rot_]rtn | [rot_](seq|oneshot)[_norm][_ao][_clip][_float][_dampX].
+    """Passes of a variant name: fp32 | rot | [rot_]rtn | [rot_](seq|oneshot)[_norm][_ao][_clip][_float][_refitN][_dampX].
     seq: GPTQ sequential (each layer's Hessian on the quantized prefix, true-sequential inside a block);
     norm: normalized token weights; ao: act-order (static groups); clip: per-group range by
     Hessian-diagonal-weighted error; float: each layer fitted to the float model's output (drift
-    corrected); dampX: damping X; rot: residual stream rotated by a randomised Hadamard first."""
+    corrected); refitN: N rounds of scale refit + GPTQ on the refitted grid; dampX: damping X; rot: residual stream rotated by a randomised Hadamard first."""
     parts = name.split("_")
     passes: list[dict] = []
     if parts[0] == "rot":
@@ -63,6 +63,8 @@ def variant(bits: int, name: str) -> list[dict]:
             opts["clip_search"] = True
         elif p == "float":
             opts["target"] = "float"
+        elif p.startswith("refit"):
+            opts["refit_rounds"] = int(p[5:])
         elif p.startswith("damp"):
             opts["damp"] = float(p[4:])
         else:

@@ -646,7 +646,7 @@ class _Run:
     # -- helpers ---------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
         g = self.spec.gptq
-        return {"act_order": g.act_order, "damp": g.damp, "clip_search": g.clip_search}
+        return {"act_order": g.act_order, "damp": g.damp, "clip_search": g.clip_search, "refit_rounds": g.refit_rounds}
 
     def _write_quantized(self, lin: Linear, qz: qm.Quantized, method: str, rel_error: float | None) -> None:
         for suffix, t in (("q", qz.qweight), ("scales", qz.scales), ("zeros", qz.zeros)):
@@ -769,9 +769,8 @@ class _Run:
                     qz, method, err = qm.rtn(w, lin.bits, lin.group_size, sym), "rtn (not reached by calibration)", None
                 else:
                     chunk = GPTQ_ROW_CHUNK_ELEMENTS if factor else GPTQ_ACT_ORDER_ROW_CHUNK_ELEMENTS
-                    qz = by_rows(lin.n, lin.k, chunk, lambda a, b: qm.gptq(
-                        w[a:b], None if factor else hessian, lin.bits, lin.group_size, sym, **options,
-                        factor=factor))
+                    qz = by_rows(lin.n, lin.k, chunk, lambda a, b: qm.gptq_refined(
+                        w[a:b], hessian, lin.bits, lin.group_size, sym, **options, factor=factor))
                     method = "gptq"
                 w_hat = qz.weight()
                 if st.rows:

@@ -360,6 +360,10 @@ class GPTQSpec(StrictModel):
     quantized (the GPTQ paper): its own output on those inputs (W X); float: the float model's output
     (W X_float), so each layer also corrects the drift of the layers before it (the float graph runs
     alongside the calibration, twice the forward work; `quantize_methods.drift_corrected`)."""
+    refit_rounds: Annotated[int, Field(ge=0, le=16)] = 0
+    """Rounds of refitting each row's group scales to GPTQ's codes by least squares on the calibration
+    Hessian, each but the last followed by GPTQ again on the refitted grid (`quantize_methods.gptq_refined`);
+    0: plain GPTQ. Each round costs one more GPTQ per layer."""
     token_weight: Literal["uniform", "normalized", "clipped"] = "uniform"
     """How each calibration token counts in X^T X: uniform (plain GPTQ); normalized: every token by
     (median norm / its norm)^2, so GPTQ minimises relative output error per token (decoders' large
@@ -705,7 +709,7 @@ class QuantizePass(Pass):
                 elif s.method == "gptq" and st is not None and st.gram is not None:
                     options = self._gptq_options()
                     options["damp"] = gptq_damp(t.k, st.rows, base=options["damp"])
-                    qz = qm.gptq(w_eff, st.hessian, t.bits, t.group_size, symmetric, **options)
+                    qz = qm.gptq_refined(w_eff, st.hessian, t.bits, t.group_size, symmetric, **options)
                     method = "gptq"
                     qz, method = self._checked(qz, method, w_eff, t, symmetric, fit_check)
                 elif s.method == "awq" and t.module in scaled:
@@ -845,7 +849,7 @@ class QuantizePass(Pass):
     # -- helpers --------------------------------------------------------------------------
     def _gptq_options(self) -> dict[str, Any]:
         g = self.spec.gptq
-        return {"act_order": g.act_order, "damp": g.damp, "clip_search": g.clip_search}
+        return {"act_order": g.act_order, "damp": g.damp, "clip_search": g.clip_search, "refit_rounds": g.refit_rounds}
 
     def _sequential_gptq(self, program: Program, ctx: PassContext, layers: list[Target],
                          symmetric: bool) -> tuple[dict[fx.Node, qm.InputStats], dict[fx.Node, qm.Quantized]]:
@@ -866,11 +870,11 @@ class QuantizePass(Pass):
             w = float_weight(program, t)
             cands: list[tuple[str, qm.Quantized]] = []
             if self.spec.gptq.target == "float":
-                cands.append(("gptq", qm.gptq(qm.drift_corrected(w, st, self.spec.gptq.damp), st.hessian, t.bits,
-                                              t.group_size, symmetric, **self._gptq_options())))
+                cands.append(("gptq", qm.gptq_refined(qm.drift_corrected(w, st, self.spec.gptq.damp), st.hessian, t.bits,
+                                                      t.group_size, symmetric, **self._gptq_options())))
             if hs is not None or not cands:
                 name = "gptq" if not cands else "gptq (own-output target: the float target lost on held-back batches)"
-                cands.append((name, qm.gptq(w, st.hessian, t.bits, t.group_size, symmetric, **self._gptq_options())))
+                cands.append((name, qm.gptq_refined(w, st.hessian, t.bits, t.group_size, symmetric, **self._gptq_options())))
             if hs is not None and hs.rows:
                 # checked, not trusted: the candidate closest to the target on tokens no fit saw, RTN included
                 cands.append(("rtn (gptq lost on held-back batches)", qm.rtn(w, t.bits, t.group_size, symmetric)))
