@@ -160,11 +160,12 @@ def test_sequential_rtn_equals_the_quantize_pass(untied, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sequential_gptq_equals_the_sequential_quantize_pass(untied, tmp_path, monkeypatch):
+@pytest.mark.parametrize("refit", [0, 2])
+def test_sequential_gptq_equals_the_sequential_quantize_pass(untied, tmp_path, monkeypatch, refit):
     _, _, bf16, program = untied
     monkeypatch.setattr(sequential, "GPTQ_ROW_CHUNK_ELEMENTS", 2000)   # rows fitted in chunks (rows are independent)
     spec = {"kind": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 32},
-            "gptq": {"sequential": True}}
+            "gptq": {"sequential": True, "refit_rounds": refit}}
     expected = _in_memory(program, spec)
     res = quantize_sequential(bf16, spec, tmp_path, calibration=_fit_batches())
     got = _written(tmp_path)
