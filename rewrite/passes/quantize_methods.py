@@ -545,14 +545,16 @@ def gptq_refined(w: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symm
     they will be stored with. 0: plain `gptq`. `options`: `gptq`'s keywords (damp, act_order, factor...).
 
     Why: GPTQ's scales come from each group's min/max before its codes are chosen; the refit and the
-    re-run alternate between the two halves of the problem (scales given codes, codes given scales)
-    and each step lowers the calibration objective. On SmolLM2 layers (16 x 512 calibration tokens,
+    re-run alternate between the two halves of the problem (scales given codes, codes given scales).
+    The refit never raises the calibration objective; the re-run (greedy, like GPTQ) usually lowers
+    it. On SmolLM2 layers (16 x 512 calibration tokens,
     8 x 512 held back) the held-back output error fell 3-12% over 4 rounds, more at 3 bits.
 
+        >>> _ = torch.manual_seed(0)
         >>> w, x = torch.randn(8, 64), torch.randn(256, 64)
         >>> h = x.T @ x / 256
         >>> err = lambda q: float(((q.weight() - w) @ h * (q.weight() - w)).sum())
-        >>> err(gptq_refined(w, h, 3, 32, False, refit_rounds=3)) <= err(gptq(w, h, 3, 32, False))
+        >>> err(gptq_refined(w, h, 3, 32, False, refit_rounds=1)) < err(gptq(w, h, 3, 32, False))
         True
     """
     qz = gptq(w, hessian, bits, g, symmetric, **options)
