@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from rewrite.kernels.quant import dequantize, group_params, pack, quantize_groups, quantize_with, search_group_params
+from rewrite.kernels.quant import (dequantize, group_params, pack, quantize_groups, quantize_with, search_group_params,
+                                   unpack)
 from rewrite.calibration import observe
 from rewrite.inputs import Inputs
 from rewrite.program import Program
@@ -516,7 +517,6 @@ def refit_scales(target: torch.Tensor, qz: Quantized, hessian: torch.Tensor, rid
     """
     n, k, g = qz.scales.shape[0], qz.k, qz.group_size
     groups = k // g
-    from rewrite.kernels.quant import unpack
     a = (unpack(qz.qweight, qz.bits, k).to(torch.float64).reshape(n, groups, g)
          - qz.zeros.to(torch.float64).unsqueeze(-1))                                   # [N, G, g]
     h = hessian.to(torch.float64).reshape(groups, g, groups, g)
