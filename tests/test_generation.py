@@ -352,6 +352,26 @@ def test_skipped_layers_have_no_cache_entry(name, skip, tmp_path):
     assert fid is not None and fid.cosine > 0.5 and "removed" in fid.compared
 
 
+def test_skip_with_linear_stand_in_on_a_generation_graph(tmp_path):
+    """`compensate: linear` on the KV-cache graph: the removed block's cache entries still leave the
+    interface, its stand-in is a plain linear on the hidden states, and torch and onnxruntime generate the
+    same tokens."""
+    model, out = compile_decoder("gemma3", {"passes": [{"kind": "skip", "layers": ["model.layers.1"], "compensate": "linear"}]},
+                                 calibration=8)
+    layout = G.GenerationProgramInfo.of(out.program)
+    assert layout.num_layers == model.config.num_hidden_layers - 1
+    skip_record = next(r for r in out.report.passes if r.kind == "skip")
+    assert skip_record.details["stand-ins"][0]["stand-in"].startswith("linear"), skip_record.details["stand-ins"]
+    assert any("skip_map_weight" in k for k in out.program.params())
+    rec = out.export(tmp_path / "model.onnx")
+    assert rec.verified and any("generation verified" in m and "exactly" in m for m in rec.notes)
+    ids, mask = tokens(40).values()
+    want, _ = generate_ids(TorchStepper(out.module, layout), ids, mask, max_new_tokens=8, eos_token_ids=[])
+    got, _ = generate_ids(rewrite.decoding.stepper_for(str(tmp_path / "model.onnx")), ids, mask, max_new_tokens=8,
+                          eos_token_ids=[])
+    assert torch.equal(want, got)
+
+
 def test_skip_then_quantize_on_a_generation_graph():
     """Passes after the skip run on the smaller interface (calibration prompts are narrowed to it)."""
     _, out = compile_decoder("llama", {"passes": [{"kind": "skip", "layers": 1},

@@ -139,6 +139,48 @@ def test_greedy_trajectory_rescores_on_the_program_with_earlier_removals():
     assert table[first]["removed at step"] == 1 and table[second]["removed at step"] == 2
 
 
+@pytest.mark.parametrize("name,layers", [("llama", ["layers.1"]), ("bert", ["encoder.layer.1"])])
+def test_linear_stand_in_beats_plain_removal_on_held_back_batches_and_exports(name, layers, tmp_path):
+    """`compensate: linear` fits x + x M + b to the removed block's output: on the held-back batch the
+    model's output is closer to the original than with the block removed (pre-norm LLaMA and post-norm
+    BERT), the map is a real linear in the graph, and onnxruntime matches the module."""
+    z, _ = _zoo(name, 4)
+    original, plain = _skip(z, layers=layers, importance="block_influence")
+    _, comp = _skip(z, layers=layers, importance="block_influence", compensate="linear")
+    hold = CalibrationData.from_user(z.calibration, z.example).holdout
+    cos_plain = mean_output_cosine(original, plain.program, hold)
+    cos_comp = mean_output_cosine(original, comp.program, hold)
+    assert cos_comp > cos_plain + 0.02
+    assert comp.details["holdout cosine with stand-ins"] == pytest.approx(cos_comp, abs=1e-5)
+    row = comp.details["stand-ins"][0]
+    assert row["region"] == layers[0] and row["stand-in"].startswith("linear") and row["held-back error / removal's"] < 1
+    maps = [k for k in comp.program.params() if "skip_map" in k]
+    width = comp.program.param(next(k for k in maps if k.endswith("weight"))).shape[0]
+    assert len(maps) == 2 and row["params added"] == width * (width + 1)
+    gone = {w for w in _weights(original) if w.startswith(layers[0] + ".")}
+    assert gone and not gone & _weights(comp.program), "the replaced block's weights must be dead code"
+    assert any("1 of 1 removed region(s) replaced" in n for n in comp.notes)
+    rec = export_onnx(comp.program, tmp_path / "m.onnx", verify_inputs=[z.example, z.calibration[0]])
+    assert rec.verified and rec.rel_error < 1e-4
+
+
+def test_linear_stand_in_is_dropped_where_fitting_does_not_pay():
+    """Where cross-validation prefers no map (or the map loses on held-back batches) the region is removed
+    plainly, the row says why, and the program computes exactly what plain removal computes."""
+    z, _ = _zoo("llama", 4)
+    layers = ["layers.0.mlp", "layers.2.mlp"]
+    _, plain = _skip(z, layers=layers, granularity="mlp")
+    _, comp = _skip(z, layers=layers, granularity="mlp", compensate="linear")
+    rows = {r["region"]: r for r in comp.details["stand-ins"]}
+    dropped = [k for k, r in rows.items() if r["stand-in"].startswith("none")]
+    assert dropped, rows
+    assert all(("cross-validation" in rows[k]["stand-in"]) or ("held-back" in rows[k]["stand-in"]) for k in dropped)
+    kept = [k for k in rows if k not in dropped]
+    assert len([k for k in comp.program.params() if "skip_map_weight" in k]) == len(kept)
+    if not kept:
+        torch.testing.assert_close(comp.program.run(z.example), plain.program.run(z.example))
+
+
 def test_protect_and_fraction():
     z, _ = _zoo("gpt2")
     _, res = _skip(z, layers=0.5, importance="block_influence", search="oneshot", protect=["h.0", "h.2"])

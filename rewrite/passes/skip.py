@@ -32,6 +32,7 @@ from rewrite.passes.importance import LayerImportance
 from rewrite.spec import StrictModel
 
 from .importance.layer import mean_output_cosine, score_regions
+from .skip_compensate import replace_with_linear
 from .skip_blocks import ALIAS_NOTE, Candidates, Region, bypassed, find_regions, no_region_message, skip_regions
 
 
@@ -109,6 +110,11 @@ class SkipSpec(StrictModel):
     `beam_width` best partial sets at each step (finds pairs greedy misses)."""
     beam_width: Annotated[int, Field(ge=1, le=64)] = 4
     protect: list[str] = []
+    compensate: Literal["none", "linear"] = "none"
+    """none: route each removed region's input to its output's users. linear: replace it by x + x M + b,
+    fitted by least squares to the region's output on calibration batches (ridge cross-validated, kept only
+    where it beats plain removal on held-back batches; `passes.skip_compensate`). Adds d x (d + 1)
+    parameters and one d x d matmul per token for each map kept."""
 
 
 @register
@@ -189,7 +195,14 @@ class SkipPass(Pass):
             row["protected"] = _protected(r, spec.protect)
             row["removed at step"] = order.get(r.key, "")
             table.append(row)
-        removed_nodes = skip_regions(program, [r for r, _ in steps])
+        stand_ins: list[dict] = []
+        if spec.compensate == "linear":
+            stand_ins, comp_notes, removed_nodes = replace_with_linear(program, [r for r, _ in steps], calib, hold)
+            notes.extend(comp_notes)
+            program.module.recompile()
+            compensated_cosine = round(mean_output_cosine(ctx.original, program, hold), 6)
+        else:
+            removed_nodes = skip_regions(program, [r for r, _ in steps])
         cache_note = _drop_cache_entries(program, [r for r, _ in steps])
         if cache_note:
             notes.append(cache_note)
@@ -199,7 +212,8 @@ class SkipPass(Pass):
         if cands.rejected:
             notes.append("not candidates: " + "; ".join(f"{k} ({v})" for k, v in cands.rejected.items()))
         if spec.granularity == "block":
-            notes.append("latency falls about in proportion to the blocks removed (whole matmuls disappear)")
+            notes.append("latency falls about in proportion to the blocks removed (whole matmuls disappear)"
+                         + ("; each linear stand-in costs one d x d matmul per token" if stand_ins else ""))
         names = ", ".join(r.key for r, _ in steps)
         summary = f"removed {len(steps)} {spec.granularity} region(s) by {spec.importance} ({search}): {names}"
         details = {
@@ -211,4 +225,7 @@ class SkipPass(Pass):
             "granularity": spec.granularity,
             "nodes removed": removed_nodes,
         }
+        if spec.compensate == "linear":
+            details["stand-ins"] = stand_ins
+            details["holdout cosine with stand-ins"] = compensated_cosine
         return PassResult(program, summary=summary, details=details, notes=notes)
