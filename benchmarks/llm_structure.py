@@ -12,7 +12,10 @@ Protocol (issue 16): every choice is made on wiki-train text, dev is scored once
 Parts (`--parts`, each prints one table; every row of a table measured in the same run):
 - `remove`: remove `--blocks` blocks. Peer: ShortGPT, the blocks with the lowest block influence
   (1 - cos(block input, block output), averaged over calibration tokens), removed at once. Ours:
-  greedy removal by held-back NLL (`llm_blocks.greedy_removal`). Target: ours >= 15% lower ppl.
+  ShortGPT's blocks each replaced by a linear stand-in x + x M + b fitted to the block's output
+  (the compiler's skip pass with `compensate: linear` on the full-sequence graph; its rows say the
+  ridge it chose and whether each map beat plain removal on its held-back batches), and greedy
+  removal by held-back NLL (`llm_blocks.greedy_removal`). Target: ours >= 15% lower ppl.
 - `prune`: `--prune` of the attention heads (GQA-aware: a KV head goes with its query heads,
   allocated globally) and of the FFN neurons, chosen by wanda, through the compiler's prune pass
   on the captured full-sequence graph, once with `compensate: lstsq` (least-squares refit of
@@ -77,6 +80,49 @@ def fmt_rel(ppl: float, ref: float) -> str:
 
 
 # --------------------------------------------------------------------------- remove
+def stand_in_program(model, blocks: list[int], calib: torch.Tensor):
+    """The compiler's skip pass on the full-sequence graph: `blocks` removed, each replaced by its fitted
+    linear stand-in (`compensate: linear`); calibration = the chunks, 2 per batch (the pass holds back
+    the last batches itself). Returns (program, compile seconds, the pass's stand-in rows)."""
+    from rewrite.compiler import compile as rcompile
+    from rewrite.program import Program
+    from rewrite.spec import Spec
+
+    base = getattr(model, "model", model)
+    prefix = "model.layers" if base is not model else "layers"
+    spec = Spec.parse({"passes": [{"kind": "skip", "layers": [f"{prefix}.{i}" for i in blocks], "compensate": "linear"}]})
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(2)]
+    example = {"input_ids": calib[:1, :64], "attention_mask": torch.ones(1, 64, dtype=torch.long)}
+    m = copy.deepcopy(model)
+    m.config.use_cache = False
+    t0 = time.time()
+    compiled = rcompile(Program.capture(m, example), spec, example_inputs=example, calibration=batches, task=None,
+                        progress=False)
+    secs = time.time() - t0
+    rec = next(r for r in compiled.report.passes if r.kind == "skip")
+    log(f"{rec.name}: {rec.summary}; " + "; ".join(rec.notes))
+    for row in rec.details["stand-ins"]:
+        log(f"  {row}")
+    return compiled.program, secs, rec.details["stand-ins"]
+
+
+def program_ppl(program, tok, n_tokens: int) -> float:
+    def fwd(ids):
+        return llm_data.logits_of(program(input_ids=ids, attention_mask=torch.ones_like(ids)))
+    return llm_data.perplexity(None, tok, n_tokens=n_tokens, batch_size=4, forward=fwd)
+
+
+def program_nll(program, held: torch.Tensor) -> float:
+    """Mean next-token NLL of the held-back windows under a compiled full-sequence program."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for ids in held.split(4):
+            logits = llm_data.logits_of(program(input_ids=ids, attention_mask=torch.ones_like(ids)))
+            s, c = llm_data.window_nll(logits, ids)
+            total, count = total + s, count + c
+    return total / count
+
+
 def part_remove(model, tok, args, calib, held, fp32: float) -> None:
     k = args.blocks
     t0 = time.time()
@@ -87,32 +133,48 @@ def part_remove(model, tok, args, calib, held, fp32: float) -> None:
     peer = llm_blocks.shortgpt_choice(bi, k)
     held_runner = llm_blocks.BlockRunner(model, list(held.split(4)))
     n = len(llm_sim.decoder_layers(model))
-    choices = [("ShortGPT (block influence, one-shot)", peer, t_bi, False)]
+    d = model.config.hidden_size
+    choices = [("ShortGPT (block influence, one-shot)", peer, t_bi, "remove")]
     if args.mean_update:
-        choices.append(("ShortGPT's blocks, each replaced by its mean update", peer, t_bi, True))
+        choices.append(("ShortGPT's blocks, each replaced by its mean update", peer, t_bi, "mean"))
+    if args.stand_ins:
+        choices.append(("ours: ShortGPT's blocks, each replaced by a fitted linear stand-in (skip pass, "
+                        "`compensate: linear`)", peer, t_bi, "linear"))
     ours = path = []
     if args.shortlist >= 0:
         t0 = time.time()
         ours, path = llm_blocks.greedy_removal(held_runner, k, log, shortlist=args.shortlist or None)
-        choices.append((f"ours: greedy by held-back NLL (shortlist {args.shortlist or 'all'})", ours, time.time() - t0, False))
+        choices.append((f"greedy by held-back NLL (shortlist {args.shortlist or 'all'})", ours, time.time() - t0, "remove"))
     rows = []
-    for name, blocks, secs, mean in choices:
-        if mean:
+    for name, blocks, secs, how in choices:
+        added = 0
+        if how == "mean":
             m = llm_blocks.replace_blocks(copy.deepcopy(model), blocks, updates)
             held_nll = float("nan")
+            ppl = dev_ppl(m, tok, args.tokens)
+        elif how == "linear":
+            m, compile_s, stand_ins = stand_in_program(model, blocks, calib)
+            secs += compile_s
+            added = sum(r.get("params added", 0) for r in stand_ins)
+            held_nll = program_nll(m, held)
+            ppl = program_ppl(m, tok, args.tokens)
         else:
             keep = [i for i in range(n) if i not in blocks]
             held_nll = held_runner.nll(held_runner.run(held_runner.h0, keep))
             m = llm_blocks.remove_blocks(copy.deepcopy(model), blocks)
-        ppl = dev_ppl(m, tok, args.tokens)
+            ppl = dev_ppl(m, tok, args.tokens)
         del m
-        rows.append((name, blocks, math.exp(held_nll), ppl, secs))
+        rows.append((name, blocks, math.exp(held_nll), ppl, secs, added))
         log(f"{name}: dev ppl {ppl:.3f}")
-    print(f"\n## Remove {k} of {n} blocks ({args.model}); fp32 dev ppl {fp32:.3f}\n")
-    print("| choice | blocks removed | held-back ppl | dev ppl | vs fp32 | search s |\n|---|---|---|---|---|---|")
-    for name, blocks, hp, ppl, secs in rows:
-        print(f"| {name} | {', '.join(map(str, sorted(blocks)))} | {hp:.3f} | {ppl:.3f} | {fmt_rel(ppl, fp32)} | {secs:.0f} |")
-    for name, _, _, ppl, _ in rows[1:]:
+    block_params = sum(p.numel() for p in llm_sim.decoder_layers(model)[0].parameters())
+    print(f"\n## Remove {k} of {n} blocks ({args.model}); fp32 dev ppl {fp32:.3f}; one block holds "
+          f"{block_params / 1e6:.2f}M parameters, a stand-in {d * (d + 1) / 1e6:.2f}M\n")
+    print("| choice | blocks removed | params added M | held-back ppl | dev ppl | vs fp32 | search + fit s |\n"
+          "|---|---|---|---|---|---|---|")
+    for name, blocks, hp, ppl, secs, added in rows:
+        print(f"| {name} | {', '.join(map(str, sorted(blocks)))} | {added / 1e6:.2f} | {hp:.3f} | {ppl:.3f} | "
+              f"{fmt_rel(ppl, fp32)} | {secs:.0f} |")
+    for name, _, _, ppl, _, _ in rows[1:]:
         gain = 1 - ppl / rows[0][3]
         print(f"\n{name} vs ShortGPT: {100 * gain:.1f}% lower dev ppl (target >= 15%: {'met' if gain >= 0.15 else 'NOT met'})")
     if ours:
@@ -286,6 +348,8 @@ def main() -> None:
                     help="greedy removal: after step 1 only the blocks cheapest to remove alone (0: all; -1: no greedy row)")
     ap.add_argument("--mean-update", action="store_true",
                     help="remove: also ShortGPT's blocks each replaced by its mean residual update on calibration text")
+    ap.add_argument("--no-stand-ins", dest="stand_ins", action="store_false",
+                    help="remove: leave out the row with ShortGPT's blocks replaced by fitted linear stand-ins")
     ap.add_argument("--prune", type=float, default=0.2)
     ap.add_argument("--prune-rows", default="none,lstsq", help="prune: rows, compensation none and/or lstsq")
     ap.add_argument("--lstsq", choices=("sequential", "oneshot"), default="sequential",
