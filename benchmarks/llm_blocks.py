@@ -147,6 +147,80 @@ def greedy_removal(runner: BlockRunner, k: int, log: Callable[[str], None] = lam
     return removed, path
 
 
+def _stand_in_rows(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[x, 1] and the target update y - x as float64 token rows."""
+    xr = x.reshape(-1, x.shape[-1]).double()
+    return torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=xr.dtype)], 1), y.reshape(-1, y.shape[-1]).double() - xr
+
+
+def fit_stand_in(inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor | None:
+    """The skip pass's linear stand-in [M; b] for x -> target (one fold per batch, ridge cross-validated;
+    `rewrite.passes.skip_compensate.fit_map`), None when plain removal wins."""
+    from rewrite.passes.skip_compensate import add_rows, fit_map
+
+    folds = [add_rows(None, *_stand_in_rows(x, y)) for x, y in zip(inputs, targets)]
+    theta, _ = fit_map(folds)
+    return theta
+
+
+def _apply_stand_in(h: list[torch.Tensor], theta: torch.Tensor | None) -> list[torch.Tensor]:
+    if theta is None:
+        return h
+    m, b = theta[:-1].to(h[0].dtype), theta[-1].to(h[0].dtype)
+    return [x + x @ m + b for x in h]
+
+
+def stand_in_greedy(calib: BlockRunner, held: BlockRunner, k: int, log: Callable[[str], None] = lambda s: None,
+                    shortlist: int | None = None) -> tuple[list[int], list[float]]:
+    """Greedy removal where every candidate is scored WITH its linear stand-in: at each step, for each
+    kept block, fit the stand-in on the calibration inputs the current model gives it (towards the float
+    block's output on the float stream), and score the held-back NLL with it in place. Earlier stand-ins
+    stay as fitted (the skip pass refits the final set in graph order). Returns (blocks in order, NLL path)."""
+    n = len(calib.layers)
+    with torch.inference_mode():
+        refs, h = [], calib.h0
+        for i in range(n):  # the float model's block outputs on the float stream: the targets
+            h = calib.run(h, [i])
+            refs.append(h)
+    chosen: dict[int, torch.Tensor | None] = {}
+
+    def inputs_of(runner: BlockRunner) -> list[list[torch.Tensor]]:
+        out, h = [], runner.h0
+        with torch.inference_mode():
+            for i in range(n):
+                out.append(h)
+                h = _apply_stand_in(h, chosen[i]) if i in chosen else runner.run(h, [i])
+        out.append(h)
+        return out
+
+    def rest(runner: BlockRunner, h: list[torch.Tensor], start: int) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            for j in range(start, n):
+                h = _apply_stand_in(h, chosen[j]) if j in chosen else runner.run(h, [j])
+        return h
+
+    order: list[int] = []
+    path: list[float] = []
+    pool = list(range(n))
+    for step in range(k):
+        cal_in, held_in = inputs_of(calib), inputs_of(held)
+        scores: dict[int, tuple[float, torch.Tensor | None]] = {}
+        for i in pool:
+            if i in chosen:
+                continue
+            theta = fit_stand_in(cal_in[i], refs[i])
+            scores[i] = (held.nll(rest(held, _apply_stand_in(held_in[i], theta), i + 1)), theta)
+        best = min(scores, key=lambda i: scores[i][0])
+        if step == 0 and shortlist:
+            pool = sorted(scores, key=lambda i: scores[i][0])[:shortlist]
+        chosen[best] = scores[best][1]
+        order.append(best)
+        path.append(scores[best][0])
+        log(f"stand-in greedy step {step + 1}: block {best}, held-back nll {scores[best][0]:.4f}"
+            + (" (no map: removal)" if scores[best][1] is None else ""))
+    return order, path
+
+
 def single_block_sensitivity(runner: BlockRunner, change: Callable[[int], Callable[[], None]]) -> list[float]:
     """Held-back NLL increase when only block i is changed: `change(i)` applies it and returns an undo."""
     n = len(runner.layers)

@@ -15,7 +15,9 @@ Parts (`--parts`, each prints one table; every row of a table measured in the sa
   ShortGPT's blocks each replaced by a linear stand-in x + x M + b fitted to the block's output
   (the compiler's skip pass with `compensate: linear` on the full-sequence graph; its rows say the
   ridge it chose and whether each map beat plain removal on its held-back batches), and greedy
-  removal by held-back NLL (`llm_blocks.greedy_removal`). Target: ours >= 15% lower ppl.
+  removal by held-back NLL (`llm_blocks.greedy_removal`); with `--stand-in-search`, a greedy that
+  scores each candidate with its fitted stand-in (`llm_blocks.stand_in_greedy`), whose set then goes
+  through the skip pass. Target: ours >= 15% lower ppl.
 - `prune`: `--prune` of the attention heads (GQA-aware: a KV head goes with its query heads,
   allocated globally) and of the FFN neurons, chosen by wanda, through the compiler's prune pass
   on the captured full-sequence graph, once with `compensate: lstsq` (least-squares refit of
@@ -140,6 +142,13 @@ def part_remove(model, tok, args, calib, held, fp32: float) -> None:
     if args.stand_ins:
         choices.append(("ours: ShortGPT's blocks, each replaced by a fitted linear stand-in (skip pass, "
                         "`compensate: linear`)", peer, t_bi, "linear"))
+    if args.stand_in_search >= 0:
+        t0 = time.time()
+        cal_runner = llm_blocks.BlockRunner(model, list(calib.split(4)))
+        picked, _ = llm_blocks.stand_in_greedy(cal_runner, held_runner, k, log, shortlist=args.stand_in_search or None)
+        del cal_runner
+        choices.append((f"ours: greedy WITH stand-ins by held-back NLL (shortlist {args.stand_in_search or 'all'}), "
+                        "then the skip pass's stand-ins", picked, time.time() - t0, "linear"))
     ours = path = []
     if args.shortlist >= 0:
         t0 = time.time()
@@ -350,6 +359,9 @@ def main() -> None:
                     help="remove: also ShortGPT's blocks each replaced by its mean residual update on calibration text")
     ap.add_argument("--no-stand-ins", dest="stand_ins", action="store_false",
                     help="remove: leave out the row with ShortGPT's blocks replaced by fitted linear stand-ins")
+    ap.add_argument("--stand-in-search", type=int, default=-1,
+                    help="remove: also a greedy search that scores each candidate with its fitted stand-in, "
+                         "shortlist after step 1 (0: all; -1: no such row)")
     ap.add_argument("--prune", type=float, default=0.2)
     ap.add_argument("--prune-rows", default="none,lstsq", help="prune: rows, compensation none and/or lstsq")
     ap.add_argument("--lstsq", choices=("sequential", "oneshot"), default="sequential",

@@ -154,3 +154,24 @@ def test_next_token_nll_refuses_a_model_without_logits():
     batches = [torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(5))]
     with pytest.raises(PassError, match="next_token_nll needs a causal language model"):
         _skip_pass(m, batches, layers=1, importance="next_token_nll", search="oneshot")
+
+
+def test_stand_in_greedy_scores_each_candidate_with_its_fitted_map():
+    """The first pick's reported NLL is the held-back NLL with that block replaced by the stand-in fitted on
+    calibration batches (recomputed here by hand), and it is the best such single replacement."""
+    m = _decoder()
+    gen = torch.Generator().manual_seed(3)
+    calib = llm_blocks.BlockRunner(m, list(torch.randint(0, 96, (8, 24), generator=gen).split(2)))
+    held = llm_blocks.BlockRunner(m, list(torch.randint(0, 96, (4, 24), generator=gen).split(2)))
+    order, path = llm_blocks.stand_in_greedy(calib, held, 2)
+    assert len(set(order)) == 2
+
+    def replaced_nll(i: int) -> float:
+        x = llm_blocks.BlockRunner.run(calib, calib.h0, range(i))
+        theta = llm_blocks.fit_stand_in(x, calib.run(x, [i]))
+        h = llm_blocks._apply_stand_in(held.run(held.h0, range(i)), theta)
+        return held.nll(held.run(h, range(i + 1, 4)))
+
+    single = {i: replaced_nll(i) for i in range(4)}
+    assert order[0] == min(single, key=single.get)
+    assert abs(path[0] - single[order[0]]) < 1e-5

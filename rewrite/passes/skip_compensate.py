@@ -23,6 +23,7 @@ Measured on SmolLM2-135M (ShortGPT's 4 of 30 blocks, 16 x 512 wiki-train calibra
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -61,22 +62,35 @@ def _update_rows(program: Program, src: fx.Node, ref: Program, dst_ref: fx.Node,
     return xa, y - x
 
 
+def add_rows(fold: Fold | None, xa: torch.Tensor, t: torch.Tensor) -> Fold:
+    """`fold` (a new one when None) with the rows [x, 1] -> target update t added to its normal equations."""
+    if fold is None:
+        d = xa.shape[1]
+        fold = Fold(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, t.shape[1], dtype=torch.float64))
+    fold.a += xa.T @ xa
+    fold.c += xa.T @ t
+    fold.n += xa.shape[0]
+    return fold
+
+
+def fit_map(folds: list[Fold], strengths: Iterable[float] = STRENGTHS) -> tuple[torch.Tensor | None, str]:
+    """The stacked [M; b] of the stand-in, ridge cross-validated over `folds`; None when no map wins
+    (plain removal). Returns (theta, how the strength was chosen)."""
+    width = folds[0].a.shape[0]
+    theta, lam, how = shrinkage_fit(folds, torch.zeros(width, width - 1, dtype=torch.float64), grid=tuple(strengths))
+    return (None if math.isinf(lam) else theta), how
+
+
 def _accumulate(program: Program, src: fx.Node, ref: Program, dst_ref: fx.Node, batches: list[Inputs],
                 n_folds: int) -> tuple[list[Fold], float]:
     """Normal equations of the map per fold (batches dealt round-robin) and the sum of |y - x|^2."""
-    folds: list[Fold] = []
+    folds: list[Fold | None] = [None] * n_folds
     plain = 0.0
     for i, batch in enumerate(batches):
         xa, t = _update_rows(program, src, ref, dst_ref, batch)
-        if len(folds) < n_folds:
-            d = xa.shape[1]
-            folds.append(Fold(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, t.shape[1], dtype=torch.float64)))
-        f = folds[i % n_folds]
-        f.a += xa.T @ xa
-        f.c += xa.T @ t
-        f.n += xa.shape[0]
+        folds[i % n_folds] = add_rows(folds[i % n_folds], xa, t)
         plain += float(t.pow(2).sum())
-    return folds, plain
+    return [f for f in folds if f is not None], plain
 
 
 def _insert_map(program: Program, src: fx.Node, users: list[fx.Node], theta: torch.Tensor, name: str) -> fx.Node:
@@ -135,15 +149,15 @@ def replace_with_linear(program: Program, regions: Iterable[Region], batches: li
         dst_ref = ref_by_name[resolve(entry, r.stream_out)]
         folds, _ = _accumulate(program, src, entry, dst_ref, batches, _folds(len(batches)))
         width = folds[0].a.shape[0]
-        theta, lam, how = shrinkage_fit(folds, torch.zeros(width, width - 1, dtype=torch.float64), grid=strengths)
+        theta, how = fit_map(folds, strengths)
         hold_folds, hold_plain = _accumulate(program, src, entry, dst_ref, holdout, 1)
         hold = hold_folds[0]
-        hold_fit = _fold_error(hold, theta) * max(hold.n, 1) + hold_plain  # |x M + b - (y - x)|^2 summed
+        hold_fit = hold_plain if theta is None else _fold_error(hold, theta) * max(hold.n, 1) + hold_plain
         row: dict[str, Any] = {"region": r.key, "ridge": how,
                                "held-back error / removal's": round(hold_fit / max(hold_plain, 1e-30), 4)}
         users = list(dst.users)
         removed_nodes += skip_regions(program, [r])
-        if torch.isinf(torch.tensor(lam)):
+        if theta is None:
             row["stand-in"] = "none (removed: cross-validation chose no map)"
         elif hold_fit >= hold_plain:
             row["stand-in"] = "none (removed: the map was worse than removal on held-back batches)"
