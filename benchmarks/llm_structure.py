@@ -82,30 +82,35 @@ def fmt_rel(ppl: float, ref: float) -> str:
 
 
 # --------------------------------------------------------------------------- remove
-def stand_in_program(model, blocks: list[int], calib: torch.Tensor):
-    """The compiler's skip pass on the full-sequence graph: `blocks` removed, each replaced by its fitted
-    linear stand-in (`compensate: linear`); calibration = the chunks, 2 per batch (the pass holds back
-    the last batches itself). Returns (program, compile seconds, the pass's stand-in rows)."""
+def compile_full_sequence(model, spec: dict, calib: torch.Tensor):
+    """The compiler on the model's captured full-sequence graph (no cache): calibration = the chunks,
+    2 per batch (passes hold back the last batches themselves). Returns (compiled, seconds)."""
     from rewrite.compiler import compile as rcompile
     from rewrite.program import Program
     from rewrite.spec import Spec
 
-    base = getattr(model, "model", model)
-    prefix = "model.layers" if base is not model else "layers"
-    spec = Spec.parse({"passes": [{"kind": "skip", "layers": [f"{prefix}.{i}" for i in blocks], "compensate": "linear"}]})
     batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(2)]
     example = {"input_ids": calib[:1, :64], "attention_mask": torch.ones(1, 64, dtype=torch.long)}
     m = copy.deepcopy(model)
     m.config.use_cache = False
     t0 = time.time()
-    compiled = rcompile(Program.capture(m, example), spec, example_inputs=example, calibration=batches, task=None,
-                        progress=False)
-    secs = time.time() - t0
-    rec = next(r for r in compiled.report.passes if r.kind == "skip")
-    log(f"{rec.name}: {rec.summary}; " + "; ".join(rec.notes))
-    for row in rec.details["stand-ins"]:
+    compiled = rcompile(Program.capture(m, example), Spec.parse(spec), example_inputs=example, calibration=batches,
+                        task=None, progress=False)
+    for rec in compiled.report.passes:
+        log(f"{rec.name}: {rec.summary}; " + "; ".join(rec.notes))
+    return compiled, time.time() - t0
+
+
+def stand_in_program(model, blocks: list[int], calib: torch.Tensor):
+    """The skip pass with `compensate: linear`: `blocks` removed, each replaced by its fitted linear
+    stand-in. Returns (program, compile seconds, the pass's stand-in rows)."""
+    prefix = "model.layers" if getattr(model, "model", model) is not model else "layers"
+    compiled, secs = compile_full_sequence(
+        model, {"passes": [{"kind": "skip", "layers": [f"{prefix}.{i}" for i in blocks], "compensate": "linear"}]}, calib)
+    rows = next(r for r in compiled.report.passes if r.kind == "skip").details["stand-ins"]
+    for row in rows:
         log(f"  {row}")
-    return compiled.program, secs, rec.details["stand-ins"]
+    return compiled.program, secs, rows
 
 
 def program_ppl(program, tok, n_tokens: int) -> float:
@@ -192,38 +197,21 @@ def part_remove(model, tok, args, calib, held, fp32: float) -> None:
 
 # --------------------------------------------------------------------------- prune
 def part_prune(model, tok, args, calib, held, fp32: float) -> None:
-    from rewrite.compiler import compile as rcompile
-    from rewrite.program import Program
-    from rewrite.spec import Spec
-
     amount = args.prune
-    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(2)]
-    example = {"input_ids": calib[:1, :64], "attention_mask": torch.ones(1, 64, dtype=torch.long)}
     rows = []
     for comp in [False if c == "none" else c for c in args.prune_rows.split(",")]:
-        spec = Spec.parse({"passes": [
+        spec = {"passes": [
             {"kind": "prune", "granularity": "head", "amount": amount, "importance": "wanda", "allocation": "global",
              "compensate": comp, "lstsq": args.lstsq},
             {"kind": "prune", "granularity": "neuron", "amount": amount, "importance": "wanda", "compensate": comp,
-             "lstsq": args.lstsq}]})
-        m = copy.deepcopy(model)
-        m.config.use_cache = False
-        t0 = time.time()
-        compiled = rcompile(Program.capture(m, example), spec, example_inputs=example, calibration=batches, task=None,
-                            progress=False)
-        secs = time.time() - t0
+             "lstsq": args.lstsq}]}
+        compiled, secs = compile_full_sequence(model, spec, calib)
         program = compiled.program
-        for rec in compiled.report.passes:
-            log(f"{rec.name}: {rec.summary}; " + "; ".join(rec.notes))
         params = sum(v.numel() for v in program.params().values())
-
-        def fwd(ids, program=program):
-            return llm_data.logits_of(program(input_ids=ids, attention_mask=torch.ones_like(ids)))
-
-        ppl = llm_data.perplexity(None, tok, n_tokens=args.tokens, batch_size=4, forward=fwd)
+        ppl = program_ppl(program, tok, args.tokens)
         rows.append((f"with compensation (lstsq, {args.lstsq})" if comp else "without compensation", params, ppl, secs))
         log(f"prune compensate={comp}: dev ppl {ppl:.3f}, params {params}")
-        del compiled, program, m
+        del compiled, program
     base_params = sum(p.numel() for p in model.parameters())
     print(f"\n## Prune {100 * amount:.0f}% of heads (GQA-aware, global) and FFN neurons, wanda ({args.model}); "
           f"fp32 dev ppl {fp32:.3f}, {base_params / 1e6:.1f}M params\n")
