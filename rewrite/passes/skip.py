@@ -114,7 +114,8 @@ class SkipSpec(StrictModel):
     """none: route each removed region's input to its output's users. linear: replace it by x + x M + b,
     fitted by least squares to the region's output on calibration batches (ridge cross-validated, kept only
     where it beats plain removal on held-back batches; `passes.skip_compensate`). Adds d x (d + 1)
-    parameters and one d x d matmul per token for each map kept."""
+    parameters and one d x d matmul per token for each map kept. The search still scores plain removals
+    (`benchmarks/llm_blocks.stand_in_greedy` is a search that scores candidates with their stand-ins)."""
 
 
 @register
