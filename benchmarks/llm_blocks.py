@@ -147,18 +147,12 @@ def greedy_removal(runner: BlockRunner, k: int, log: Callable[[str], None] = lam
     return removed, path
 
 
-def _stand_in_rows(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[x, 1] and the target update y - x as float64 token rows."""
-    xr = x.reshape(-1, x.shape[-1]).double()
-    return torch.cat([xr, torch.ones(xr.shape[0], 1, dtype=xr.dtype)], 1), y.reshape(-1, y.shape[-1]).double() - xr
-
-
 def fit_stand_in(inputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor | None:
     """The skip pass's linear stand-in [M; b] for x -> target (one fold per batch, ridge cross-validated;
     `rewrite.passes.skip_compensate.fit_map`), None when plain removal wins."""
-    from rewrite.passes.skip_compensate import add_rows, fit_map
+    from rewrite.passes.skip_compensate import add_rows, fit_map, update_rows
 
-    folds = [add_rows(None, *_stand_in_rows(x, y)) for x, y in zip(inputs, targets)]
+    folds = [add_rows(None, *update_rows(x, y)) for x, y in zip(inputs, targets)]
     theta, _ = fit_map(folds)
     return theta
 
@@ -184,19 +178,21 @@ def stand_in_greedy(calib: BlockRunner, held: BlockRunner, k: int, log: Callable
             refs.append(h)
     chosen: dict[int, torch.Tensor | None] = {}
 
+    def block(runner: BlockRunner, i: int, h: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block i as the current choice has it: its stand-in when chosen, else the block itself."""
+        with torch.inference_mode():
+            return _apply_stand_in(h, chosen[i]) if i in chosen else runner.run(h, [i])
+
     def inputs_of(runner: BlockRunner) -> list[list[torch.Tensor]]:
         out, h = [], runner.h0
-        with torch.inference_mode():
-            for i in range(n):
-                out.append(h)
-                h = _apply_stand_in(h, chosen[i]) if i in chosen else runner.run(h, [i])
-        out.append(h)
+        for i in range(n):
+            out.append(h)
+            h = block(runner, i, h)
         return out
 
     def rest(runner: BlockRunner, h: list[torch.Tensor], start: int) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            for j in range(start, n):
-                h = _apply_stand_in(h, chosen[j]) if j in chosen else runner.run(h, [j])
+        for j in range(start, n):
+            h = block(runner, j, h)
         return h
 
     order: list[int] = []

@@ -200,7 +200,6 @@ class SkipPass(Pass):
         if spec.compensate == "linear":
             stand_ins, comp_notes, removed_nodes = replace_with_linear(program, [r for r, _ in steps], calib, hold)
             notes.extend(comp_notes)
-            program.module.recompile()
             compensated_cosine = round(mean_output_cosine(ctx.original, program, hold), 6)
         else:
             removed_nodes = skip_regions(program, [r for r, _ in steps])
